@@ -1,0 +1,140 @@
+"""The ``gamecopilot`` command line.
+
+Only argparse is imported at start-up; each command imports what it needs, so ``--help`` is
+instant and the cheap path never touches torch.  Every :class:`UsageError` (and a few
+equivalent OS errors) ends as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from copilot.errors import UsageError
+
+SPEEDS = "1|2|max or any positive factor"
+
+
+def _time(text: str) -> float:
+    from copilot.timefmt import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"speed must be {SPEEDS}, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"speed must be {SPEEDS}, got {text!r}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
+    if speed:
+        p.add_argument("--speed", type=_speed, default=1.0, help=f"pacing: {SPEEDS} (default 1 = real time)")
+    p.add_argument("--config", "-c", help="pipeline YAML (default: configs/default.yaml)")
+    p.add_argument("--profile", help="game profile name or YAML path")
+    p.add_argument("--session", help="session directory for the timeline")
+    p.add_argument("--reasoner", help="reasoning backend")
+    p.add_argument("--overlay", choices=["web", "window", "none"], default="none")
+    p.add_argument("--events-out", help="write events JSONL here")
+    p.add_argument("--advice-out", help="write advice JSONL here")
+    p.add_argument("--features-out", help="write encoder features JSONL here")
+    p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no live table")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gamecopilot",
+        description="Gameplay Copilot: watches a game (live or a recording), runs cheap perception, "
+        "wakes a reasoning model only on significant moments.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="replay the bundled sample clip at real time through the default pipeline")
+    _add_run_options(p)
+    p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
+
+    p = sub.add_parser("replay", help="push a recording through the pipeline at real-time speed")
+    p.add_argument("file", help="video/audio file")
+    p.add_argument("--start", type=_time, default=0.0, help="start at this media time (seconds or MM:SS)")
+    p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
+    _add_run_options(p)
+
+    p = sub.add_parser("run", help="run a pipeline YAML (all local placement groups)")
+    p.add_argument("--input", "-i", help="input file for the replay stage(s), if any")
+    _add_run_options(p)
+
+    p = sub.add_parser("stage", help="run one placement group of a pipeline in this process")
+    p.add_argument("group")
+    p.add_argument("--input", "-i", help="input file for the replay stage(s), if any")
+    _add_run_options(p)
+
+    p = sub.add_parser("bench", help="benchmarks: bus, pipeline")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    b = bsub.add_parser("bus", help="one hop of a 720p frame over inproc/ipc/tcp: our links vs raw pyzmq")
+    b.add_argument("--frames", type=int, default=300, help="frames per transport (default 300)")
+    b.add_argument("--transports", default="inproc,ipc,tcp")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.add_argument("-o", "--output", help="also write the JSON here")
+    b = bsub.add_parser("pipeline", help="run a pipeline over a file at max speed and report per stage")
+    b.add_argument("config", help="pipeline YAML")
+    b.add_argument("file", help="input file")
+    b.add_argument("--speed", type=_speed, default=None, help="default max")
+    b.add_argument("--until", type=_time)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("-o", "--output", help="also write the metrics JSON here")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd in ("demo", "replay", "run", "stage"):
+        from copilot import commands
+
+        handler: Callable[[argparse.Namespace], int] = getattr(commands, f"cmd_{cmd}")
+        return handler(args)
+    if cmd == "bench":
+        if args.bench == "bus":
+            from bench.bus import main as bus_main
+
+            return bus_main(args)
+        if args.bench == "pipeline":
+            from copilot import commands
+
+            return commands.cmd_bench_pipeline(args)
+        raise UsageError("bench: choose one of: bus, pipeline")
+    raise UsageError(f"unknown command {cmd!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _dispatch(args)
+    except UsageError as exc:
+        print(f"gamecopilot: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gamecopilot: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

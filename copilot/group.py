@@ -1,0 +1,260 @@
+"""Runs one placement group: its stages, their links, heartbeats and metrics.
+
+A group is what one OS process runs.  :func:`group_process_main` is the spawn target the
+supervisor starts; :func:`run_group` is the same thing as a coroutine, which tests and the
+single-host ``stage`` command call directly.
+
+Protocol with the supervisor (a DEALER to the supervisor's ROUTER, separate from data links):
+``ready`` once every output link sees its consumers, then wait for ``start`` (sources only
+begin then), ``heartbeat`` every ``heartbeat_s``, ``stop`` from the supervisor asks for a
+graceful end (sources stop, end of stream flows, stages flush), ``done`` when every stage of
+the group has finished.  Metrics go on their own PUSH link, latest-wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from copilot.clock import SYSTEM_CLOCK, Clock
+from copilot.codec import Codec, CodecError
+from copilot.config import PipelineConfig, link_specs, parse_pipeline
+from copilot.links import Publisher, Subscriber, contexts
+from copilot.messages import Control, Envelope, Metrics
+from copilot.registry import resolve_stage
+from copilot.stage import Source, StageContext, StageRunner
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RunOptions:
+    """How a run is wired and paced; the same for every group of a run."""
+
+    run_dir: str | None = None  # None: inproc endpoints (all groups in one process)
+    control_endpoint: str | None = None
+    metrics_endpoint: str | None = None
+    speed: float | None = 1.0  # None: as fast as possible
+    lossless: bool = False
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage_options: dict[str, Any] = field(default_factory=dict)
+    incarnation: int = 0
+    wait_for_start: bool = True
+    log_level: int = logging.WARNING
+
+
+def _encode_ctrl(codec: Codec, payload: Control | Metrics, group: str, clock: Clock) -> list[Any]:
+    env = Envelope.wrap(payload, source=group, seq=0, t_media=0.0, t_capture_ns=clock.now_ns())
+    return codec.encode(env)
+
+
+class GroupRunner:
+    """Builds and runs the stages of one group."""
+
+    def __init__(self, cfg: PipelineConfig, group: str, opts: RunOptions, clock: Clock = SYSTEM_CLOCK):
+        self.cfg = cfg
+        self.group = group
+        self.opts = opts
+        self.clock = clock
+        self.codec = Codec()
+        self.runners: list[StageRunner] = []
+        self.publishers: dict[str, Publisher] = {}
+        self.subscribers: list[Subscriber] = []
+        self._stop = asyncio.Event()
+        self._start = asyncio.Event()
+        self._ctrl: Any = None
+        self._metrics: Any = None
+
+    def build(self) -> None:
+        specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
+        sup = self.cfg.supervisor
+        for sc in self.cfg.stages_in(self.group):
+            for link in sc.outputs.values():
+                self.publishers[link] = Publisher(specs[link], lossless=self.opts.lossless, clock=self.clock)
+        for sc in self.cfg.stages_in(self.group):
+            cls = resolve_stage(sc.kind)
+            params_data = {**sc.params, **self.opts.stage_overrides.get(sc.name, {})}
+            params = msgspec.convert(params_data, cls.Params)
+            ctx = StageContext(
+                name=sc.name,
+                clock=self.clock,
+                outputs={port: [self.publishers[link]] for port, link in sc.outputs.items()},
+                speed=self.opts.speed,
+                options=self.opts.stage_options,
+            )
+            subs = [
+                Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock) for link in sc.inputs
+            ]
+            self.subscribers.extend(subs)
+            self.runners.append(StageRunner(cls(ctx, params), subs))
+        _, actx = contexts()
+        if self.opts.control_endpoint:
+            self._ctrl = actx.socket(zmq.DEALER)
+            self._ctrl.setsockopt(zmq.LINGER, 500)
+            self._ctrl.setsockopt(zmq.IDENTITY, f"{self.group}#{self.opts.incarnation}".encode())
+            self._ctrl.connect(self.opts.control_endpoint)
+        if self.opts.metrics_endpoint:
+            sync, _ = contexts()
+            self._metrics = sync.socket(zmq.PUSH)
+            self._metrics.setsockopt(zmq.LINGER, 500)
+            self._metrics.setsockopt(zmq.SNDHWM, 8)
+            self._metrics.connect(self.opts.metrics_endpoint)
+        del sup
+
+    async def _wait_consumers(self) -> None:
+        waits = []
+        for link, pub in self.publishers.items():
+            n = len(self.cfg.consumers(link))
+            waits.append((link, pub, n))
+        results = await asyncio.gather(*(p.wait_subscribers(n, SUBSCRIBE_TIMEOUT_S) for _, p, n in waits))
+        for (link, _, n), ok in zip(waits, results, strict=True):
+            if not ok:
+                log.warning("group %s: link %s has fewer than %d consumers connected", self.group, link, n)
+
+    async def _send_ctrl(self, action: str, detail: dict[str, Any] | None = None) -> None:
+        if self._ctrl is not None:
+            frames = _encode_ctrl(self.codec, Control(action=action, detail=detail or {}), self.group, self.clock)  # type: ignore[arg-type]
+            await self._ctrl.send_multipart(frames)
+
+    def metrics_snapshot(self) -> Metrics:
+        now = self.clock.now_ns()
+        return Metrics(group=self.group, stages=[r.stage.recorder.snapshot(now) for r in self.runners])
+
+    def _push_metrics(self) -> None:
+        if self._metrics is None:
+            return
+        frames = _encode_ctrl(Codec(), self.metrics_snapshot(), self.group, self.clock)
+        try:
+            self._metrics.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    async def _control_loop(self) -> None:
+        codec = Codec()
+        while True:
+            frames = await self._ctrl.recv_multipart()
+            try:
+                env = codec.decode(frames)
+            except CodecError as exc:
+                log.warning("group %s: bad control message (%s)", self.group, exc)
+                continue
+            if env.kind == "control":
+                action = env.payload.action  # type: ignore[union-attr]
+                if action == "start":
+                    self._start.set()
+                elif action == "stop":
+                    self.request_stop()
+
+    async def _heartbeat_loop(self) -> None:
+        sup = self.cfg.supervisor
+        next_metrics = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._send_ctrl("heartbeat", {"pid": os.getpid()})
+            if loop.time() >= next_metrics:
+                self._push_metrics()
+                next_metrics = loop.time() + sup.metrics_interval_s
+            await asyncio.sleep(sup.heartbeat_s)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._start.set()
+        for r in self.runners:
+            r.request_stop()
+
+    async def run(self) -> None:
+        if not self.runners:
+            self.build()
+        aux: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            if self._ctrl is not None:
+                aux.append(asyncio.create_task(self._control_loop()))
+                aux.append(asyncio.create_task(self._heartbeat_loop()))
+            for r in self.runners:
+                if not isinstance(r.stage, Source):
+                    tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
+            await self._wait_consumers()
+            await self._send_ctrl("ready")
+            if self._ctrl is not None and self.opts.wait_for_start:
+                await self._start.wait()
+            for r in self.runners:
+                if isinstance(r.stage, Source):
+                    if self._stop.is_set():
+                        r.request_stop()
+                    tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
+            await self._wait_tasks(tasks)
+            self._push_metrics()
+            await self._send_ctrl("done", msgspec.to_builtins({"metrics": self.metrics_snapshot()}))
+        finally:
+            for t in [*tasks, *aux]:
+                t.cancel()
+            await asyncio.gather(*tasks, *aux, return_exceptions=True)
+            self.close()
+
+    async def _wait_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for every stage; after a stop, give consumers a bounded time to drain."""
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if self._stop.is_set() and pending:
+                timeout = self.cfg.supervisor.shutdown_timeout_s / 2
+                done, pending = await asyncio.wait(pending, timeout=timeout)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                return
+
+    def close(self) -> None:
+        for pub in self.publishers.values():
+            pub.close()
+        for sub in self.subscribers:
+            sub.close()
+        if self._ctrl is not None:
+            self._ctrl.close(linger=200)
+        if self._metrics is not None:
+            self._metrics.close(linger=200)
+
+
+async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Clock = SYSTEM_CLOCK) -> GroupRunner:
+    runner = GroupRunner(cfg, group, opts, clock)
+    runner.build()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, runner.request_stop)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    await runner.run()
+    return runner
+
+
+def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions) -> None:
+    """Spawn target: one process per placement group."""
+    from copilot.logs import setup_logging
+
+    setup_logging(opts.log_level)
+    # Ctrl-C reaches the whole process group; the supervisor coordinates the shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = parse_pipeline(cfg_data, source)
+
+    async def main() -> None:
+        runner = GroupRunner(cfg, group, opts)
+        runner.build()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
+        await runner.run()
+
+    asyncio.run(main())

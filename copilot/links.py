@@ -1,0 +1,290 @@
+"""ZeroMQ links between stages, with the two delivery policies of the design.
+
+A link has exactly one producer, which binds an XPUB socket, and any number of consumers,
+which connect SUB sockets.  XPUB (rather than PUB) lets the producer see subscriptions arrive,
+so a run can wait for every consumer before the first frame instead of losing it to the
+"slow joiner" problem.
+
+``latest`` (video, anything whose value decays)
+    Small high-water marks on both ends.  A consumer that falls behind loses frames inside
+    ZeroMQ; it sees the gap in ``seq`` and counts it (reason ``hwm``).  On receive it drains
+    whatever is queued and keeps only the newest (``superseded``), and drops a frame older than
+    ``max_age_ms`` (``stale``), as lerobot's ``read_latest(max_age_ms)`` does.  A slow consumer
+    never slows the producer or the other consumers.
+
+``ordered`` (audio, events, advice, control)
+    ``XPUB_NODROP``: when any consumer's queue is full the send fails and the producer waits
+    (backpressure) up to ``block_ms``; past that the message is dropped, counted and warned
+    about.  ``block_ms=None`` blocks for ever (lossless runs such as ``--speed max``).
+
+Control messages (end of stream) always take the ordered path, even on a latest link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlparse
+
+import zmq
+import zmq.asyncio
+
+from copilot.clock import SYSTEM_CLOCK, Clock
+from copilot.codec import Codec, CodecError
+from copilot.messages import Envelope
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["latest", "ordered"]
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Everything both ends of a link must agree on."""
+
+    name: str
+    endpoint: str
+    policy: Policy = "ordered"
+    hwm: int = 64
+    max_age_ms: float | None = None
+    block_ms: float | None = 2000.0
+
+
+@dataclass
+class DropCounter:
+    """Counts messages lost on one end of a link, by reason."""
+
+    by_reason: Counter[str] = field(default_factory=Counter)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        if n > 0:
+            self.by_reason[reason] += n
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+_contexts: dict[int, tuple[zmq.Context, zmq.asyncio.Context]] = {}
+
+
+def contexts() -> tuple[zmq.Context, zmq.asyncio.Context]:
+    """The process's ZeroMQ context, as a sync and an asyncio view of the same libzmq context.
+
+    Sharing one libzmq context is what makes ``inproc://`` work between sync and async sockets.
+    A forked or spawned child gets its own.
+    """
+    pid = os.getpid()
+    if pid not in _contexts:
+        sync = zmq.Context()
+        _contexts.clear()
+        _contexts[pid] = (sync, zmq.asyncio.Context.shadow(sync.underlying))
+    return _contexts[pid]
+
+
+def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
+    """Refuse to bind anything but loopback unless CurveZMQ is configured."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host = urlparse(endpoint.replace("tcp://", "tcp://", 1)).hostname or ""
+    if host not in LOOPBACK_HOSTS and not curve:
+        raise ValueError(
+            f"refusing to bind {endpoint}: only loopback is allowed without CurveZMQ keys"
+        )
+
+
+def prepare_ipc(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+class Publisher:
+    """The producing end of a link (binds an XPUB)."""
+
+    def __init__(self, spec: LinkSpec, *, lossless: bool = False, clock: Clock = SYSTEM_CLOCK):
+        self.spec = spec
+        self.lossless = lossless
+        self.clock = clock
+        self.codec = Codec()
+        self.drops = DropCounter()
+        self.sent = 0
+        self.subscriptions = 0
+        self._seq = 0
+        sync_ctx, _ = contexts()
+        sock = sync_ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        ordered = spec.policy == "ordered" or lossless
+        if ordered:
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+        sock.setsockopt(zmq.SNDHWM, max(1, spec.hwm))
+        check_bind_endpoint(spec.endpoint)
+        prepare_ipc(spec.endpoint)
+        sock.bind(spec.endpoint)
+        self._sock = sock
+        self._ordered = ordered
+
+    def _poll_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscriptions += 1
+            elif msg[:1] == b"\x00":
+                self.subscriptions = max(0, self.subscriptions - 1)
+
+    async def wait_subscribers(self, n: int, timeout_s: float) -> bool:
+        """Wait until ``n`` consumers have subscribed (True) or the timeout passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            self._poll_subscriptions()
+            if self.subscriptions >= n:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def send(self, env: Envelope) -> bool:
+        """Send ``env`` (its ``seq`` is assigned here).  False if it was dropped and counted."""
+        env.seq = self.next_seq()
+        frames = self.codec.encode(env)
+        ordered = self._ordered or env.kind == "control"
+        if not ordered:
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # pragma: no cover - plain XPUB drops silently instead
+                self.drops.add("hwm")
+                return False
+            self.sent += 1
+            return True
+        return await self._send_ordered(frames, env)
+
+    async def _send_ordered(self, frames: list, env: Envelope) -> bool:  # type: ignore[type-arg]
+        block_ms = None if (self.lossless or env.kind == "control") else self.spec.block_ms
+        loop = asyncio.get_running_loop()
+        deadline = None if block_ms is None else loop.time() + block_ms / 1000
+        backoff = 0.0002
+        while True:
+            try:
+                if not self._ordered:
+                    # control on a latest link: a plain XPUB never refuses, so this always sends
+                    self._sock.send_multipart(frames, copy=False)
+                else:
+                    self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self.sent += 1
+                return True
+            except zmq.Again:
+                if deadline is not None and loop.time() >= deadline:
+                    self.drops.add("backpressure")
+                    log.warning(
+                        "link %s: consumer blocked for %.0f ms, dropped a %s message",
+                        self.spec.name,
+                        block_ms,
+                        env.kind,
+                    )
+                    return False
+                self._poll_subscriptions()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.005)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class Subscriber:
+    """The consuming end of a link (connects a SUB)."""
+
+    def __init__(self, spec: LinkSpec, *, lossless: bool = False, clock: Clock = SYSTEM_CLOCK):
+        self.spec = spec
+        self.lossless = lossless
+        self.clock = clock
+        self.codec = Codec()
+        self.drops = DropCounter()
+        self.received = 0
+        self.malformed = 0
+        self._last_seq: int | None = None
+        _, actx = contexts()
+        sock = actx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        hwm = spec.hwm if (spec.policy == "ordered" or lossless) else max(1, spec.hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(spec.endpoint)
+        self._sock = sock
+        self._sync = zmq.Socket.shadow(sock.underlying)
+        self._latest = spec.policy == "latest" and not lossless
+        self._pending: deque[Envelope] = deque()
+
+    def _decode(self, frames: list) -> Envelope | None:  # type: ignore[type-arg]
+        try:
+            env = self.codec.decode(frames)
+        except CodecError as exc:
+            self.malformed += 1
+            self.drops.add("malformed")
+            if self.malformed <= 3 or self.malformed % 1000 == 0:
+                log.warning("link %s: dropped malformed message (%s)", self.spec.name, exc)
+            return None
+        if self._last_seq is not None and env.seq > self._last_seq + 1:
+            self.drops.add("hwm", env.seq - self._last_seq - 1)
+        self._last_seq = env.seq
+        self.received += 1
+        return env
+
+    def _drain_nowait(self) -> list:  # type: ignore[type-arg]
+        out = []
+        while True:
+            try:
+                out.append(self._sync.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                return out
+
+    async def recv(self) -> Envelope:
+        """Next message in order (the ``ordered`` policy); malformed ones are skipped."""
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            env = self._decode(frames)
+            if env is not None:
+                return env
+
+    async def recv_latest(self) -> Envelope:
+        """Newest fresh message: older queued ones are dropped, stale ones too.
+
+        Control messages are never dropped: they are returned first, in order.
+        """
+        if not self._latest:
+            return await self.recv()
+        max_age_ns = None if self.spec.max_age_ms is None else int(self.spec.max_age_ms * 1e6)
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            batch = [await self._sock.recv_multipart(copy=False), *self._drain_nowait()]
+            envs = [e for e in (self._decode(f) for f in batch) if e is not None]
+            data = [e for e in envs if e.kind != "control"]
+            self._pending.extend(e for e in envs if e.kind == "control")
+            if not data:
+                continue
+            self.drops.add("superseded", len(data) - 1)
+            newest = data[-1]
+            stale = max_age_ns is not None and self.clock.now_ns() - newest.t_capture_ns > max_age_ns
+            if stale and not self._pending:
+                self.drops.add("stale")
+                continue
+            return newest
+
+    def close(self) -> None:
+        self._sock.close(linger=0)

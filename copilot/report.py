@@ -1,0 +1,37 @@
+"""Rendering per-stage metrics: a rich table for people, the metrics JSON for tools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from copilot.messages import StageMetrics
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "msgs", "fps", "dropped", "p50 ms", "p95 ms", "p99 ms", "queue p50", "busy p50", ""):
+        table.add_column(col, justify="left" if col in ("stage", "") else "right")
+    for m in stages:
+        lat = m.latency_ms
+        drops = str(m.dropped)
+        if m.dropped_by_reason:
+            drops += " (" + ", ".join(f"{k} {v}" for k, v in sorted(m.dropped_by_reason.items()) if v) + ")"
+        table.add_row(
+            m.stage,
+            str(m.count),
+            f"{m.fps:.1f}",
+            drops,
+            _fmt(lat.p50 if lat else None),
+            _fmt(lat.p95 if lat else None),
+            _fmt(lat.p99 if lat else None),
+            _fmt(m.queue_age_ms.p50 if m.queue_age_ms else None),
+            _fmt(m.busy_ms.p50 if m.busy_ms else None),
+            "[yellow]slow[/]" if m.slow else "",
+        )
+    return table

@@ -1,0 +1,262 @@
+"""The Stage base class: one method to override, an explicit lifecycle.
+
+A stage receives envelopes on its input links and emits payloads on named output ports::
+
+    @register_stage("frame_diff")
+    class FrameDiff(Stage):
+        class Params(msgspec.Struct, forbid_unknown_fields=True):
+            stride: int = 4
+
+        async def process(self, msg: Envelope) -> None:
+            ...
+            await self.emit("features", Features(name="motion", values={...}), parent=msg)
+
+Lifecycle, driven by :class:`StageRunner`: ``start()`` once before the first message,
+``process(msg)`` for each message, ``flush()`` when every input has reached end of stream
+(emit whatever is pending), ``close()`` always, last.  Sources override :meth:`Source.produce`
+instead of ``process``.
+
+``emit(..., parent=msg)`` carries the parent's capture time forward and appends this stage's
+``(name, t_in, t_out)`` stamp to the trace, so capture-to-output latency is known everywhere.
+Blocking work (model inference, OCR) goes through :meth:`run_blocking`, which runs it on the
+stage's own worker thread so the event loop keeps receiving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from copilot.clock import SYSTEM_CLOCK, Clock
+from copilot.links import Publisher, Subscriber
+from copilot.messages import Control, Envelope, Payload, TraceStamp
+from copilot.metrics import StageRecorder
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+# A stage whose own work takes more than this fraction of the media time it covers is slower
+# than real time (livekit's SLOW_INFERENCE_THRESHOLD idea, applied to a whole stage).
+SLOW_FRACTION = 0.9
+SLOW_CHECK_MEDIA_S = 2.0
+
+
+class NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+@dataclass
+class StageContext:
+    """What a stage gets from the runner: its name, clock, output publishers, run options."""
+
+    name: str
+    clock: Clock = SYSTEM_CLOCK
+    outputs: dict[str, list[Publisher]] = field(default_factory=dict)
+    speed: float | None = 1.0  # None = as fast as possible
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class of every stage.  Override :meth:`process` (or :meth:`Source.produce`)."""
+
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type[msgspec.Struct]] = NoParams
+    output_ports: ClassVar[tuple[str, ...]] = ()
+    min_inputs: ClassVar[int] = 1
+
+    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.params = params
+        self.clock = ctx.clock
+        self.log = logging.getLogger(f"stage.{self.name}")
+        self.recorder = StageRecorder(self.name, ctx.clock.now_ns())
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._t_in_ns = 0
+        self._prev_out_ns: int | None = None
+        self._seq = 0
+
+    # -- lifecycle (override what you need) ---------------------------------------------------
+    async def start(self) -> None:
+        """Load models, open files.  Runs before any message."""
+
+    async def process(self, msg: Envelope) -> None:
+        """Handle one input message.  The one method a processing stage overrides."""
+        raise NotImplementedError(f"{type(self).__name__}.process")
+
+    async def flush(self) -> None:
+        """All inputs ended: emit anything still pending."""
+
+    async def close(self) -> None:
+        """Release resources.  Always runs, even after an error."""
+
+    # -- helpers for subclasses --------------------------------------------------------------
+    async def emit(
+        self,
+        port: str,
+        payload: Payload,
+        *,
+        parent: Envelope | None = None,
+        t_media: float | None = None,
+        t_capture_ns: int | None = None,
+    ) -> bool:
+        """Send ``payload`` on output ``port``; False if any link dropped it."""
+        now = self.clock.now_ns()
+        if parent is not None:
+            trace = [*parent.trace, TraceStamp(self.name, self._t_in_ns, now)]
+            cap = parent.t_capture_ns if t_capture_ns is None else t_capture_ns
+            tm = parent.t_media if t_media is None else t_media
+        else:
+            cap = now if t_capture_ns is None else t_capture_ns
+            trace = [TraceStamp(self.name, cap, now)]
+            tm = 0.0 if t_media is None else t_media
+        self._seq += 1
+        env = Envelope.wrap(payload, source=self.name, seq=self._seq, t_media=tm, t_capture_ns=cap, trace=trace)
+        ok = True
+        for pub in self.ctx.outputs.get(port, []):
+            ok = await pub.send(env) and ok
+        return ok
+
+    async def run_blocking(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run blocking work on this stage's worker thread, off the event loop."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+class Source(Stage):
+    """A stage with no inputs: override :meth:`produce`, which returns at end of stream."""
+
+    min_inputs: ClassVar[int] = 0
+
+    async def produce(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.produce")
+
+    async def process(self, msg: Envelope) -> None:  # sources take no input
+        return None
+
+    def record_emit(self, t_capture_ns: int, t_media: float) -> None:
+        now = self.clock.now_ns()
+        self.recorder.observe(
+            t_capture_ns=t_capture_ns, t_in_ns=t_capture_ns, t_out_ns=now, t_prev_out_ns=None, t_media=t_media
+        )
+
+
+class StageRunner:
+    """Drives one stage: receives from its inputs, calls the lifecycle, records metrics."""
+
+    def __init__(self, stage: Stage, inputs: list[Subscriber]) -> None:
+        self.stage = stage
+        self.inputs = inputs
+        self.done = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._work_since_check_ns = 0
+        self._media_mark: float | None = None
+        self._slow_warned = False
+        self._stopping = False
+        self._produce_task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    def request_stop(self) -> None:
+        """Graceful stop: a source stops producing; the end of stream then flows downstream."""
+        self._stopping = True
+        if self._produce_task is not None:
+            self._produce_task.cancel()
+
+    async def run(self) -> None:
+        st = self.stage
+        try:
+            await st.start()
+            if isinstance(st, Source):
+                self._produce_task = asyncio.ensure_future(st.produce())
+                try:
+                    await self._produce_task
+                except asyncio.CancelledError:
+                    if not self._stopping:
+                        raise
+                self._sync_drops()
+            else:
+                await asyncio.gather(*(self._read(sub) for sub in self.inputs))
+                await st.flush()
+            await self._send_eos()
+        finally:
+            try:
+                await st.close()
+            finally:
+                st.shutdown_executor()
+                self.done.set()
+
+    async def _send_eos(self) -> None:
+        for pubs in self.stage.ctx.outputs.values():
+            for pub in pubs:
+                env = Envelope.wrap(
+                    Control(action="eos", detail={"stage": self.stage.name}),
+                    source=self.stage.name,
+                    seq=0,
+                    t_media=0.0,
+                    t_capture_ns=self.stage.clock.now_ns(),
+                )
+                await pub.send(env)
+
+    async def _read(self, sub: Subscriber) -> None:
+        st = self.stage
+        while True:
+            msg = await sub.recv_latest()
+            if msg.kind == "control":
+                if msg.payload.action == "eos":  # type: ignore[union-attr]
+                    self._sync_drops()
+                    return
+                continue
+            async with self._lock:
+                t_in = st.clock.now_ns()
+                st._t_in_ns = t_in
+                await st.process(msg)
+                t_out = st.clock.now_ns()
+            prev_out = msg.trace[-1].t_out_ns if msg.trace else msg.t_capture_ns
+            st.recorder.observe(
+                t_capture_ns=msg.t_capture_ns, t_in_ns=t_in, t_out_ns=t_out, t_prev_out_ns=prev_out,
+                t_media=msg.t_media,
+            )
+            self._sync_drops()
+            self._check_slow(t_out - t_in, msg.t_media)
+
+    def _sync_drops(self) -> None:
+        rec = self.stage.recorder
+        rec.dropped.clear()
+        for sub in self.inputs:
+            for reason, n in sub.drops.by_reason.items():
+                rec.dropped[reason] += n
+        for pubs in self.stage.ctx.outputs.values():
+            for pub in pubs:
+                for reason, n in pub.drops.by_reason.items():
+                    rec.dropped["out_" + reason] += n
+
+    def _check_slow(self, busy_ns: int, t_media: float) -> None:
+        if self._media_mark is None:
+            self._media_mark = t_media
+        self._work_since_check_ns += busy_ns
+        span = t_media - self._media_mark
+        if span >= SLOW_CHECK_MEDIA_S:
+            ratio = self._work_since_check_ns / 1e9 / span
+            slow = ratio > SLOW_FRACTION
+            self.stage.recorder.slow = slow
+            if slow and not self._slow_warned:
+                log.warning(
+                    "stage %s is slower than real time: %.2f s of work per second of media",
+                    self.stage.name,
+                    ratio,
+                )
+                self._slow_warned = True
+            self._media_mark = t_media
+            self._work_since_check_ns = 0

@@ -1,0 +1,353 @@
+"""The supervisor: one OS process per placement group, watched and restarted.
+
+It binds the control socket (ROUTER) and the metrics socket (PULL), spawns each local group
+with the ``spawn`` start method, waits until every group is ready (its consumers subscribed),
+then says ``start``.  It restarts a group that dies or stops sending heartbeats, with backoff,
+and on SIGINT/SIGTERM asks every group to stop gracefully (sources stop, stages flush), then
+terminates what is left.  No process it started outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgspec
+import zmq
+
+from copilot.clock import SYSTEM_CLOCK
+from copilot.codec import Codec, CodecError
+from copilot.config import PipelineConfig
+from copilot.group import RunOptions, group_process_main
+from copilot.links import contexts, prepare_ipc
+from copilot.messages import Control, Envelope, Metrics, StageMetrics
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class GroupState:
+    name: str
+    incarnation: int = 0
+    process: Any = None
+    ready: bool = False
+    done: bool = False
+    last_seen: float = 0.0
+    restarts: int = 0
+    restart_at: float | None = None
+    local: bool = True
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    media_s: float
+    stages: list[StageMetrics]
+    restarts: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        cfg_data: Any,
+        source: str,
+        opts: RunOptions,
+        *,
+        on_metrics: Callable[[list[StageMetrics]], None] | None = None,
+        groups: list[str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.cfg_data = cfg_data
+        self.source = source
+        self.opts = opts
+        self.on_metrics = on_metrics
+        names = groups or cfg.groups()
+        self.groups = {g: GroupState(g, local=self._is_local(g)) for g in names}
+        self._snapshots: dict[tuple[str, int], Metrics] = {}
+        self._stopping = False
+        self._interrupted = False
+        self._ctx = mp.get_context("spawn")
+        self._run_dir = tempfile.mkdtemp(prefix="gamecopilot-")
+        self.clock = SYSTEM_CLOCK
+
+    def _is_local(self, group: str) -> bool:
+        hosts = {s.placement.host for s in self.cfg.stages_in(group)}
+        return hosts <= {"localhost", "127.0.0.1", "::1", ""}
+
+    # -- processes ----------------------------------------------------------------------------
+    def _group_env(self, group: str) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for s in self.cfg.stages_in(group):
+            dev = s.placement.device
+            if dev.startswith("cuda"):
+                env["CUDA_VISIBLE_DEVICES"] = dev.split(":", 1)[1] if ":" in dev else "0"
+        return env
+
+    def _spawn(self, st: GroupState) -> None:
+        opts = replace(
+            self.opts,
+            run_dir=self.opts.run_dir or self._run_dir,
+            control_endpoint=self._control_ep,
+            metrics_endpoint=self._metrics_ep,
+            incarnation=st.incarnation,
+        )
+        saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
+        os.environ.update(self._group_env(st.name))
+        try:
+            proc = self._ctx.Process(
+                target=group_process_main,
+                args=(self.cfg_data, self.source, st.name, opts),
+                name=f"gamecopilot-{st.name}",
+                daemon=True,
+            )
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        st.process = proc
+        st.ready = False
+        st.last_seen = asyncio.get_running_loop().time()
+
+    def kill_group(self, name: str) -> None:
+        """Hard-kill a group (used by tests and by the heartbeat watchdog)."""
+        proc = self.groups[name].process
+        if proc is not None and proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+
+    # -- control ------------------------------------------------------------------------------
+    def _send(self, st: GroupState, action: str) -> None:
+        env = Envelope.wrap(Control(action=action), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
+                            t_capture_ns=self.clock.now_ns())
+        ident = f"{st.name}#{st.incarnation}".encode()
+        try:
+            self._ctrl.send_multipart([ident, *self._codec.encode(env)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _handle_ctrl(self, frames: list[bytes], now: float) -> None:
+        ident = frames[0].decode(errors="replace")
+        name, _, inc = ident.rpartition("#")
+        st = self.groups.get(name)
+        if st is None or str(st.incarnation) != inc:
+            return
+        try:
+            env = self._codec.decode(frames[1:])
+        except CodecError:
+            return
+        st.last_seen = now
+        if env.kind != "control":
+            return
+        action = env.payload.action  # type: ignore[union-attr]
+        if action == "ready":
+            st.ready = True
+            if self._started:
+                self._pending_start.add(name)
+        elif action == "done":
+            st.done = True
+            m = env.payload.detail.get("metrics")  # type: ignore[union-attr]
+            if m:
+                self._snapshots[(name, st.incarnation)] = msgspec.convert(m, Metrics)
+
+    def _handle_metrics(self, frames: list[bytes]) -> None:
+        try:
+            env = self._codec.decode(frames)
+        except CodecError:
+            return
+        if env.kind == "metrics":
+            m: Metrics = env.payload  # type: ignore[assignment]
+            st = self.groups.get(m.group)
+            if st is not None:
+                self._snapshots[(m.group, st.incarnation)] = m
+
+    def stage_metrics(self) -> list[StageMetrics]:
+        """Figures per stage, summed over a group's incarnations (restarts reset counters)."""
+        merged: dict[str, StageMetrics] = {}
+        for (_, _inc), snap in sorted(self._snapshots.items(), key=lambda kv: kv[0][1]):
+            for sm in snap.stages:
+                prev = merged.get(sm.stage)
+                if prev is None:
+                    merged[sm.stage] = msgspec.structs.replace(sm)
+                    continue
+                reasons = dict(prev.dropped_by_reason)
+                for k, v in sm.dropped_by_reason.items():
+                    reasons[k] = reasons.get(k, 0) + v
+                merged[sm.stage] = msgspec.structs.replace(
+                    sm,
+                    count=prev.count + sm.count,
+                    dropped=prev.dropped + sm.dropped,
+                    dropped_by_reason=reasons,
+                    media_s=max(prev.media_s, sm.media_s),
+                    latency_ms=sm.latency_ms or prev.latency_ms,
+                )
+        order = [s.name for s in self.cfg.stages]
+        return sorted(merged.values(), key=lambda m: order.index(m.stage) if m.stage in order else 1e9)
+
+    def request_stop(self, interrupted: bool = True) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._interrupted = interrupted
+            self._stop_sent = False
+
+    # -- main loop ----------------------------------------------------------------------------
+    async def run(self) -> RunResult:
+        sync, _ = contexts()
+        self._codec = Codec()
+        sup = self.cfg.supervisor
+        self._control_ep = sup.control_endpoint or f"ipc://{self._run_dir}/control"
+        self._metrics_ep = sup.metrics_endpoint or f"ipc://{self._run_dir}/metrics"
+        prepare_ipc(self._control_ep)
+        prepare_ipc(self._metrics_ep)
+        self._ctrl = sync.socket(zmq.ROUTER)
+        self._ctrl.setsockopt(zmq.LINGER, 0)
+        self._ctrl.bind(self._control_ep)
+        self._metrics_sock = sync.socket(zmq.PULL)
+        self._metrics_sock.setsockopt(zmq.LINGER, 0)
+        self._metrics_sock.bind(self._metrics_ep)
+        self._started = False
+        self._pending_start: set[str] = set()
+        self._stop_sent = False
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        t_start_ns = self.clock.now_ns()
+        try:
+            for st in self.groups.values():
+                if st.local:
+                    self._spawn(st)
+            await self._loop(loop)
+            t_start_ns = self._t_start_ns
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self._reap()
+            self._ctrl.close(linger=0)
+            self._metrics_sock.close(linger=0)
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+        wall_s = (self._t_end_ns - t_start_ns) / 1e9
+        stages = self.stage_metrics()
+        media_s = max((m.media_s for m in stages), default=0.0)
+        return RunResult(
+            wall_s=wall_s,
+            media_s=media_s,
+            stages=stages,
+            restarts={g.name: g.restarts for g in self.groups.values()},
+            interrupted=self._interrupted,
+        )
+
+    async def _loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        sup = self.cfg.supervisor
+        ready_deadline = loop.time() + READY_TIMEOUT_S
+        self._t_start_ns = self.clock.now_ns()
+        next_report = loop.time() + sup.metrics_interval_s
+        stop_deadline: float | None = None
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            for frames in _drain(self._ctrl):
+                self._handle_ctrl(frames, now)
+            for frames in _drain(self._metrics_sock):
+                self._handle_metrics(frames)
+            # start once every group is ready
+            if not self._started and not self._stopping:
+                if all(g.ready for g in self.groups.values()):
+                    self._started = True
+                    self._t_start_ns = self.clock.now_ns()
+                    for g in self.groups.values():
+                        self._send(g, "start")
+                elif now > ready_deadline:
+                    missing = [g.name for g in self.groups.values() if not g.ready]
+                    log.error("groups never became ready: %s", ", ".join(missing))
+                    self.request_stop(interrupted=False)
+            for name in list(self._pending_start):
+                self._send(self.groups[name], "start")
+                self._pending_start.discard(name)
+            self._watch(now)
+            if self._stopping and not self._stop_sent:
+                self._stop_sent = True
+                stop_deadline = now + sup.shutdown_timeout_s
+                for g in self.groups.values():
+                    self._send(g, "stop")
+            if self.on_metrics is not None and now >= next_report:
+                next_report = now + sup.metrics_interval_s
+                self.on_metrics(self.stage_metrics())
+            if all(g.done or (self._stopping and not self._alive(g)) for g in self.groups.values()):
+                break
+            if stop_deadline is not None and now > stop_deadline:
+                log.warning("groups did not stop within %.1f s; terminating", sup.shutdown_timeout_s)
+                break
+        self._t_end_ns = self.clock.now_ns()
+
+    @staticmethod
+    def _alive(g: GroupState) -> bool:
+        return g.process is not None and g.process.is_alive()
+
+    def _watch(self, now: float) -> None:
+        """Restart groups that died or went silent, with backoff."""
+        sup = self.cfg.supervisor
+        for g in self.groups.values():
+            if not g.local or g.done or self._stopping:
+                continue
+            if g.restart_at is not None:
+                if now >= g.restart_at:
+                    g.restart_at = None
+                    g.incarnation += 1
+                    self._spawn(g)
+                continue
+            alive = self._alive(g)
+            silent = alive and now - g.last_seen > sup.heartbeat_timeout_s + (0 if g.ready else 30)
+            if silent:
+                log.warning("group %s missed heartbeats for %.1f s; killing it", g.name, now - g.last_seen)
+                self.kill_group(g.name)
+            if not alive or silent:
+                if g.restarts >= sup.max_restarts:
+                    log.error("group %s died %d times; giving up", g.name, g.restarts)
+                    self.request_stop(interrupted=False)
+                    continue
+                backoff = sup.restart_backoff_s[min(g.restarts, len(sup.restart_backoff_s) - 1)]
+                code = g.process.exitcode if g.process is not None else None
+                log.warning("group %s exited (code %s); restarting in %.1f s", g.name, code, backoff)
+                g.restarts += 1
+                g.restart_at = now + backoff
+
+    def _reap(self) -> None:
+        procs = [g.process for g in self.groups.values() if g.process is not None]
+        for p in procs:
+            p.join(timeout=2.0)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2.0)
+
+
+def _drain(sock: zmq.Socket, limit: int = 1000) -> list[list[bytes]]:  # type: ignore[type-arg]
+    out = []
+    for _ in range(limit):
+        try:
+            out.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    return out
