@@ -37,6 +37,33 @@ def _speed(text: str) -> float | None:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _window(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        before, after = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BEFORE,AFTER in seconds (e.g. 4,1.5), got {text!r}") from None
+    if before < 0 or after < 0:
+        raise argparse.ArgumentTypeError(f"window bounds must be zero or more, got {text!r}")
+    return before, after
+
+
+def _matching_rules() -> str:
+    from bench.eval import MATCHING_RULES
+
+    return MATCHING_RULES
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     if speed:
         p.add_argument("--speed", type=_speed, default=1.0, help=f"pacing: {SPEEDS} (default 1 = real time)")
@@ -81,7 +108,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", help="input file for the replay stage(s), if any")
     _add_run_options(p)
 
-    p = sub.add_parser("bench", help="benchmarks: bus, pipeline")
+    p = sub.add_parser("annotate", help="annotate a recording with timestamped events, at max speed")
+    p.add_argument("file", help="video/audio file")
+    p.add_argument("-o", "--output", required=True, help="events JSONL to write")
+    p.add_argument("--config", "-c", help="pipeline YAML (default: configs/default.yaml)")
+    p.add_argument("--profile", help="game profile name or YAML path (default: the game-agnostic default)")
+    p.add_argument("--start", type=_time, default=0.0, help="start at this media time (seconds or MM:SS)")
+    p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
+    p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
+    p.add_argument("--features-out", help="write encoder features JSONL here")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+    p = sub.add_parser(
+        "eval",
+        help="score predicted events against ground truth",
+        description="Score predicted events (events JSONL) against ground truth (truth JSONL).",
+        epilog=_matching_rules(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("pred", help="predicted events JSONL")
+    p.add_argument("truth", help="ground-truth JSONL")
+    p.add_argument("--tolerance", type=_positive, default=0.5, help="matching tolerance in seconds (default 0.5)")
+    p.add_argument("--critical-window", type=_window, default=(4.0, 1.5), metavar="BEFORE,AFTER",
+                   help="seconds before/after a critical moment in which a wake counts (default 4,1.5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("dataset", help="make recordings with ground truth")
+    dsub = p.add_subparsers(dest="dataset", metavar="SOURCE")
+    d = dsub.add_parser("atari", help="play an Atari game (ale-py ROMs) and write MP4 + truth JSONL")
+    d.add_argument("--game", required=True, help="game name, e.g. Breakout, SpaceInvaders, DemonAttack, Pong")
+    d.add_argument("--seconds", type=_positive, required=True, help="length of the footage")
+    d.add_argument("--fps", type=int, default=30, choices=[30, 60], help="output video fps (default 30)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--policy", choices=["random", "sticky"], default="random")
+    d.add_argument("-o", "--output", required=True, help="output directory")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("bench", help="benchmarks: bus, pipeline, encoders, atari")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     b = bsub.add_parser("bus", help="one hop of a 720p frame over inproc/ipc/tcp: our links vs raw pyzmq")
     b.add_argument("--frames", type=int, default=300, help="frames per transport (default 300)")
@@ -95,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--until", type=_time)
     b.add_argument("--json", action="store_true")
     b.add_argument("-o", "--output", help="also write the metrics JSON here")
+    b = bsub.add_parser("encoders", help="per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
+                        add_help=False)
+    b = bsub.add_parser("atari", help="the live Atari source at real time: fps, audio rate, drift", add_help=False)
     return parser
 
 
@@ -105,6 +172,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         handler: Callable[[argparse.Namespace], int] = getattr(commands, f"cmd_{cmd}")
         return handler(args)
+    if cmd in ("annotate", "eval", "dataset"):
+        from copilot import commands
+
+        return getattr(commands, f"cmd_{cmd}")(args)  # type: ignore[no-any-return]
     if cmd == "bench":
         if args.bench == "bus":
             from bench.bus import main as bus_main
@@ -114,13 +185,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             from copilot import commands
 
             return commands.cmd_bench_pipeline(args)
-        raise UsageError("bench: choose one of: bus, pipeline")
+        raise UsageError("bench: choose one of: bus, pipeline, encoders, atari")
     raise UsageError(f"unknown command {cmd!r}")
 
 
+# Benchmarks with their own argument parsers: ``gamecopilot bench NAME ARGS`` hands ARGS over.
+_DELEGATED_BENCHES = {"encoders": "bench.encoders", "atari": "bench.atari_live"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if len(raw) >= 2 and raw[0] == "bench" and raw[1] in _DELEGATED_BENCHES:
+        return _run_delegated(raw[1], raw[2:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
     if args.command is None:
         parser.print_help()
         return 2
@@ -134,6 +212,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(_DELEGATED_BENCHES[name])
+        return int(module.main(argv) or 0)
+    except UsageError as exc:
+        print(f"gamecopilot: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gamecopilot: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ OUTPUT_OPTIONS = ("events_out", "advice_out", "features_out")
 
 def sample_clip() -> Path:
     """The bundled sample: real Atari gameplay with its game audio (see bench/data/README.md)."""
-    return Path(__file__).resolve().parent.parent / "bench" / "data" / "sample_breakout.mp4"
+    return Path(__file__).resolve().parent.parent / "bench" / "data" / "breakout_s0.mp4"
 
 
 def _log_level(args: argparse.Namespace) -> int:
@@ -52,14 +52,31 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def resolve_profile_option(profile: str | None) -> str | None:
+    """Validate ``--profile`` (a name under configs/profiles or a YAML path); its resolved path."""
+    try:
+        from copilot.profile import load_profile, resolve_profile
+    except ImportError:  # profiles arrive with the trigger detector
+        if profile:
+            raise UsageError("--profile: this build has no game profiles") from None
+        return None
+    path = resolve_profile(profile)
+    load_profile(path)
+    return str(path)
+
+
 def prepare_run(
     config: str | None,
     *,
     input_file: str | None,
     start: float = 0.0,
     until: float | None = None,
-) -> tuple[Any, Any, str, dict[str, dict[str, Any]]]:
-    """Load and validate the pipeline and its input; return (cfg, raw data, source, overrides)."""
+) -> tuple[Any, Any, str, dict[str, dict[str, Any]], float | None]:
+    """Load and validate the pipeline and its input.
+
+    Returns (cfg, raw data, source, per-stage param overrides, seconds of media to replay
+    or None when unknown).
+    """
     path = Path(config) if config else default_config_path()
     data = load_yaml(path)
     cfg = parse_pipeline(data, str(path))
@@ -70,13 +87,18 @@ def prepare_run(
             raise UsageError(f"{path}: the pipeline has no {REPLAY_KIND!r} stage to read {input_file}")
         for s in replays:
             overrides[s.name] = {"path": str(Path(input_file).resolve()), "start": start, "until": until}
+    media_s: float | None = None
     for s in cfg.stages:
         cls = resolve_stage(s.kind)
         check = getattr(cls, "check", None)
         if check is not None:
             params = msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params)
-            check(params)
-    return cfg, data, str(path), overrides
+            info = check(params)
+            duration = getattr(info, "duration_s", None)
+            if duration:
+                end = min(duration, until) if until is not None else duration
+                media_s = max(media_s or 0.0, end - start)
+    return cfg, data, str(path), overrides, media_s
 
 
 def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 0.0, until: float | None = None) -> int:
@@ -87,9 +109,16 @@ def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 
     from copilot.supervisor import Supervisor
 
     setup_logging(_log_level(args))
-    cfg, data, source, overrides = prepare_run(args.config, input_file=input_file, start=start, until=until)
+    cfg, data, source, overrides, total_media_s = prepare_run(
+        args.config, input_file=input_file, start=start, until=until
+    )
     options = _prepare_outputs(args)
+    profile = resolve_profile_option(getattr(args, "profile", None))
+    if profile:
+        options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
+    progress = getattr(args, "progress", False)
+    options["console"] = not (args.quiet or args.json or progress)
     opts = RunOptions(
         speed=speed,
         lossless=speed is None,
@@ -101,16 +130,21 @@ def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 
     from rich.live import Live
 
     err = Console(stderr=True)
-    live_on = err.is_terminal and not args.quiet and not args.json
+    bar = _MediaProgress(err, total_media_s, label=Path(input_file).name if input_file else cfg.name) \
+        if progress and not args.quiet else None
+    live_on = err.is_terminal and not args.quiet and not args.json and bar is None
     live = Live(console=err, auto_refresh=False, transient=True) if live_on else None
 
     def on_metrics(stages: list[Any]) -> None:
         if live is not None:
             live.update(metrics_table(stages, title=f"{cfg.name}: live"), refresh=True)
+        if bar is not None:
+            bar.update(max((m.media_s for m in stages), default=0.0))
 
     sup = Supervisor(cfg, data, source, opts, on_metrics=on_metrics)
-    if live is not None:
-        with live:
+    display: Any = live if live is not None else bar
+    if display is not None:
+        with display:
             result = asyncio.run(sup.run())
     else:
         result = asyncio.run(sup.run())
@@ -125,11 +159,71 @@ def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 
         Path(args.metrics_out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report))
+    elif progress:
+        print(f"{result.media_s:.1f} s of media annotated in {result.wall_s:.1f} s "
+              f"({report['realtime_factor']:.1f}x real time)", file=sys.stderr)
     else:
         out = Console()
         out.print(metrics_table(result.stages, title=f"{cfg.name}: {result.media_s:.1f} s of media in "
                                 f"{result.wall_s:.1f} s ({report['realtime_factor']:.2f}x real time)"))
     return 130 if result.interrupted else 0
+
+
+class _MediaProgress:
+    """A progress bar over media seconds, fed from the supervisor's metrics reports."""
+
+    def __init__(self, console: Any, total_s: float | None, label: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} s"), TimeRemainingColumn(),
+            console=console, transient=True,
+        )
+        self._task = self._progress.add_task(label, total=total_s or None)
+
+    def update(self, media_s: float) -> None:
+        self._progress.update(self._task, completed=media_s)
+
+    def __enter__(self) -> _MediaProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Perception and triggers at max speed over a file; events JSONL out (seed vidgame-llm-annotation)."""
+    ns = argparse.Namespace(
+        config=args.config, profile=args.profile, speed=None, quiet=args.quiet, json=False,
+        metrics_out=args.metrics_out, verbose=args.verbose, events_out=args.output, advice_out=None,
+        features_out=args.features_out, progress=True,
+    )
+    return execute(ns, input_file=args.file, start=args.start, until=args.until)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bench.eval import evaluate_files, format_report
+
+    result = evaluate_files(args.pred, args.truth, tolerance=args.tolerance, critical_window=args.critical_window)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    if args.dataset != "atari":
+        raise UsageError("dataset: choose a source: atari")
+    try:
+        from bench.datasets.atari import make_atari_recording
+    except ImportError as exc:
+        raise UsageError(f"dataset atari needs ale-py: pip install 'gameplay-copilot[atari]' ({exc})") from exc
+    rec = make_atari_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,
+                               policy=args.policy, progress=not args.quiet)
+    print(f"{rec.video}\n{rec.truth}")
+    print(f"{rec.frames} frames, {rec.seconds:.1f} s, {rec.events} truth events, {rec.episodes} games ended",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -155,10 +249,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from copilot.logs import setup_logging
 
     setup_logging(_log_level(args))
-    cfg, _, _, overrides = prepare_run(args.config, input_file=args.input)
+    cfg, _, _, overrides, _ = prepare_run(args.config, input_file=args.input)
     if args.group not in cfg.groups():
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
     options = _prepare_outputs(args)
+    profile = resolve_profile_option(args.profile)
+    if profile:
+        options["profile"] = profile
     sup = cfg.supervisor
     opts = RunOptions(
         run_dir=None,
@@ -179,6 +276,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         config=args.config, speed=args.speed, quiet=True, json=args.json, metrics_out=args.output,
-        verbose=0, events_out=None, advice_out=None, features_out=None,
+        verbose=0, events_out=None, advice_out=None, features_out=None, profile=None,
     )
     return execute(ns, input_file=args.file, until=args.until)

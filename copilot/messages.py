@@ -104,6 +104,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     busy_ms: LatencySummary | None = None
     media_s: float = 0.0
     slow: bool = False
+    extra_ms: dict[str, LatencySummary] = {}  # stage-specific timings, e.g. a detector's decision delay
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):

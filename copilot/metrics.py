@@ -68,6 +68,14 @@ class StageRecorder:
         self.media_last: float | None = None
         self.slow = False
         self.media_extent_s: float | None = None  # a source sets the media span it covered
+        self.extra: dict[str, _Reservoir] = {}
+
+    def observe_extra(self, name: str, value_ms: float) -> None:
+        """Record a stage-specific timing (reported as ``extra_ms.NAME`` with p50/p95/p99)."""
+        res = self.extra.get(name)
+        if res is None:
+            res = self.extra[name] = _Reservoir(seed=3 + len(self.extra))
+        res.add(value_ms)
 
     def observe(
         self, *, t_capture_ns: int, t_in_ns: int, t_out_ns: int, t_prev_out_ns: int | None,
@@ -108,6 +116,7 @@ class StageRecorder:
             busy_ms=self.busy.summary(),
             media_s=round(self.media_span(), 4),
             slow=self.slow,
+            extra_ms={k: v for k, v in ((k, r.summary()) for k, r in self.extra.items()) if v is not None},
         )
 
 
@@ -134,6 +143,8 @@ def metrics_json(
             entry["queue_age_ms"] = msgspec.to_builtins(m.queue_age_ms)
         if m.busy_ms is not None:
             entry["busy_ms"] = msgspec.to_builtins(m.busy_ms)
+        for name, summary in m.extra_ms.items():
+            entry[name] = msgspec.to_builtins(summary)
         out["stages"][m.stage] = entry
     if extra:
         out.update(extra)

