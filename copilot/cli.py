@@ -47,6 +47,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _region(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,WIDTH,HEIGHT in pixels, got {text!r}") from None
+    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
+        raise argparse.ArgumentTypeError(f"expected X,Y,WIDTH,HEIGHT with a positive size, got {text!r}")
+    return values
+
+
 def _window(text: str) -> tuple[float, float]:
     parts = text.split(",")
     try:
@@ -98,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_time, default=0.0, help="start at this media time (seconds or MM:SS)")
     p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
     _add_run_options(p)
+
+    p = sub.add_parser("live", help="run beside a live game: screen + loopback audio capture (or an emulated Atari game)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--monitor", type=int, help="capture this monitor (1 = first; default 1)")
+    where.add_argument("--region", type=_region, metavar="X,Y,W,H", help="capture this screen rectangle")
+    where.add_argument("--window", metavar="TITLE", help="capture the window with this title (X11, needs xdotool)")
+    where.add_argument("--game", metavar="NAME",
+                       help="no screen: play this Atari game in-process at real time (ale-py) and watch it")
+    p.add_argument("--fps", type=_positive, default=30.0, help="capture rate (default 30)")
+    p.add_argument("--audio", default="default", metavar="DEVICE|none",
+                   help="loopback device to record (default: the default output's monitor; none: no audio)")
+    p.add_argument("--seed", type=int, default=0, help="with --game: emulator and policy seed")
+    p.add_argument("--truth-out", help="with --game: write the game's ground truth JSONL here as it happens")
+    p.add_argument("--until", type=_time, help="stop after this long (seconds or MM:SS)")
+    _add_run_options(p, speed=False)
 
     p = sub.add_parser("run", help="run a pipeline YAML (all local placement groups)")
     p.add_argument("--input", "-i", help="input file for the replay stage(s), if any")
@@ -167,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
-    if cmd in ("demo", "replay", "run", "stage"):
+    if cmd in ("demo", "replay", "live", "run", "stage"):
         from copilot import commands
 
         handler: Callable[[argparse.Namespace], int] = getattr(commands, f"cmd_{cmd}")

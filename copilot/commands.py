@@ -65,12 +65,30 @@ def resolve_profile_option(profile: str | None) -> str | None:
     return str(path)
 
 
+def swap_source(data: Any, where: str, kind: str, params: dict[str, Any]) -> Any:
+    """The pipeline with its replay stage replaced by another source of the same ports.
+
+    ``live`` runs the very pipeline a replay runs, with capture (or the emulated game) in
+    place of the file reader, so what is measured on recordings holds beside a live game.
+    """
+    stages = data.get("stages") if isinstance(data, dict) else None
+    replays = [s for s in stages or [] if isinstance(s, dict) and s.get("kind") == REPLAY_KIND]
+    if not replays:
+        raise UsageError(f"{where}: the pipeline has no {REPLAY_KIND!r} stage to replace with {kind!r}")
+    new_stages = [
+        {**s, "name": kind, "kind": kind, "params": dict(params)} if s is replays[0] else s
+        for s in stages  # type: ignore[union-attr]
+    ]
+    return {**data, "stages": new_stages}
+
+
 def prepare_run(
     config: str | None,
     *,
     input_file: str | None,
     start: float = 0.0,
     until: float | None = None,
+    source: tuple[str, dict[str, Any]] | None = None,
 ) -> tuple[Any, Any, str, dict[str, dict[str, Any]], float | None]:
     """Load and validate the pipeline and its input.
 
@@ -79,6 +97,8 @@ def prepare_run(
     """
     path = Path(config) if config else default_config_path()
     data = load_yaml(path)
+    if source is not None:
+        data = swap_source(data, str(path), *source)
     cfg = parse_pipeline(data, str(path))
     overrides: dict[str, dict[str, Any]] = {}
     replays = [s for s in cfg.stages if s.kind == REPLAY_KIND]
@@ -101,7 +121,14 @@ def prepare_run(
     return cfg, data, str(path), overrides, media_s
 
 
-def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 0.0, until: float | None = None) -> int:
+def execute(
+    args: argparse.Namespace,
+    *,
+    input_file: str | None,
+    start: float = 0.0,
+    until: float | None = None,
+    source: tuple[str, dict[str, Any]] | None = None,
+) -> int:
     """Run a whole pipeline under the supervisor, show metrics live, write the outputs."""
     from copilot.logs import setup_logging
     from copilot.metrics import metrics_json
@@ -110,7 +137,7 @@ def execute(args: argparse.Namespace, *, input_file: str | None, start: float = 
 
     setup_logging(_log_level(args))
     cfg, data, source, overrides, total_media_s = prepare_run(
-        args.config, input_file=input_file, start=start, until=until
+        args.config, input_file=input_file, start=start, until=until, source=source
     )
     options = _prepare_outputs(args)
     profile = resolve_profile_option(getattr(args, "profile", None))
@@ -228,6 +255,28 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     return execute(args, input_file=args.file, start=args.start, until=args.until)
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    """Beside a live game: the default pipeline with capture (or an emulated game) as its source."""
+    args.speed = 1.0
+    if args.game:
+        if args.truth_out and not Path(args.truth_out).resolve().parent.is_dir():
+            raise UsageError(f"--truth-out: directory {Path(args.truth_out).parent} does not exist")
+        params: dict[str, Any] = {"game": args.game, "seed": args.seed, "seconds": args.until}
+        if args.truth_out:
+            params["truth_out"] = str(Path(args.truth_out).resolve())
+        return execute(args, input_file=None, source=("atari", params))
+    if args.truth_out:
+        raise UsageError("--truth-out needs --game (only an emulated game knows its ground truth)")
+    params = {"fps": args.fps, "audio": None if args.audio == "none" else args.audio, "seconds": args.until}
+    if args.monitor is not None:
+        params["monitor"] = args.monitor
+    if args.region is not None:
+        params["region"] = args.region
+    if args.window is not None:
+        params["window"] = args.window
+    return execute(args, input_file=None, source=("capture", params))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

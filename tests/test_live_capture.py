@@ -1,0 +1,85 @@
+"""``gamecopilot live`` beside a real game window: Xvfb for the screen, PulseAudio for sound.
+
+The windowed Atari game (``bench.games.window``) draws into a real X window and plays its
+sound into a null sink; the copilot captures the window with mss and the sink's monitor
+with soundcard, through the default pipeline.  Skipped only when Xvfb or PulseAudio is not
+installed (``tests/run.sh`` installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_window_game import ROOT, _start_game, _stop, _wait_ready, display, needs_pulse, needs_xvfb, pulse
+
+__all__ = ["display", "pulse"]  # fixtures used below
+
+
+def _live(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[dict, str]:  # type: ignore[type-arg]
+    metrics = tmp_path / "m.json"
+    features = tmp_path / "f.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "copilot", "live", *args, "--until", "6", "-q",
+         "--metrics-out", str(metrics), "--features-out", str(features)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(metrics.read_text()), features.read_text()
+
+
+@needs_xvfb
+@needs_pulse
+@pytest.mark.slow
+def test_live_captures_a_game_window_and_its_sound(display: str, pulse: dict[str, str], tmp_path: Path) -> None:
+    env = dict(pulse, DISPLAY=display)
+    game = _start_game(env, 30)
+    try:
+        _wait_ready(game)
+        m, features = _live(env, tmp_path, "--window", "copilot-test", "--fps", "30")
+    finally:
+        _stop(game)
+    cap = m["stages"]["capture"]
+    # about 30 fps for 6 s; a loaded 2-core machine may lose some, never most
+    assert cap["count"] > 100, cap
+    assert 5.0 <= m["media_s"] <= 7.0
+    assert m["wall_s"] == pytest.approx(6.0, abs=1.5)
+    lines = [json.loads(line) for line in features.splitlines()]
+    video_features = [r for r in lines if r.get("kind") == "features" and r.get("name") in ("motion", "frame_diff")]
+    assert video_features, "no encoder saw the captured frames"
+    # the game moves: some captured frames differ from the previous one
+    assert any(max(r["values"].values()) > 0 for r in video_features)
+    audio = [r for r in lines if r.get("kind") == "features" and r.get("name") in ("loudness", "audio")]
+    assert audio, "no audio features: the loopback capture delivered nothing"
+    levels = [v for r in audio for k, v in r["values"].items() if k in ("rms_db", "loudness_db")]
+    assert levels and max(levels) > -60.0, "captured audio is silent: the game's sound did not reach the copilot"
+
+
+@needs_xvfb
+def test_live_region_without_audio(display: str, tmp_path: Path) -> None:
+    env = dict(os.environ, DISPLAY=display)
+    game = _start_game(env, 30)
+    try:
+        _wait_ready(game)
+        m, _ = _live(env, tmp_path, "--region", "0,0,320,240", "--audio", "none", "--fps", "20")
+    finally:
+        _stop(game)
+    assert m["stages"]["capture"]["count"] > 60
+
+
+def test_live_bad_input_is_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.pop("DISPLAY", None)
+    proc = subprocess.run([sys.executable, "-m", "copilot", "live", "--until", "1", "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "copilot", "live", "--truth-out", str(tmp_path / "t.jsonl")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--game" in proc.stderr
