@@ -188,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
     transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
     bad = [t for t in transports if t not in TRANSPORTS]
     if bad or not transports:
-        raise UsageError(f"--transports: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(TRANSPORTS)})")
+        unknown = ", ".join(bad) or "empty list"
+        raise UsageError(f"--transports: unknown {unknown} (choose from {', '.join(TRANSPORTS)})")
     if args.frames < ROUNDS:
         raise UsageError(f"--frames must be at least {ROUNDS}")
     if args.output and not Path(args.output).resolve().parent.is_dir():

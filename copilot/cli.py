@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
     _add_run_options(p)
 
-    p = sub.add_parser("live", help="run beside a live game: screen + loopback audio capture (or an emulated Atari game)")
+    p = sub.add_parser("live", help="run beside a live game: screen + loopback audio (or an emulated Atari game)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--monitor", type=int, help="capture this monitor (1 = first; default 1)")
     where.add_argument("--region", type=_region, metavar="X,Y,W,H", help="capture this screen rectangle")
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loopback device to record (default: the default output's monitor; none: no audio)")
     p.add_argument("--seed", type=int, default=0, help="with --game: emulator and policy seed")
     p.add_argument("--truth-out", help="with --game: write the game's ground truth JSONL here as it happens")
+    p.add_argument("--record", metavar="FILE.mp4", help="also record what is captured (H.264 + AAC) to replay later")
     p.add_argument("--until", type=_time, help="stop after this long (seconds or MM:SS)")
     _add_run_options(p, speed=False)
 

@@ -65,8 +65,10 @@ def resolve_profile_option(profile: str | None) -> str | None:
     return str(path)
 
 
-def swap_source(data: Any, where: str, kind: str, params: dict[str, Any]) -> Any:
+def swap_source(data: Any, where: str, kind: str, params: dict[str, Any], record: str | None = None) -> Any:
     """The pipeline with its replay stage replaced by another source of the same ports.
+
+    With ``record``, a recorder stage beside it writes what the source produced to that MP4.
 
     ``live`` runs the very pipeline a replay runs, with capture (or the emulated game) in
     place of the file reader, so what is measured on recordings holds beside a live game.
@@ -79,6 +81,11 @@ def swap_source(data: Any, where: str, kind: str, params: dict[str, Any]) -> Any
         {**s, "name": kind, "kind": kind, "params": dict(params)} if s is replays[0] else s
         for s in stages  # type: ignore[union-attr]
     ]
+    if record:
+        outputs = replays[0].get("outputs") or {}
+        new_stages.append({"name": "recorder", "kind": "recorder", "params": {"path": record},
+                           "inputs": [link for port, link in outputs.items() if port in ("video", "audio")],
+                           "placement": replays[0].get("placement", {})})
     return {**data, "stages": new_stages}
 
 
@@ -88,7 +95,7 @@ def prepare_run(
     input_file: str | None,
     start: float = 0.0,
     until: float | None = None,
-    source: tuple[str, dict[str, Any]] | None = None,
+    source: tuple[str, dict[str, Any], str | None] | None = None,
 ) -> tuple[Any, Any, str, dict[str, dict[str, Any]], float | None]:
     """Load and validate the pipeline and its input.
 
@@ -127,7 +134,7 @@ def execute(
     input_file: str | None,
     start: float = 0.0,
     until: float | None = None,
-    source: tuple[str, dict[str, Any]] | None = None,
+    source: tuple[str, dict[str, Any], str | None] | None = None,
 ) -> int:
     """Run a whole pipeline under the supervisor, show metrics live, write the outputs."""
     from copilot.logs import setup_logging
@@ -136,7 +143,7 @@ def execute(
     from copilot.supervisor import Supervisor
 
     setup_logging(_log_level(args))
-    cfg, data, source, overrides, total_media_s = prepare_run(
+    cfg, data, cfg_path, overrides, total_media_s = prepare_run(
         args.config, input_file=input_file, start=start, until=until, source=source
     )
     options = _prepare_outputs(args)
@@ -168,7 +175,7 @@ def execute(
         if bar is not None:
             bar.update(max((m.media_s for m in stages), default=0.0))
 
-    sup = Supervisor(cfg, data, source, opts, on_metrics=on_metrics)
+    sup = Supervisor(cfg, data, cfg_path, opts, on_metrics=on_metrics)
     display: Any = live if live is not None else bar
     if display is not None:
         with display:
@@ -179,7 +186,7 @@ def execute(
         result.stages,
         wall_s=result.wall_s,
         media_s=result.media_s,
-        extra={"config": source, "input": input_file, "speed": "max" if speed is None else speed,
+        extra={"config": cfg_path, "input": input_file, "speed": "max" if speed is None else speed,
                "restarts": result.restarts, "interrupted": result.interrupted},
     )
     if args.metrics_out:
@@ -190,7 +197,7 @@ def execute(
         print(f"{result.media_s:.1f} s of media annotated in {result.wall_s:.1f} s "
               f"({report['realtime_factor']:.1f}x real time)", file=sys.stderr)
     else:
-        out = Console()
+        out = Console() if sys.stdout.isatty() else Console(width=120)
         out.print(metrics_table(result.stages, title=f"{cfg.name}: {result.media_s:.1f} s of media in "
                                 f"{result.wall_s:.1f} s ({report['realtime_factor']:.2f}x real time)"))
     return 130 if result.interrupted else 0
@@ -216,7 +223,7 @@ class _MediaProgress:
         self._progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)
 
 
@@ -260,13 +267,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """Beside a live game: the default pipeline with capture (or an emulated game) as its source."""
     args.speed = 1.0
+    record = None
+    if args.record:
+        rec = Path(args.record).resolve()
+        if not rec.parent.is_dir():
+            raise UsageError(f"--record: directory {Path(args.record).parent} does not exist")
+        if rec.suffix.lower() != ".mp4":
+            raise UsageError(f"--record: write an .mp4 file, got {args.record}")
+        record = str(rec)
     if args.game:
         if args.truth_out and not Path(args.truth_out).resolve().parent.is_dir():
             raise UsageError(f"--truth-out: directory {Path(args.truth_out).parent} does not exist")
         params: dict[str, Any] = {"game": args.game, "seed": args.seed, "seconds": args.until}
         if args.truth_out:
             params["truth_out"] = str(Path(args.truth_out).resolve())
-        return execute(args, input_file=None, source=("atari", params))
+        return execute(args, input_file=None, source=("atari", params, record))
     if args.truth_out:
         raise UsageError("--truth-out needs --game (only an emulated game knows its ground truth)")
     params = {"fps": args.fps, "audio": None if args.audio == "none" else args.audio, "seconds": args.until}
@@ -276,7 +291,7 @@ def cmd_live(args: argparse.Namespace) -> int:
         params["region"] = args.region
     if args.window is not None:
         params["window"] = args.window
-    return execute(args, input_file=None, source=("capture", params))
+    return execute(args, input_file=None, source=("capture", params, record))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -14,9 +14,10 @@ def _fmt(v: float | None) -> str:
 def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") -> Any:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for col in ("stage", "msgs", "fps", "dropped", "p50 ms", "p95 ms", "p99 ms", "queue p50", "busy p50", ""):
-        table.add_column(col, justify="left" if col in ("stage", "") else "right")
+    table = Table(title=title, title_justify="left", caption="latency: capture to stage output, ms; "
+                  "queue: wait before the stage, ms; busy: the stage's own work, ms", caption_justify="left")
+    for col in ("stage", "msgs", "fps", "drops", "p50", "p95", "p99", "queue p50", "busy p50", ""):
+        table.add_column(col, justify="left" if col in ("stage", "") else "right", no_wrap=col == "stage")
     for m in stages:
         lat = m.latency_ms
         drops = str(m.dropped)

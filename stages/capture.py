@@ -119,7 +119,7 @@ class _AudioReader(threading.Thread):
                     data = np.ascontiguousarray(rec.record(numframes=block), dtype=np.float32)
                     self.loop.call_soon_threadsafe(self._deliver, (self.frames_read, data))
                     self.frames_read += data.shape[0]
-        except Exception as exc:  # noqa: BLE001 - a missing sound server must not kill the video
+        except Exception as exc:
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 

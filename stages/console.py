@@ -33,7 +33,8 @@ def format_message(msg: Envelope) -> str | None:
     if isinstance(p, Event):
         signals = p.evidence.get("signals") if isinstance(p.evidence, dict) else None
         why = f"  ({', '.join(map(str, signals))})" if isinstance(signals, (list, tuple)) and signals else ""
-        return f"{format_time(p.t)} {_STYLE.get(p.priority, '  ')} {p.priority:<8} {p.event_kind:<14} {p.score:5.2f}{why}"
+        mark = _STYLE.get(p.priority, "  ")
+        return f"{format_time(p.t)} {mark} {p.priority:<8} {p.event_kind:<14} {p.score:5.2f}{why}"
     if isinstance(p, Advice):
         return f"{format_time(p.t_event)} >> [{p.backend}] {p.text}"
     if isinstance(p, Transcript):

@@ -1,0 +1,151 @@
+"""Recorder: writes the frames and audio it receives to an MP4 (H.264 + AAC).
+
+``gamecopilot live --record F`` adds it beside the encoders, so a live session can be
+replayed later through the same pipeline.  The file is a fragmented MP4 (a fragment per
+keyframe, the index up front), so if the run dies mid-way everything up to the last
+fragment still plays: nothing already written is lost.  Encoding runs on the stage's
+worker thread, off the event loop.  Timestamps are the messages' media times, so what is
+replayed lines up with the events of the live run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from copilot.errors import UsageError
+from copilot.messages import AudioChunk, Envelope, VideoFrame
+from copilot.registry import register_stage
+from copilot.stage import Stage
+
+log = logging.getLogger(__name__)
+
+VIDEO_TIME_BASE = 90_000
+
+
+class RecorderParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str | None = None
+    option: str | None = "record"  # run option holding the path (set by --record)
+    fps: int = 30  # nominal rate for the encoder; frames keep their own timestamps
+    crf: int = 23
+    audio_bitrate: int = 96_000
+
+
+class _Writer:
+    """The PyAV container; every method runs on the recorder's worker thread."""
+
+    def __init__(self, path: str, params: RecorderParams) -> None:
+        import av
+
+        self.path = path
+        self.params = params
+        self.container = av.open(path, mode="w", format="mp4",
+                                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
+        self.video: Any = None
+        self.audio: Any = None
+        self.size: tuple[int, int] | None = None
+        self.last_pts = -1
+        self.audio_samples = 0
+        self.audio_t0: float | None = None
+
+    def _open_video(self, width: int, height: int) -> None:
+        from fractions import Fraction
+
+        w, h = width - width % 2, height - height % 2
+        stream = self.container.add_stream("libx264", rate=self.params.fps,
+                                           options={"crf": str(self.params.crf), "preset": "veryfast",
+                                                    "g": str(2 * self.params.fps)})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, VIDEO_TIME_BASE)
+        self.video, self.size = stream, (w, h)
+
+    def write_video(self, image: np.ndarray, pixel_format: str, t_media: float) -> None:
+        import av
+
+        if self.video is None:
+            self._open_video(image.shape[1], image.shape[0])
+        w, h = self.size  # type: ignore[misc]
+        fmt = {"rgb24": "rgb24", "bgra": "bgra", "gray": "gray"}[pixel_format]
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=fmt)
+        frame = frame.reformat(width=w, height=h, format="yuv420p")
+        pts = round(t_media * VIDEO_TIME_BASE)
+        if pts <= self.last_pts:
+            return  # a timestamp must grow; a repeated one is a duplicate
+        from fractions import Fraction
+
+        frame.pts, frame.time_base = pts, Fraction(1, VIDEO_TIME_BASE)
+        self.last_pts = pts
+        for packet in self.video.encode(frame):
+            self.container.mux(packet)
+
+    def write_audio(self, samples: np.ndarray, rate: int, t_media: float) -> None:
+        import av
+
+        channels = samples.shape[1] if samples.ndim == 2 else 1
+        if self.audio is None:
+            self.audio = self.container.add_stream("aac", rate=rate, layout="mono" if channels == 1 else "stereo")
+            self.audio.bit_rate = self.params.audio_bitrate
+            self.audio_t0 = t_media
+        data = samples.reshape(-1, channels)[:, : min(channels, 2)].T.astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format="fltp",
+                                           layout="mono" if data.shape[0] == 1 else "stereo")
+        frame.sample_rate = rate
+        frame.pts = self.audio_samples
+        self.audio_samples += data.shape[1]
+        for packet in self.audio.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for stream in (self.video, self.audio):
+            if stream is not None:
+                for packet in stream.encode(None):
+                    self.container.mux(packet)
+        self.container.close()
+
+
+@register_stage("recorder")
+class RecorderStage(Stage):
+    """Records VideoFrame and AudioChunk messages to an MP4 file."""
+
+    Params = RecorderParams
+
+    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, params)
+        self._writer: _Writer | None = None
+
+    def output_path(self) -> str | None:
+        p: RecorderParams = self.params  # type: ignore[assignment]
+        if p.path:
+            return p.path
+        value = self.ctx.options.get(p.option) if p.option else None
+        return str(value) if value else None
+
+    async def start(self) -> None:
+        path = self.output_path()
+        if path is None:
+            return
+        if not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"--record: directory {Path(path).parent} does not exist")
+        self._writer = await self.run_blocking(_Writer, path, self.params)
+
+    async def process(self, msg: Envelope) -> None:
+        w = self._writer
+        if w is None:
+            return
+        p = msg.payload
+        if isinstance(p, VideoFrame):
+            await self.run_blocking(w.write_video, p.image, p.pixel_format, msg.t_media)
+        elif isinstance(p, AudioChunk):
+            await self.run_blocking(w.write_audio, p.samples, p.sample_rate, msg.t_media)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                await self.run_blocking(writer.close)
+            except Exception as exc:
+                log.warning("recorder: closing %s failed (%s); the file holds what was written", writer.path, exc)
