@@ -108,3 +108,24 @@ def test_live_record_replays_what_was_captured(display: str, tmp_path: Path) -> 
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["media_s"] > 4.0
+
+
+def test_live_atari_game_writes_its_truth(tmp_path: Path) -> None:
+    """``live --game`` needs no screen: the emulated game is the source and knows its truth."""
+    from bench.eval import evaluate_files, read_truth
+
+    truth = tmp_path / "truth.jsonl"
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "copilot", "live", "--game", "Breakout", "--until", "4", "-q",
+         "--truth-out", str(truth), "--events-out", str(events), "--metrics-out", str(tmp_path / "m.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta, found = read_truth(truth)
+    assert meta is not None and meta["game"] == "Breakout"
+    assert found, "4 s of random Breakout loses a life"
+    assert evaluate_files(truth, truth)["per_kind"]["all"]["recall"] == 1.0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["stages"]["atari"]["count"] > 0
+    assert 3.5 <= m["media_s"] <= 4.5

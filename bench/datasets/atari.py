@@ -348,7 +348,7 @@ def make_atari_recording(
                     for j in range(step):
                         s = atari.step()
                         chunk[j * s.audio.size : (j + 1) * s.audio.size] = s.audio
-                        _collect_events(s, k, fps, events)
+                        collect_events(s, k, fps, events)
                         last = s
                     assert last is not None
                     vframe = av.VideoFrame.from_ndarray(to_yuv(last.rgb), format="yuv420p")
@@ -412,7 +412,7 @@ def make_atari_recording(
     )
 
 
-def _collect_events(s: AtariStep, frame: int, fps: int, events: list[dict[str, Any]]) -> None:
+def collect_events(s: AtariStep, frame: int, fps: int, events: list[dict[str, Any]]) -> None:
     t = _fmt_t(frame / fps)
     if s.reward:
         events.append(
