@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from copilot.errors import UsageError
 
@@ -91,13 +92,20 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``gamecopilot: error: ...`` and exit code 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gamecopilot",
         description="Gameplay Copilot: watches a game (live or a recording), runs cheap perception, "
         "wakes a reasoning model only on significant moments.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo", help="replay the bundled sample clip at real time through the default pipeline")
     _add_run_options(p)

@@ -12,6 +12,7 @@ Anything malformed, truncated, of another wire version or of an unknown kind rai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ class Codec:
         self._decoder = msgspec.msgpack.Decoder(Envelope, dec_hook=self._dec_hook)
         self._out: list[np.ndarray] = []
         self._in: Sequence[Any] = ()
-        self._used = 0
+        self._used: set[int] = set()
 
     # -- encode -----------------------------------------------------------------------------
     def _enc_hook(self, obj: Any) -> Any:
@@ -49,7 +50,9 @@ class Codec:
             arr = np.ascontiguousarray(obj)
             self._out.append(arr)
             return (arr.dtype.str, arr.shape, len(self._out) - 1)
-        raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+        if isinstance(obj, np.generic) and obj.dtype.kind in _ALLOWED_DTYPE_KINDS:
+            return obj.item()  # a numpy scalar in a dict of values: send the plain number
+        raise TypeError(f"cannot encode a {type(obj).__module__}.{type(obj).__qualname__} in a message")
 
     def encode(self, env: Envelope) -> list[Buffer]:
         """Return the frames for ``env``: the header first, then each array's memory."""
@@ -64,13 +67,23 @@ class Codec:
     def _dec_hook(self, typ: type, obj: Any) -> Any:
         if typ is not np.ndarray:
             raise NotImplementedError(f"cannot decode {typ}")
+        # Exactly (str, [int, ...], int) as _enc_hook writes it: nothing is coerced, so a
+        # float index, a string shape or a missing dtype is rejected rather than guessed at.
+        if not (isinstance(obj, (list, tuple)) and len(obj) == 3):
+            raise CodecError(f"bad array descriptor {obj!r}")
+        dtype_str, shape, index = obj
+        if (
+            not isinstance(dtype_str, str)
+            or not isinstance(shape, (list, tuple))
+            or any(type(s) is not int for s in shape)
+            or type(index) is not int
+        ):
+            raise CodecError(f"bad array descriptor {obj!r}")
         try:
-            dtype_str, shape, index = obj
             dtype = np.dtype(dtype_str)
-            shape = tuple(int(s) for s in shape)
-            index = int(index)
         except (TypeError, ValueError) as exc:
-            raise CodecError(f"bad array descriptor {obj!r}") from exc
+            raise CodecError(f"bad array dtype {dtype_str!r}") from exc
+        shape = tuple(shape)
         if dtype.kind not in _ALLOWED_DTYPE_KINDS or dtype.hasobject:
             raise CodecError(f"dtype {dtype} not allowed on the wire")
         if len(shape) > _MAX_DIMS or any(s < 0 for s in shape):
@@ -78,10 +91,12 @@ class Codec:
         if not 1 <= index + 1 <= len(self._in) - 1:
             raise CodecError(f"array frame {index} missing (got {len(self._in) - 1})")
         buf = _as_buffer(self._in[index + 1])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape cannot wrap around
         if buf.nbytes != expected:
             raise CodecError(f"array frame {index} has {buf.nbytes} bytes, expected {expected}")
-        self._used += 1
+        if index in self._used:
+            raise CodecError(f"array frame {index} referenced twice")
+        self._used.add(index)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def decode(self, frames: Sequence[Any]) -> Envelope:
@@ -92,7 +107,7 @@ class Codec:
         if not frames:
             raise CodecError("empty message")
         self._in = frames
-        self._used = 0
+        self._used = set()
         try:
             env = self._decoder.decode(_as_buffer(frames[0]))
         except CodecError:
@@ -105,8 +120,8 @@ class Codec:
             raise CodecError(f"wire version {env.v}, expected {WIRE_VERSION}")
         if env.kind != KIND_OF[type(env.payload)]:
             raise CodecError(f"kind {env.kind!r} does not match payload {type(env.payload).__name__}")
-        if self._used != len(frames) - 1:
-            raise CodecError(f"{len(frames) - 1} array frames sent, {self._used} referenced")
+        if len(self._used) != len(frames) - 1:
+            raise CodecError(f"{len(frames) - 1} array frames sent, {len(self._used)} referenced")
         return env
 
 
@@ -114,4 +129,9 @@ def _as_buffer(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame
     if buf is not None:
         return buf if isinstance(buf, memoryview) else memoryview(buf)
-    return memoryview(frame).cast("B") if not isinstance(frame, memoryview) else frame
+    if isinstance(frame, np.ndarray):  # an encoded frame handed over without a socket
+        return memoryview(np.ascontiguousarray(frame).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    mv = frame if isinstance(frame, memoryview) else memoryview(frame)
+    if mv.nbytes == 0:
+        return memoryview(b"")  # cast() refuses views with a zero in their shape
+    return mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")

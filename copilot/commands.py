@@ -191,6 +191,12 @@ def execute(
     )
     if args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(report, indent=2) + "\n")
+    if result.usage_error:
+        raise UsageError(result.usage_error)
+    if result.failed:
+        for group, why in result.failed.items():
+            print(f"gamecopilot: group {group} failed: {why}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report))
     elif progress:

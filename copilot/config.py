@@ -9,8 +9,9 @@ the key, which the CLI prints as one line (exit code 2).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -19,12 +20,15 @@ from copilot.errors import UsageError
 from copilot.links import LinkSpec, check_bind_endpoint
 from copilot.registry import resolve_stage
 
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
 
 class LinkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     policy: Literal["latest", "ordered"] = "ordered"
-    hwm: int = 64
-    max_age_ms: float | None = None
-    block_ms: float | None = 2000.0
+    hwm: Annotated[int, msgspec.Meta(ge=1)] = 64
+    max_age_ms: Positive | None = None
+    block_ms: NonNegative | None = 2000.0
     endpoint: str | None = None
 
 
@@ -46,16 +50,18 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     control_endpoint: str | None = None
     metrics_endpoint: str | None = None
-    heartbeat_s: float = 0.25
-    heartbeat_timeout_s: float = 2.0
-    restart_backoff_s: list[float] = msgspec.field(default_factory=lambda: [0.1, 0.5, 1.0, 2.0, 5.0])
-    max_restarts: int = 10
-    metrics_interval_s: float = 0.5
-    shutdown_timeout_s: float = 5.0
+    heartbeat_s: Positive = 0.25
+    heartbeat_timeout_s: Positive = 2.0
+    restart_backoff_s: Annotated[list[NonNegative], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [0.1, 0.5, 1.0, 2.0, 5.0]
+    )
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 10
+    metrics_interval_s: Positive = 0.5
+    shutdown_timeout_s: Positive = 5.0
 
 
 class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    version: int = 1
+    version: Literal[1] = 1
     name: str = "pipeline"
     links: dict[str, LinkConfig] = {}
     stages: list[StageConfig]
@@ -87,14 +93,27 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         raise KeyError(link)
 
 
-def _msgspec_error(path: str, exc: msgspec.ValidationError) -> UsageError:
-    text = str(exc)
+_REWORDS = (
+    (re.compile(r"^Object contains unknown field `(.*)`$"), r"unknown key '\1'"),
+    (re.compile(r"^Object missing required field `(.*)`$"), r"missing required key '\1'"),
+    (re.compile(r"^Expected `object`, got `(.*)`$"), r"expected a mapping, got \1"),
+    (re.compile(r"^Expected `array`, got `(.*)`$"), r"expected a list, got \1"),
+)
+
+
+def _msgspec_error(path: str, exc: msgspec.ValidationError, prefix: str = "") -> UsageError:
+    """One line naming the file, the key (a dotted path) and what was expected."""
+    text = str(exc).splitlines()[0] if str(exc) else "invalid value"
     where = ""
     if " - at `" in text:
         text, where = text.split(" - at `", 1)
-        where = where.rstrip("`").replace("$.", "").replace("$", "")
+        where = where.rstrip("`").removeprefix("$").removeprefix(".")
+    for pattern, repl in _REWORDS:
+        text = pattern.sub(repl, text)
     text = text.replace("`", "")
-    return UsageError(f"{path}: {where + ': ' if where else ''}{text[0].lower() + text[1:]}")
+    text = text[:1].lower() + text[1:]
+    key = ".".join(k for k in (prefix, where) if k).replace(".[", "[")
+    return UsageError(f"{path}: {key + ': ' if key else ''}{text}")
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:
@@ -113,6 +132,14 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
 
 def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
     """Validate a pipeline mapping; every error names ``source`` and the offending key."""
+    # Links first, one by one: msgspec cannot name a mapping key in its error path.
+    links = data.get("links") if isinstance(data, dict) else None
+    if isinstance(links, dict):
+        for name, link in links.items():
+            try:
+                msgspec.convert(link, LinkConfig)
+            except msgspec.ValidationError as exc:
+                raise _msgspec_error(source, exc, prefix=f"links.{name}") from exc
     try:
         cfg = msgspec.convert(data, PipelineConfig)
     except msgspec.ValidationError as exc:
@@ -130,9 +157,7 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
         try:
             st.params = msgspec.to_builtins(msgspec.convert(st.params, cls.Params))
         except msgspec.ValidationError as exc:
-            err = _msgspec_error(source, exc)
-            msg = str(err).split(": ", 1)[1]
-            raise UsageError(f"{where}.params{'.' if not msg.startswith('expected') else ': '}{msg}") from exc
+            raise _msgspec_error(source, exc, prefix=f"stages[{i}].params") from exc
         for port in st.outputs:
             if port not in cls.output_ports:
                 raise UsageError(
@@ -154,6 +179,13 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
                 check_bind_endpoint(endpoint)
             except ValueError as exc:
                 raise UsageError(f"{source}: links.{link}.endpoint: {exc}") from exc
+    for key in ("control_endpoint", "metrics_endpoint"):  # the supervisor binds these
+        endpoint = getattr(cfg.supervisor, key)
+        if endpoint:
+            try:
+                check_bind_endpoint(endpoint)
+            except ValueError as exc:
+                raise UsageError(f"{source}: supervisor.{key}: {exc}") from exc
     return cfg
 
 

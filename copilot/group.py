@@ -14,9 +14,11 @@ the group has finished.  Metrics go on their own PUSH link, latest-wins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ import zmq
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
 from copilot.config import PipelineConfig, link_specs, parse_pipeline
+from copilot.errors import UsageError
 from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
 from copilot.registry import resolve_stage
@@ -48,6 +51,7 @@ class RunOptions:
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_options: dict[str, Any] = field(default_factory=dict)
     incarnation: int = 0
+    supervisor_pid: int | None = None  # a spawned group stops when this process is gone
     wait_for_start: bool = True
     log_level: int = logging.WARNING
 
@@ -73,13 +77,18 @@ class GroupRunner:
         self._start = asyncio.Event()
         self._ctrl: Any = None
         self._metrics: Any = None
+        # Set in a spawned group: when this parent (the supervisor) dies, the group stops
+        # instead of running on as an orphan (SIGKILL gives the supervisor no chance to stop it).
+        self.parent_pid: int | None = None
 
     def build(self) -> None:
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
         sup = self.cfg.supervisor
         for sc in self.cfg.stages_in(self.group):
             for link in sc.outputs.values():
-                self.publishers[link] = Publisher(specs[link], lossless=self.opts.lossless, clock=self.clock)
+                pub = Publisher(specs[link], lossless=self.opts.lossless, clock=self.clock)
+                pub.expected_consumers = len(self.cfg.consumers(link))
+                self.publishers[link] = pub
         for sc in self.cfg.stages_in(self.group):
             cls = resolve_stage(sc.kind)
             params_data = {**sc.params, **self.opts.stage_overrides.get(sc.name, {})}
@@ -133,10 +142,8 @@ class GroupRunner:
         if self._metrics is None:
             return
         frames = _encode_ctrl(Codec(), self.metrics_snapshot(), self.group, self.clock)
-        try:
+        with contextlib.suppress(zmq.Again):
             self._metrics.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     async def _control_loop(self) -> None:
         codec = Codec()
@@ -159,6 +166,11 @@ class GroupRunner:
         next_metrics = 0.0
         loop = asyncio.get_running_loop()
         while True:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid and not self._stop.is_set():
+                log.warning("group %s: supervisor (pid %d) is gone; stopping", self.group, self.parent_pid)
+                self.request_stop()
+                # and if the graceful stop hangs, do not outlive the supervisor anyway
+                loop.call_later(sup.shutdown_timeout_s, os._exit, 1)
             await self._send_ctrl("heartbeat", {"pid": os.getpid()})
             if loop.time() >= next_metrics:
                 self._push_metrics()
@@ -183,7 +195,8 @@ class GroupRunner:
             for r in self.runners:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
-            await self._wait_consumers()
+            sources = [r for r in self.runners if isinstance(r.stage, Source)]
+            await asyncio.gather(self._wait_consumers(), *(r.prepare() for r in sources))
             await self._send_ctrl("ready")
             if self._ctrl is not None and self.opts.wait_for_start:
                 await self._start.wait()
@@ -195,6 +208,16 @@ class GroupRunner:
             await self._wait_tasks(tasks)
             self._push_metrics()
             await self._send_ctrl("done", msgspec.to_builtins({"metrics": self.metrics_snapshot()}))
+        except Exception as exc:
+            # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
+            # restart; anything else is restarted with backoff.
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = text if isinstance(exc, UsageError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
+                )
+            raise
         finally:
             for t in [*tasks, *aux]:
                 t.cancel()
@@ -233,10 +256,8 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
     runner.build()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(sig, runner.request_stop)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
     await runner.run()
     return runner
 
@@ -246,15 +267,23 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
     from copilot.logs import setup_logging
 
     setup_logging(opts.log_level)
+    # The supervisor's pid comes from the supervisor: reading getppid() here would miss a
+    # supervisor that died while this process was still starting.
+    parent = opts.supervisor_pid if opts.supervisor_pid is not None else os.getppid()
     # Ctrl-C reaches the whole process group; the supervisor coordinates the shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = parse_pipeline(cfg_data, source)
 
     async def main() -> None:
         runner = GroupRunner(cfg, group, opts)
+        runner.parent_pid = parent
         runner.build()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
         await runner.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except UsageError:
+        # Already reported to the supervisor, which prints it once: no traceback here.
+        sys.exit(2)

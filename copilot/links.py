@@ -23,6 +23,7 @@ Control messages (end of stream) always take the ordered path, even on a latest 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import Counter, deque
@@ -117,11 +118,19 @@ class Publisher:
         self.drops = DropCounter()
         self.sent = 0
         self.subscriptions = 0
+        # How many consumers the pipeline declares (set by the group).  While fewer are
+        # subscribed (a consumer group died and is being restarted, or never started), each
+        # message is counted as dropped for every missing one: ZeroMQ would lose it silently.
+        self.expected_consumers: int | None = None
+        self._missing_warned = False
         self._seq = 0
         sync_ctx, _ = contexts()
         sock = sync_ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # Every unsubscription too (not only the last one), so :meth:`end_stream` knows when
+        # each consumer has taken the end of stream or gone away.
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
         ordered = spec.policy == "ordered" or lossless
         if ordered:
             sock.setsockopt(zmq.XPUB_NODROP, 1)
@@ -131,6 +140,12 @@ class Publisher:
         sock.bind(spec.endpoint)
         self._sock = sock
         self._ordered = ordered
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint actually bound (a ``tcp://127.0.0.1:*`` wildcard resolved to its port)."""
+        last = self._sock.getsockopt(zmq.LAST_ENDPOINT)
+        return last.decode() if isinstance(last, bytes) and last else self.spec.endpoint
 
     def _poll_subscriptions(self) -> None:
         while True:
@@ -159,10 +174,27 @@ class Publisher:
         self._seq += 1
         return self._seq
 
+    def _count_missing_consumers(self) -> None:
+        if self.expected_consumers is None:
+            return
+        self._poll_subscriptions()
+        missing = self.expected_consumers - self.subscriptions
+        if missing > 0:
+            self.drops.add("no_consumer", missing)
+            if not self._missing_warned:
+                self._missing_warned = True
+                log.warning("link %s: %d of %d consumers not connected; their messages are dropped and counted",
+                            self.spec.name, missing, self.expected_consumers)
+        elif self._missing_warned:
+            self._missing_warned = False
+            log.warning("link %s: all %d consumers connected again", self.spec.name, self.expected_consumers)
+
     async def send(self, env: Envelope) -> bool:
         """Send ``env`` (its ``seq`` is assigned here).  False if it was dropped and counted."""
         env.seq = self.next_seq()
         frames = self.codec.encode(env)
+        if env.kind != "control":
+            self._count_missing_consumers()
         ordered = self._ordered or env.kind == "control"
         if not ordered:
             try:
@@ -178,14 +210,26 @@ class Publisher:
         block_ms = None if (self.lossless or env.kind == "control") else self.spec.block_ms
         loop = asyncio.get_running_loop()
         deadline = None if block_ms is None else loop.time() + block_ms / 1000
+        # Control on a latest link: a plain XPUB drops silently when a consumer's queue is full,
+        # which lost the end of stream whenever a consumer was behind (it then waited for ever).
+        # XPUB_NODROP is read at send time, so it is switched on for this one send.
+        toggle = not self._ordered
+        if toggle:
+            self._sock.setsockopt(zmq.XPUB_NODROP, 1)
+        try:
+            return await self._send_retry(frames, env, block_ms, deadline, loop)
+        finally:
+            if toggle:
+                self._sock.setsockopt(zmq.XPUB_NODROP, 0)
+
+    async def _send_retry(
+        self, frames: list, env: Envelope, block_ms: float | None, deadline: float | None,  # type: ignore[type-arg]
+        loop: asyncio.AbstractEventLoop,
+    ) -> bool:
         backoff = 0.0002
         while True:
             try:
-                if not self._ordered:
-                    # control on a latest link: a plain XPUB never refuses, so this always sends
-                    self._sock.send_multipart(frames, copy=False)
-                else:
-                    self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 self.sent += 1
                 return True
             except zmq.Again:
@@ -201,6 +245,33 @@ class Publisher:
                 self._poll_subscriptions()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.005)
+
+    async def end_stream(self, env: Envelope, *, timeout_s: float | None = None, resend_s: float = 0.05) -> bool:
+        """Send the end of stream ``env`` and wait until every consumer has taken it.
+
+        A consumer unsubscribes when it reads the end of stream (or its socket goes away), so
+        the producer knows nothing it sent is still in flight before it closes its socket
+        (closing with ``linger=0`` would discard queued messages).  The end of stream is sent
+        again every ``resend_s``: a latest link's consumer that fell behind may have had it
+        dropped by ZeroMQ, and a consumer restarted by the supervisor subscribes afresh.
+        Resends carry the same ``seq``, so they never look like lost messages.  Returns False
+        if consumers were still subscribed after ``timeout_s`` (None waits as long as it takes:
+        a stop request cancels the wait).
+        """
+        env.seq = self.next_seq()
+        frames = self.codec.encode(env)
+        await self._send_ordered(frames, env)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            self._poll_subscriptions()
+            if self.subscriptions <= 0:
+                return True
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(resend_s)
+            with contextlib.suppress(zmq.Again):  # a full ordered queue: the first copy is still in it
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -226,9 +297,10 @@ class Subscriber:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(spec.endpoint)
         self._sock = sock
-        self._sync = zmq.Socket.shadow(sock.underlying)
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         self._latest = spec.policy == "latest" and not lossless
         self._pending: deque[Envelope] = deque()
+        self._unsubscribed = False
 
     def _decode(self, frames: list) -> Envelope | None:  # type: ignore[type-arg]
         try:
@@ -286,5 +358,14 @@ class Subscriber:
                 continue
             return newest
 
+    def unsubscribe(self) -> None:
+        """Tell the producer this consumer takes nothing more (it has read the end of stream)."""
+        if not self._unsubscribed and not self._sock.closed:
+            self._unsubscribed = True
+            with contextlib.suppress(zmq.ZMQError):  # the context may already be gone
+                self._sock.setsockopt(zmq.UNSUBSCRIBE, b"")
+
     def close(self) -> None:
+        # An inproc XPUB learns of a closed consumer only from an explicit unsubscription.
+        self.unsubscribe()
         self._sock.close(linger=0)

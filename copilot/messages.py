@@ -117,7 +117,7 @@ class Metrics(msgspec.Struct, tag="metrics", kw_only=True):
 class Control(msgspec.Struct, tag="control", kw_only=True):
     """Lifecycle and liveness: heartbeat, ready, end-of-stream, stop."""
 
-    action: Literal["heartbeat", "ready", "start", "eos", "stop", "done"]
+    action: Literal["heartbeat", "ready", "start", "eos", "stop", "done", "error"]
     detail: dict[str, Any] = {}
 
 

@@ -59,7 +59,8 @@ class StageRecorder:
         self.stage = stage
         self.start_ns = start_ns
         self.count = 0
-        self.dropped: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()  # counted by the stage itself (late, overflow, ...)
+        self.link_dropped: Counter[str] = Counter()  # lost on its links, refreshed by the runner
         self.latency = _Reservoir()
         self.queue_age = _Reservoir(seed=1)
         self.busy = _Reservoir(seed=2)
@@ -105,12 +106,13 @@ class StageRecorder:
 
     def snapshot(self, now_ns: int) -> StageMetrics:
         elapsed = max(1e-9, (now_ns - self.start_ns) / 1e9)
+        dropped = self.dropped + self.link_dropped
         return StageMetrics(
             stage=self.stage,
             count=self.count,
             fps=round(self.count / elapsed, 2),
-            dropped=sum(self.dropped.values()),
-            dropped_by_reason=dict(self.dropped),
+            dropped=sum(dropped.values()),
+            dropped_by_reason=dict(dropped),
             latency_ms=self.latency.summary(),
             queue_age_ms=self.queue_age.summary(),
             busy_ms=self.busy.summary(),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -161,6 +162,7 @@ class StageRunner:
         self.inputs = inputs
         self.done = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._prepared = False
         self._work_since_check_ns = 0
         self._media_mark: float | None = None
         self._slow_warned = False
@@ -174,10 +176,33 @@ class StageRunner:
         if self._produce_task is not None:
             self._produce_task.cancel()
 
+    async def prepare(self) -> None:
+        """Run the stage's ``start`` ahead of :meth:`run`.
+
+        The group runner prepares sources before it reports ready, so a replay has its file
+        open and its first frames decoded when the run starts: pacing begins on time and
+        ``wall_s`` measures the media, not the warm-up.  If ``start`` fails the stage is
+        closed here, since :meth:`run` will never be called.
+        """
+        if self._prepared:
+            return
+        self._prepared = True
+        try:
+            await self.stage.start()
+        except BaseException:
+            try:
+                await self.stage.close()
+            finally:
+                self.stage.shutdown_executor()
+                self.done.set()
+            raise
+
     async def run(self) -> None:
         st = self.stage
         try:
-            await st.start()
+            if not self._prepared:
+                self._prepared = True
+                await st.start()
             if isinstance(st, Source):
                 self._produce_task = asyncio.ensure_future(st.produce())
                 try:
@@ -198,16 +223,20 @@ class StageRunner:
                 self.done.set()
 
     async def _send_eos(self) -> None:
-        for pubs in self.stage.ctx.outputs.values():
-            for pub in pubs:
-                env = Envelope.wrap(
+        """End of stream on every output, and wait until each consumer has taken it."""
+        pubs = {id(p): p for ps in self.stage.ctx.outputs.values() for p in ps}
+        await asyncio.gather(*(
+            p.end_stream(
+                Envelope.wrap(
                     Control(action="eos", detail={"stage": self.stage.name}),
                     source=self.stage.name,
                     seq=0,
                     t_media=0.0,
                     t_capture_ns=self.stage.clock.now_ns(),
                 )
-                await pub.send(env)
+            )
+            for p in pubs.values()
+        ))
 
     async def _read(self, sub: Subscriber) -> None:
         st = self.stage
@@ -215,6 +244,7 @@ class StageRunner:
             msg = await sub.recv_latest()
             if msg.kind == "control":
                 if msg.payload.action == "eos":  # type: ignore[union-attr]
+                    sub.unsubscribe()
                     self._sync_drops()
                     return
                 continue
@@ -232,15 +262,15 @@ class StageRunner:
             self._check_slow(t_out - t_in, msg.t_media)
 
     def _sync_drops(self) -> None:
-        rec = self.stage.recorder
-        rec.dropped.clear()
+        links: Counter[str] = Counter()
         for sub in self.inputs:
             for reason, n in sub.drops.by_reason.items():
-                rec.dropped[reason] += n
+                links[reason] += n
         for pubs in self.stage.ctx.outputs.values():
             for pub in pubs:
                 for reason, n in pub.drops.by_reason.items():
-                    rec.dropped["out_" + reason] += n
+                    links["out_" + reason] += n
+        self.stage.recorder.link_dropped = links
 
     def _check_slow(self, busy_ns: int, t_media: float) -> None:
         if self._media_mark is None:

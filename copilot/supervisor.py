@@ -10,6 +10,7 @@ terminates what is left.  No process it started outlives it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -47,6 +48,8 @@ class GroupState:
     restarts: int = 0
     restart_at: float | None = None
     local: bool = True
+    error: str | None = None  # the last error the group reported
+    failed: bool = False  # given up on: a usage error, or too many restarts
 
 
 @dataclass
@@ -56,6 +59,9 @@ class RunResult:
     stages: list[StageMetrics]
     restarts: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
+    # group -> one-line reason, for groups the supervisor gave up on
+    failed: dict[str, str] = field(default_factory=dict)
+    usage_error: str | None = None  # a group reported bad input (the CLI's exit code 2)
 
 
 class Supervisor:
@@ -79,6 +85,7 @@ class Supervisor:
         self._snapshots: dict[tuple[str, int], Metrics] = {}
         self._stopping = False
         self._interrupted = False
+        self._usage_error: str | None = None
         self._ctx = mp.get_context("spawn")
         self._run_dir = tempfile.mkdtemp(prefix="gamecopilot-")
         self.clock = SYSTEM_CLOCK
@@ -103,6 +110,7 @@ class Supervisor:
             control_endpoint=self._control_ep,
             metrics_endpoint=self._metrics_ep,
             incarnation=st.incarnation,
+            supervisor_pid=os.getpid(),
         )
         saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
         os.environ.update(self._group_env(st.name))
@@ -135,10 +143,8 @@ class Supervisor:
         env = Envelope.wrap(Control(action=action), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
                             t_capture_ns=self.clock.now_ns())
         ident = f"{st.name}#{st.incarnation}".encode()
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             self._ctrl.send_multipart([ident, *self._codec.encode(env)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
 
     def _handle_ctrl(self, frames: list[bytes], now: float) -> None:
         ident = frames[0].decode(errors="replace")
@@ -158,6 +164,17 @@ class Supervisor:
             st.ready = True
             if self._started:
                 self._pending_start.add(name)
+        elif action == "error":
+            detail = env.payload.detail  # type: ignore[union-attr]
+            st.error = str(detail.get("message", "unknown error"))
+            if detail.get("usage"):
+                st.failed = True
+                if self._usage_error is None:
+                    self._usage_error = st.error
+                log.debug("group %s: %s", name, st.error)
+                self.request_stop(interrupted=False)
+            else:
+                log.warning("group %s failed: %s", name, st.error)
         elif action == "done":
             st.done = True
             m = env.payload.detail.get("metrics")  # type: ignore[union-attr]
@@ -253,6 +270,8 @@ class Supervisor:
             stages=stages,
             restarts={g.name: g.restarts for g in self.groups.values()},
             interrupted=self._interrupted,
+            failed={g.name: g.error or "failed" for g in self.groups.values() if g.failed},
+            usage_error=self._usage_error,
         )
 
     async def _loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -306,7 +325,7 @@ class Supervisor:
         """Restart groups that died or went silent, with backoff."""
         sup = self.cfg.supervisor
         for g in self.groups.values():
-            if not g.local or g.done or self._stopping:
+            if not g.local or g.done or g.failed or self._stopping:
                 continue
             if g.restart_at is not None:
                 if now >= g.restart_at:
@@ -321,7 +340,11 @@ class Supervisor:
                 self.kill_group(g.name)
             if not alive or silent:
                 if g.restarts >= sup.max_restarts:
-                    log.error("group %s died %d times; giving up", g.name, g.restarts)
+                    log.error("group %s died %d times; giving up", g.name, g.restarts + 1)
+                    g.failed = True
+                    if g.error is None:
+                        code = g.process.exitcode if g.process is not None else None
+                        g.error = f"exited with code {code}"
                     self.request_stop(interrupted=False)
                     continue
                 backoff = sup.restart_backoff_s[min(g.restarts, len(sup.restart_backoff_s) - 1)]

@@ -261,10 +261,6 @@ class AtariLiveStage(Source):
         return Event(t=rec["t"], event_kind=kind, priority=PRIORITY_OF[kind], score=1.0, evidence=evidence)
 
     async def close(self) -> None:
-        if self.late_frames:
-            # StageRunner rebuilds ``recorder.dropped`` from the links' counters when a source
-            # ends, which forgets drops a stage counted itself; close() runs after that.
-            self.recorder.dropped["late"] = self.late_frames
         if self._truth_fh is None:
             return
         self._truth_fh.close()

@@ -10,6 +10,8 @@ the same thing in replay and live runs.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -124,7 +126,7 @@ class _Decoder(threading.Thread):
         p = self.params
         try:
             with av.open(p.path) as c:
-                streams = []
+                streams: list[Any] = []
                 if p.video and c.streams.video:
                     streams.append(c.streams.video[0])
                 if p.audio and c.streams.audio:
@@ -139,6 +141,7 @@ class _Decoder(threading.Thread):
                 rate = c.streams.video[0].average_rate if c.streams.video else None
                 frame_dur = 1.0 / float(rate) if rate else 1 / 30
                 finished: set[str] = set()
+                frame: Any
                 for frame in c.decode(*streams):
                     if self.stop.is_set():
                         return
@@ -151,6 +154,7 @@ class _Decoder(threading.Thread):
                         if len(finished) == len(streams):
                             break
                         continue
+                    item: tuple[Any, ...]
                     if kind == "video":
                         img = frame.to_ndarray(format="rgb24")
                         item = ("video", t, frame_dur, img)
@@ -160,12 +164,13 @@ class _Decoder(threading.Thread):
                         if not chunks:
                             continue
                         data = np.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
-                        ch = frame.layout.nb_channels if hasattr(frame.layout, "nb_channels") else len(frame.layout.channels)
+                        layout = frame.layout
+                        ch = layout.nb_channels if hasattr(layout, "nb_channels") else len(layout.channels)
                         samples = np.ascontiguousarray(data.reshape(-1, ch), dtype=np.float32)
                         item = ("audio", t, samples.shape[0] / frame.sample_rate, (samples, frame.sample_rate))
                     if not self._put(item):
                         return
-        except Exception as exc:  # noqa: BLE001 - reported to the stage and logged once
+        except Exception as exc:  # reported to the stage and logged once
             self.error = _first_line(exc)
         finally:
             self._put(None)
@@ -187,45 +192,88 @@ class ReplayStage(Source):
             raise UsageError(f"{params.path}: --start {params.start} is past the end ({info.duration_s:.1f} s)")
         return info
 
-    async def produce(self) -> None:
+    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, params)
+        self._decoder: _Decoder | None = None
+        self._queue: asyncio.Queue[Any] | None = None
+        self._first: Any = None
+
+    async def start(self) -> None:
+        """Open the file and decode ahead before the run starts, so pacing begins on time."""
         p: ReplayParams = self.params  # type: ignore[assignment]
         if not p.path:
             raise UsageError("replay: no input file given")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=DECODE_AHEAD)
-        dec = _Decoder(p, loop, queue)
-        dec.start()
+        self._queue = asyncio.Queue(maxsize=DECODE_AHEAD)
+        self._decoder = _Decoder(p, asyncio.get_running_loop(), self._queue)
+        self._decoder.start()
+        self._first = await self._queue.get()
+
+    async def _next_items(self, heap: list[Any], order: itertools.count[int]) -> bool:
+        """Top up the reorder buffer; False once the decoder has finished and it is empty.
+
+        PyAV hands packets over in file order, where a video frame can sit behind audio
+        that plays later; releasing the earliest of the buffered items keeps each message
+        on its own due time.
+        """
+        assert self._queue is not None
+        while len(heap) < DECODE_AHEAD:
+            if self._first is not None:
+                item, self._first = self._first, None
+            elif not heap:
+                item = await self._queue.get()
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            if item is None:
+                self._queue = None
+                break
+            heapq.heappush(heap, (item[1], next(order), item))
+            if self._queue is None:
+                break
+        return bool(heap)
+
+    async def produce(self) -> None:
+        p: ReplayParams = self.params  # type: ignore[assignment]
+        if self._decoder is None:
+            await self.start()
         speed = self.ctx.speed
         t0_ns: int | None = None
         media0 = p.start
         end_media = p.start
         n_video = n_audio = 0
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                kind, t, dur, data = item
-                if t0_ns is None:
-                    t0_ns = self.clock.now_ns()
-                    media0 = min(t, p.start) if p.start > 0 else t
-                if speed is not None:
-                    due = t0_ns + int((t - media0) / speed * 1e9)
-                    await self.clock.sleep_until_ns(due)
-                cap = self.clock.now_ns()
-                if kind == "video":
-                    await self.emit("video", VideoFrame(image=data, frame_index=n_video), t_media=t, t_capture_ns=cap)
-                    n_video += 1
-                else:
-                    samples, rate = data
-                    await self.emit("audio", AudioChunk(samples=samples, sample_rate=rate, chunk_index=n_audio),
-                                    t_media=t, t_capture_ns=cap)
-                    n_audio += 1
-                self.record_emit(cap, t)
-                end_media = max(end_media, t + dur)
-                self.recorder.media_extent_s = end_media - media0
-        finally:
+        heap: list[Any] = []
+        order = itertools.count()
+        while self._queue is not None or heap:
+            if self._queue is not None and not await self._next_items(heap, order):
+                break
+            if not heap:
+                break
+            _, _, (kind, t, dur, data) = heapq.heappop(heap)
+            if t0_ns is None:
+                t0_ns = self.clock.now_ns()
+                media0 = min(t, p.start) if p.start > 0 else t
+            if speed is not None:
+                due = t0_ns + int((t - media0) / speed * 1e9)
+                await self.clock.sleep_until_ns(due)
+            cap = self.clock.now_ns()
+            if kind == "video":
+                await self.emit("video", VideoFrame(image=data, frame_index=n_video), t_media=t, t_capture_ns=cap)
+                n_video += 1
+            else:
+                samples, rate = data
+                await self.emit("audio", AudioChunk(samples=samples, sample_rate=rate, chunk_index=n_audio),
+                                t_media=t, t_capture_ns=cap)
+                n_audio += 1
+            self.record_emit(cap, t)
+            end_media = max(end_media, t + dur)
+            self.recorder.media_extent_s = end_media - media0
+        if self._decoder is not None and self._decoder.error:
+            log.warning("replay %s: decoding stopped early: %s", p.path, self._decoder.error)
+
+    async def close(self) -> None:
+        dec, self._decoder = self._decoder, None
+        if dec is not None:
             dec.stop.set()
-            dec.join(timeout=2)
-        if dec.error:
-            log.warning("replay %s: decoding stopped early: %s", p.path, dec.error)
+            await asyncio.get_running_loop().run_in_executor(None, dec.join, 2.0)

@@ -12,6 +12,7 @@ from typing import IO, Any
 import msgspec
 import numpy as np
 
+from copilot.errors import UsageError
 from copilot.messages import Envelope, Event, Features
 from copilot.registry import register_stage
 from copilot.stage import Stage
@@ -62,7 +63,10 @@ class JsonlSinkStage(Stage):
     async def start(self) -> None:
         path = self.output_path()
         if path:
-            self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+            try:
+                self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise UsageError(f"{self.name}: cannot write {path} ({exc.strerror})") from None
 
     async def process(self, msg: Envelope) -> None:
         kinds = self.params.kinds  # type: ignore[attr-defined]

@@ -1,0 +1,143 @@
+"""Audio features: loudness and onsets by spectral flux, against adaptive baselines.
+
+Game sound announces most moments: a hit, an explosion, a jingle.  Per hop of 20 ms this
+encoder takes the log-compressed magnitude spectrum and its positive difference from the
+previous hop (spectral flux: new energy appearing in some band, which an onset is).  The
+flux is then judged against its own recent past (a running median plus a multiple of the
+running mean absolute deviation over ``baseline_s``, with an absolute floor so the hiss of
+near silence never counts), which gives ``onset``: how far above its baseline the flux is
+(0 when under it).  Loudness is the RMS and peak in dBFS, and ``rise`` is the RMS against
+the median of the last ``baseline_s`` (a sound starting out of silence rises a lot).
+
+One ``Features(name="audio")`` per input chunk carries the strongest hop of the chunk:
+``rms_db``, ``peak_db``, ``flux``, ``onset``, ``rise`` and ``offset`` (seconds from the
+chunk's start to that hop, so the detector can place the onset precisely).  The numeric
+core is :class:`AudioAnalyzer`; the old ``audio_level`` stage is folded into it (same dB
+rule, :func:`stages.audio_level.loudness_db`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import msgspec
+import numpy as np
+
+from copilot.messages import AudioChunk, Envelope, Features
+from copilot.registry import register_stage
+from copilot.stage import Stage
+
+SILENCE_DB = -120.0
+
+
+class AudioFeaturesParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    hop_s: float = 0.02
+    baseline_s: float = 2.0
+    k_mad: float = 3.0  # onset threshold: median + k_mad * MAD of the recent flux
+    flux_floor: float = 0.02  # flux under this is never an onset (near silence, codec hiss)
+
+
+def _db(v: float) -> float:
+    return max(SILENCE_DB, 20.0 * math.log10(v)) if v > 0 else SILENCE_DB
+
+
+class AudioAnalyzer:
+    """Spectral-flux onsets and loudness with adaptive baselines (see the module docstring)."""
+
+    def __init__(self, *, hop_s: float = 0.02, baseline_s: float = 2.0, k_mad: float = 3.0,
+                 flux_floor: float = 0.02) -> None:
+        self.hop_s = hop_s
+        self.baseline_s = baseline_s
+        self.k_mad = k_mad
+        self.flux_floor = flux_floor
+        self._rate = 0
+        self._hop = 0
+        self._nfft = 0
+        self._window: np.ndarray | None = None
+        self._buf = np.zeros(0, np.float32)
+        self._prev_spec: np.ndarray | None = None
+        self._flux_hist: deque[float] = deque()
+        self._rms_hist: deque[float] = deque()
+        self._hist_len = 1
+
+    def _setup(self, rate: int) -> None:
+        self._rate = rate
+        self._hop = max(16, int(round(rate * self.hop_s)))
+        self._nfft = 1 << int(math.ceil(math.log2(2 * self._hop)))
+        self._window = np.hanning(self._nfft).astype(np.float32)
+        self._buf = np.zeros(self._nfft - self._hop, np.float32)  # start with silence as context
+        self._prev_spec = None
+        self._hist_len = max(5, int(round(self.baseline_s / self.hop_s)))
+        self._flux_hist = deque(maxlen=self._hist_len)
+        self._rms_hist = deque(maxlen=self._hist_len)
+
+    def update(self, samples: np.ndarray, sample_rate: int) -> dict[str, float]:
+        """Feed one chunk (float32 ``(n,)`` or ``(n, channels)`` in [-1, 1]); its strongest hop."""
+        if sample_rate != self._rate:
+            self._setup(sample_rate)
+        x = samples.astype(np.float32, copy=False)
+        mono = x.mean(axis=1) if x.ndim == 2 else x
+        out = {"rms_db": SILENCE_DB, "peak_db": SILENCE_DB, "flux": 0.0, "onset": 0.0, "rise": 0.0, "offset": 0.0}
+        if mono.size:
+            out["rms_db"] = round(_db(float(np.sqrt(np.mean(np.square(mono))))), 2)
+            out["peak_db"] = round(_db(float(np.max(np.abs(mono)))), 2)
+        buf = np.concatenate([self._buf, mono])
+        hop, nfft = self._hop, self._nfft
+        assert self._window is not None
+        n_hops = max(0, (buf.size - nfft) // hop + 1)
+        start_of_chunk = self._buf.size  # where this chunk's first sample sits in buf
+        best = -1.0
+        for i in range(n_hops):
+            seg = buf[i * hop : i * hop + nfft]
+            spec = np.log1p(100.0 * np.abs(np.fft.rfft(seg * self._window)))
+            flux = 0.0
+            if self._prev_spec is not None:
+                flux = float(np.maximum(0.0, spec - self._prev_spec).mean())
+            self._prev_spec = spec
+            hop_rms = float(np.sqrt(np.mean(np.square(seg[-hop:]))))
+            hop_db = _db(hop_rms)
+            hist = self._flux_hist
+            if len(hist) >= 5:
+                arr = np.fromiter(hist, np.float32)
+                med = float(np.median(arr))
+                mad = float(np.median(np.abs(arr - med)))
+            else:
+                med, mad = 0.0, 0.0
+            thresh = max(self.flux_floor, med + self.k_mad * mad)
+            onset = max(0.0, flux - thresh) / thresh if flux > self.flux_floor else 0.0
+            rise = 0.0
+            if self._rms_hist:
+                rise = max(0.0, hop_db - float(np.median(np.fromiter(self._rms_hist, np.float32))))
+            hist.append(flux)
+            self._rms_hist.append(hop_db)
+            score = onset * 10 + flux
+            if score > best:
+                best = score
+                end = i * hop + nfft  # the hop's newest sample
+                out.update(flux=round(flux, 5), onset=round(onset, 4), rise=round(rise, 2),
+                           offset=round(max(0.0, (end - hop / 2 - start_of_chunk)) / self._rate, 4))
+        self._buf = buf[n_hops * hop :] if n_hops else buf
+        if self._buf.size > nfft:
+            self._buf = self._buf[-nfft:]
+        return out
+
+
+@register_stage("audio_features")
+class AudioFeaturesStage(Stage):
+    """Loudness, spectral flux and onsets per audio chunk: ``Features(name="audio")``."""
+
+    Params = AudioFeaturesParams
+    output_ports = ("features",)
+
+    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, params)
+        p: AudioFeaturesParams = params
+        self.analyzer = AudioAnalyzer(hop_s=p.hop_s, baseline_s=p.baseline_s, k_mad=p.k_mad, flux_floor=p.flux_floor)
+
+    async def process(self, msg: Envelope) -> None:
+        chunk = msg.payload
+        if not isinstance(chunk, AudioChunk):
+            return
+        values = self.analyzer.update(chunk.samples, chunk.sample_rate)
+        await self.emit("features", Features(name="audio", values=values), parent=msg)

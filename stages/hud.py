@@ -1,0 +1,371 @@
+"""HUD change encoder: changes in the parts of the screen that rarely change.
+
+Scores, lives icons, health bars and timers sit in screen areas that stay still while the
+game moves around them, and when they change they change *in steps*: a digit flips to
+another digit and stays.  A ball or a bullet crossing a still background changes pixels
+too, but they revert a frame or two later.  So this encoder looks for step changes:
+
+* a pixel *steps* when it held one value for at least ``stable_before`` frames, changed,
+  and then held the new value for ``settle`` frames (so the signal comes ``settle`` frames,
+  about 0.1 s, after the change: still causal and well within the detector's 0.5 s);
+* the screen is cut into a grid of cells; each cell keeps a slow running rate of how often
+  any of its pixels changes at all.  Cells that rarely change are the automatic HUD (and
+  still background); steps in busy cells (a paddle that stops, marching invaders) count
+  for less.  Profile regions are tracked as named areas on top.
+
+Per frame it emits ``Features(name="hud")`` with ``steps`` (fraction of sampled pixels that
+stepped, weighted by how still their cell is), ``cells`` (how many cells stepped), ``novel``
+(seconds since the stepping cell last stepped, capped: a lives icon that changes once a
+minute is more surprising than a score that ticks every second), ``region.NAME`` (changed
+fraction of each profile region) and, in ``text["where"]``, the stepped cells' box.
+The numeric core is :class:`HudAnalyzer`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from copilot.messages import Envelope, Features, VideoFrame
+from copilot.profile import Profile, Region, profile_from_options
+from copilot.registry import register_stage
+from copilot.stage import Stage
+from stages.motion import gray_thumbnail
+
+
+class HudParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    stride: int = 2  # sample every 2nd pixel each way (320x240 of a 640x480 frame)
+    threshold: int = 24  # luma change that counts (above video-codec noise)
+    settle: int = 3  # frames the new value must hold
+    stable_before: int = 6  # frames the old value must have held
+    grid_cols: int = 32  # the screen is cut into grid_cols x grid_rows cells
+    grid_rows: int = 24
+    min_cell_px: int = 3  # sampled pixels that must step for a cell to count
+    activity_tau_s: float = 20.0  # time constant of each cell's change rate
+    busy_rate: float = 0.05  # a cell changing in this fraction of frames counts as busy
+    novel_cap_s: float = 60.0
+    auto: bool | None = None  # None: the profile's auto_hud
+
+
+class HudMemory:
+    """What the HUD areas have shown, to tell progress from a return to an earlier state.
+
+    Cells that changed only in steps form the HUD map; its groups of nearby cells are the
+    HUD areas (a score, a lives counter, a row of icons).  At every step the settled screen
+    is remembered (coarsely quantised, so codec noise does not matter; up to
+    ``max_states`` snapshots).  A counter that only goes up (a score) keeps showing new
+    contents; one that goes back to a content it showed before, other than the one or two
+    it just showed (a blink), has *reverted*: a life counter going down again after a game
+    over, a score reset to zero, a level redrawn.  ``revert`` is then 1 and ``revert_age``
+    says how long ago that content was last on screen.  Comparing whole snapshots on the
+    area's current box (not per-area records) keeps this working while the area is still
+    being discovered and its box grows.
+    """
+
+    def __init__(self, grid_hw: tuple[int, int], max_states: int = 128, min_gap_s: float = 1.0, gap: int = 1,
+                 max_area_frac: float = 0.04, snap_every_s: float = 0.2) -> None:
+        self.gy, self.gx = grid_hw
+        self.gap = gap
+        self.max_area_cells = max(4, int(max_area_frac * grid_hw[0] * grid_hw[1]))
+        self.map = np.zeros(grid_hw, bool)
+        self.max_states = max_states
+        self.min_gap_s = min_gap_s
+        self.snap_every_s = snap_every_s
+        self._labels: np.ndarray | None = None
+        self._snaps: np.ndarray | None = None  # (max_states, h, w) int8 ring
+        self._times = np.full(max_states, -np.inf)
+        self._n = 0  # snapshots stored so far (ring position = n % max_states)
+
+    def _label(self) -> np.ndarray:
+        """Connected groups of HUD cells (0 = not HUD); gaps of up to ``gap`` cells join."""
+        labels = np.zeros(self.map.shape, np.int32)
+        n = 0
+        reach = [(dy, dx) for dy in (-1, 0, 1) for dx in range(-self.gap - 1, self.gap + 2) if (dy, dx) != (0, 0)]
+        for y0, x0 in zip(*np.nonzero(self.map), strict=True):
+            if labels[y0, x0]:
+                continue
+            n += 1
+            stack = [(int(y0), int(x0))]
+            labels[y0, x0] = n
+            while stack:
+                y, x = stack.pop()
+                for dy, dx in reach:
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < self.gy and 0 <= xx < self.gx and self.map[yy, xx] and not labels[yy, xx]:
+                        labels[yy, xx] = n
+                        stack.append((yy, xx))
+        return labels
+
+    @staticmethod
+    def _snap(img: np.ndarray) -> np.ndarray:
+        return (img >> 5).astype(np.int8)
+
+    def _store(self, snap: np.ndarray, t: float) -> None:
+        if self._snaps is None or self._snaps.shape[1:] != snap.shape:
+            self._snaps = np.zeros((self.max_states, *snap.shape), np.int8)
+            self._times[:] = -np.inf
+            self._n = 0
+        last = (self._n - 1) % self.max_states
+        if self._n and t - self._times[last] < self.snap_every_s:
+            pos = last  # replace a snapshot taken a moment ago: keep the memory spread in time
+        else:
+            pos = self._n % self.max_states
+            self._n += 1
+        self._snaps[pos] = snap
+        self._times[pos] = t
+
+    def _revert_age(self, box: tuple[int, int, int, int], new: np.ndarray, t: float) -> float | None:
+        """How long ago the area in ``box`` last showed ``new``, if that is a revert."""
+        if self._snaps is None or self._n == 0:
+            return None
+        y0, y1, x0, x1 = box
+        count = min(self._n, self.max_states)
+        order = [(self._n - 1 - k) % self.max_states for k in range(count)]  # newest first
+        region = self._snaps[order, y0:y1, x0:x1]
+        tol = max(2, new.size // 100)
+
+        def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.count_nonzero(np.abs(a - b) > 1, axis=(-2, -1)) <= tol
+
+        matches_new = same(region, new[None])
+        recent = same(region, region[0][None])  # snapshots showing what the area showed just before
+        k = 0
+        while k < count and recent[k]:
+            k += 1
+        if k < count:  # the distinct content before that, and everything since it, is "recent"
+            prev2 = same(region, region[k][None])
+            while k < count and (recent[k] or prev2[k]):
+                k += 1
+            if matches_new[: k].any():
+                return None  # the area went back to what it just showed: a blink
+        for j in range(k, count):
+            if matches_new[j] and t - self._times[order[j]] >= self.min_gap_s:
+                return float(t - self._times[order[j]])
+        return None
+
+    def step(self, stepped: np.ndarray, hudmap: np.ndarray, before: np.ndarray, after: np.ndarray,
+             t: float, counts: np.ndarray | None = None) -> dict[str, float]:
+        if self._labels is None or not np.array_equal(hudmap, self.map):
+            self.map = hudmap.copy()
+            self._labels = self._label()
+        labels = self._labels
+        h, w = before.shape
+        out = {"revert": 0.0, "revert_age": 0.0, "areas": 0.0, "small": 0.0}
+        if self._n == 0:
+            self._store(self._snap(before), t - self.snap_every_s)
+        snap = self._snap(after)
+        for lab in np.unique(labels[stepped]) if stepped.any() else []:
+            if lab == 0:
+                continue
+            ys, xs = np.nonzero(labels == lab)
+            if ys.size > self.max_area_cells:  # a big block of still cells is scenery, not a HUD
+                continue
+            out["areas"] += 1
+            if counts is not None:
+                out["small"] += float(counts[(labels == lab) & stepped].sum()) / before.size
+            box = (int(ys.min()) * h // self.gy, (int(ys.max()) + 1) * h // self.gy,
+                   int(xs.min()) * w // self.gx, (int(xs.max()) + 1) * w // self.gx)
+            age = self._revert_age(box, snap[box[0] : box[1], box[2] : box[3]], t)
+            if age is not None:
+                out["revert"] = 1.0
+                out["revert_age"] = max(out["revert_age"], round(age, 3))
+        self._store(snap, t)
+        return out
+
+
+class HudAnalyzer:
+    """Step changes in still screen areas (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        stride: int = 2,
+        threshold: int = 24,
+        settle: int = 3,
+        stable_before: int = 6,
+        grid: tuple[int, int] = (32, 24),
+        activity_tau_s: float = 20.0,
+        busy_rate: float = 0.05,
+        novel_cap_s: float = 60.0,
+        regions: list[Region] | None = None,
+        auto: bool = True,
+        min_cell_px: int = 3,
+        hud_tau_s: float = 60.0,
+        rate_tau_s: float = 10.0,
+        max_step_rate: float = 1.0,
+    ) -> None:
+        self.stride = max(1, stride)
+        self.threshold = threshold
+        self.settle = max(1, settle)
+        self.stable_before = max(1, stable_before)
+        self.gx, self.gy = grid
+        self.tau = activity_tau_s
+        self.busy_rate = busy_rate
+        self.novel_cap = novel_cap_s
+        self.regions = list(regions or [])
+        self.auto = auto
+        self.min_cell_px = min_cell_px
+        self.hud_tau = hud_tau_s
+        self.rate_tau = rate_tau_s
+        self.max_step_rate = max_step_rate
+        self._memory = HudMemory((self.gy, self.gx))
+        self._ring: list[np.ndarray] = []  # the last settle + 2 thumbnails
+        self._times: list[float] = []
+        self._held: np.ndarray | None = None  # frames each pixel has held its value (at ring[0])
+        self._shape: tuple[int, int] | None = None
+        self._activity: np.ndarray | None = None  # per cell, EMA of "changed this frame"
+        self._last_step: np.ndarray | None = None  # per cell, media time of its last step
+        self._cell_of_row: np.ndarray | None = None
+        self._cell_of_col: np.ndarray | None = None
+        self._region_px: list[tuple[str, tuple[int, int, int, int]]] = []
+        self._t_prev: float | None = None
+        self.frames = 0
+
+    def _setup(self, shape: tuple[int, int], full_hw: tuple[int, int]) -> None:
+        h, w = shape
+        self._shape = shape
+        self._held = np.zeros(shape, np.int32)
+        self._activity = np.zeros((self.gy, self.gx), np.float32)
+        self._last_step = np.full((self.gy, self.gx), -np.inf, np.float64)
+        self._n_trans = np.zeros((self.gy, self.gx), np.float32)  # decayed count of passing changes
+        self._n_steps = np.zeros((self.gy, self.gx), np.float32)  # count of steps
+        self._act_norm = 0.0
+        self._n_recent = np.zeros((self.gy, self.gx), np.float32)  # steps, decayed over rate_tau
+        self._cell_of_row = np.minimum(np.arange(h) * self.gy // h, self.gy - 1)
+        self._cell_of_col = np.minimum(np.arange(w) * self.gx // w, self.gx - 1)
+        fh, fw = full_hw
+        self._region_px = []
+        for r in self.regions:
+            x0, y0, x1, y1 = r.pixels(fw, fh)
+            s = self.stride
+            self._region_px.append((r.name, (y0 // s, max(y0 // s + 1, y1 // s), x0 // s, max(x0 // s + 1, x1 // s))))
+        self._ring = []
+        self._times = []
+        self._memory = HudMemory((self.gy, self.gx))
+
+    def hud_cells(self) -> np.ndarray:
+        """Boolean (rows, cols) map of the cells currently judged still (HUD or background)."""
+        if self._activity is None:
+            return np.zeros((self.gy, self.gx), bool)
+        return self._activity < self.busy_rate * max(self._act_norm, 1e-6)
+
+    def _cell_sums(self, mask: np.ndarray) -> np.ndarray:
+        assert self._cell_of_row is not None and self._cell_of_col is not None
+        rows = np.add.reduceat(mask, np.searchsorted(self._cell_of_row, np.arange(self.gy)), axis=0)
+        return np.add.reduceat(rows, np.searchsorted(self._cell_of_col, np.arange(self.gx)), axis=1)
+
+    def update(self, image: np.ndarray, t: float, pixel_format: str = "rgb24") -> tuple[dict[str, float], str]:
+        gray = gray_thumbnail(image, self.stride, pixel_format)
+        if self._shape != gray.shape:
+            self._setup(gray.shape, image.shape[:2])
+        assert self._held is not None and self._activity is not None and self._last_step is not None
+        values: dict[str, float] = {"steps": 0.0, "cells": 0.0, "novel": 0.0}
+        where = ""
+        dt = 1 / 30 if self._t_prev is None else max(1e-3, min(1.0, t - self._t_prev))
+        self._t_prev = t
+        ring = self._ring
+        if ring:
+            prev = ring[-1]
+            changed = np.abs(gray - prev) > self.threshold
+            cell_changed = self._cell_sums(changed.astype(np.int32)) > 0
+            alpha = 1.0 - float(np.exp(-dt / self.tau))
+            self._activity += alpha * (cell_changed.astype(np.float32) - self._activity)
+            self._act_norm += alpha * (1.0 - self._act_norm)  # bias correction of the EMA's start
+            decay = float(np.exp(-dt / self.hud_tau))
+            self._n_trans *= decay
+            self._n_recent *= float(np.exp(-dt / self.rate_tau))
+            for name, (y0, y1, x0, x1) in self._region_px:
+                values[f"region.{name}"] = round(float(changed[y0:y1, x0:x1].mean()), 6)
+        ring.append(gray)
+        self._times.append(t)
+        if len(ring) > self.settle + 2:
+            # ring = [before, changed_at, ..., now]: a step happened at ring[1]
+            before, at = ring[0], ring[1]
+            jumped = np.abs(at - before) > self.threshold
+            steady = np.ones_like(jumped)
+            for later in ring[2:]:
+                steady &= np.abs(later - at) <= self.threshold // 2
+            step = jumped & steady & (self._held >= self.stable_before)
+            # a change that did not hold is something passing by: such cells are not HUD
+            passing = self._cell_sums((jumped & ~steady).astype(np.int32)) >= self.min_cell_px
+            if passing.mean() < 0.25:  # a flash over the whole screen says nothing about any one cell
+                self._n_trans += passing
+            # how long each pixel has held its value, as of ring[1]
+            self._held = np.where(jumped, 0, self._held + 1)
+            ring.pop(0)
+            t_at = self._times[1]
+            self._times.pop(0)
+            if step.any():
+                counts = self._cell_sums(step.astype(np.int32))
+                still = np.clip(1.0 - self._activity / (self.busy_rate * self._act_norm), 0.0, 1.0)
+                if not self.auto:
+                    still = np.zeros_like(still)
+                weighted = counts * still
+                stepped = weighted >= self.min_cell_px
+                cell_px = step.size / (self.gx * self.gy)
+                values["steps"] = round(float(weighted.sum()) / step.size, 6)
+                values["cells"] = float(np.count_nonzero(stepped))
+                if stepped.any():
+                    since = np.minimum(self.novel_cap, t_at - self._last_step)
+                    # novelty of the cell that carries most of the still-area step
+                    top = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
+                    values["novel"] = round(float(since[top]), 3)
+                    values["peak"] = round(float(weighted.max()) / cell_px, 6)
+                    rows, cols = np.nonzero(stepped)
+                    where = (
+                        f"{cols.min() / self.gx:.3f},{rows.min() / self.gy:.3f},"
+                        f"{(cols.max() + 1) / self.gx:.3f},{(rows.max() + 1) / self.gy:.3f}"
+                    )
+                    self._n_steps += stepped
+                    self._n_recent += stepped
+                    # HUD: cells that changed only in steps, never by something passing, and not
+                    # more than about once a second (marching sprites step too, but all the time)
+                    hudlike = ((self._n_steps > 0) & (self._n_trans < 1.0) & (still > 0)
+                               & (self._n_recent <= self.max_step_rate * self.rate_tau))
+                    values.update(self._memory.step(stepped & hudlike, hudlike, before, ring[-1], t_at, counts))
+                    values["small"] = round(values["small"], 6)
+                    self._last_step[stepped] = t_at
+                values["age"] = round(t - t_at, 4)
+        else:
+            self._held += 1 if len(ring) > 1 else 0
+        self.frames += 1
+        for key in ("peak", "age", "revert", "revert_age", "areas", "small"):
+            values.setdefault(key, 0.0)
+        return values, where
+
+
+@register_stage("hud")
+class HudStage(Stage):
+    """Step changes in still screen areas and profile regions: ``Features(name="hud")``."""
+
+    Params = HudParams
+    output_ports = ("features",)
+
+    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, params)
+        self.analyzer: HudAnalyzer | None = None
+
+    async def start(self) -> None:
+        p: HudParams = self.params  # type: ignore[assignment]
+        prof: Profile = profile_from_options(self.ctx.options)
+        self.analyzer = HudAnalyzer(
+            stride=p.stride,
+            threshold=p.threshold,
+            settle=p.settle,
+            stable_before=p.stable_before,
+            grid=(p.grid_cols, p.grid_rows),
+            activity_tau_s=p.activity_tau_s,
+            busy_rate=p.busy_rate,
+            novel_cap_s=p.novel_cap_s,
+            regions=prof.regions,
+            auto=prof.auto_hud if p.auto is None else p.auto,
+            min_cell_px=p.min_cell_px,
+        )
+
+    async def process(self, msg: Envelope) -> None:
+        frame = msg.payload
+        if not isinstance(frame, VideoFrame) or self.analyzer is None:
+            return
+        values, where = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
+        await self.emit("features", Features(name="hud", values=values, text={"where": where} if where else {}),
+                        parent=msg)

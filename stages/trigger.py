@@ -1,0 +1,465 @@
+"""The TriggerDetector: decides, causally, which moments are significant.
+
+It reads every cheap signal (``Features`` from the motion, thumbnail, HUD, audio, OCR,
+keyword and VAD encoders) and turns them into a few ``Event`` messages with evidence.
+
+Why it is built this way:
+
+* **Rarity, not z-scores.**  Many frames are exact duplicates and much game audio is
+  silence, so a median/MAD z-score of a signal saturates (the MAD is 0).  Each signal is
+  instead judged by how rarely the recent past (``history_s``) reached its current value:
+  the past is cut into blocks of ``block_s``, each block keeps its peak, and the rarity of
+  a value ``x`` is ``log10((n + 1) / (k + 1))`` where ``k`` of the ``n`` past block peaks
+  were at least ``x``.  A change that happens every second is in half the blocks, so its
+  rarity is about 0.3 and it stops firing; a change never seen in 20 s scores ~1.6.
+  Values under a per-signal floor (codec noise, near silence) score 0.
+* **Agreement counts more than loudness.**  Signals are grouped in independent families
+  (picture, HUD, audio, OCR, keywords, speech).  A family's score is its best signal,
+  capped at 1, times the profile weight; the fused score adds the best family and
+  ``agreement_bonus`` times each further family that is itself notable, so a HUD step
+  that comes with a sound beats any single signal however loud.
+* **Hysteresis, coalescing, refractory time, budget.**  An episode opens when the fused
+  score crosses ``fire_threshold``, gathers every signal for ``coalesce_s`` (one event,
+  not a burst), and another cannot open until the score fell under
+  ``release_threshold``.  After an event, none of the same or lower priority follows within
+  ``refractory_s``.  Wakes (critical and high events) are limited to
+  ``max_wakes_per_min`` over a sliding ``budget_window_s``; past it, wakes are demoted to
+  normal and say so in their evidence.
+* **Rules and keywords from the profile** (OCR values such as a health drop of more than
+  30%, or a keyword on screen) open an episode with their own priority.
+* **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
+  media time only, and always within ``max_delay_s`` (<= 0.5 s).  The stage records the
+  delay (media time of the newest input when the event is emitted minus the event's ``t``)
+  as ``decision_delay_ms`` in its metrics.
+
+:class:`TriggerDetector` is pure (no I/O, no clock) so tests drive it directly;
+:class:`TriggerStage` is the thin stage around it.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from copilot.messages import PRIORITIES, Envelope, Event, Features, Transcript
+from copilot.profile import Profile, Rule, profile_from_options
+from copilot.registry import register_stage
+from copilot.stage import Stage
+
+# signal -> (family, floor).  A value at or under the floor is noise and scores 0.
+SIGNALS: dict[str, tuple[str, float]] = {
+    # routine movement: weighted low by default (profile weights "motion")
+    "motion.diff": ("motion", 0.01),
+    "thumb.novelty": ("motion", 0.05),
+    # big picture changes: a cut, a flash, the whole screen redrawn, a screen not seen lately
+    "motion.hist": ("scene", 0.2),
+    "motion.flash": ("scene", 0.03),
+    "motion.reset": ("scene", 0.5),
+    "thumb.novelty_long": ("scene", 0.2),
+    # step changes in still areas; "small" is the part inside small HUD areas (scores, lives)
+    "hud.small": ("hud", 0.00003),  # binary, see BINARY
+    "hud.steps": ("hud", 0.0004),
+    "hud.areas": ("hud", 1.5),
+    "audio.onset": ("audio", 0.5),
+    "audio.rise": ("audio", 6.0),
+    "vad.speech_prob": ("speech", 0.5),
+}
+# signals judged by how often they happen, not how big they are (a digit flip is a few pixels
+# or many depending on the digits): their value is 1 when over the floor, else 0
+BINARY = frozenset({"hud.small"})
+# tuned on the development games (bench/tune_trigger.py): routine motion alone says little,
+# a big picture change (flash, cut, redraw) says a lot, HUD and audio in between
+DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 0.7, "hud": 0.85}
+PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
+WAKES = ("critical", "high")
+
+
+class RarityBaseline:
+    """Rarity of a signal's value against the block peaks of its recent past."""
+
+    def __init__(self, history_s: float = 20.0, block_s: float = 0.5, floor: float = 0.0, margin: float = 1.0) -> None:
+        self.history_s = history_s
+        self.margin = margin
+        self.block_s = block_s
+        self.floor = floor
+        self._blocks: deque[tuple[float, float]] = deque()  # (block start, peak), closed blocks
+        self._sorted: list[float] = []
+        self._cur_start: float | None = None
+        self._cur_peak = 0.0
+
+    def _roll(self, t: float) -> None:
+        if self._cur_start is None:
+            self._cur_start = t
+        while t >= self._cur_start + self.block_s:
+            self._blocks.append((self._cur_start, self._cur_peak))
+            insort(self._sorted, self._cur_peak)
+            self._cur_start += self.block_s
+            self._cur_peak = 0.0
+            if t >= self._cur_start + self.block_s:  # a gap: jump over empty blocks
+                skipped = int((t - self._cur_start) // self.block_s)
+                self._cur_start += skipped * self.block_s
+        horizon = t - self.history_s
+        while self._blocks and self._blocks[0][0] < horizon:
+            _, peak = self._blocks.popleft()
+            del self._sorted[bisect_left(self._sorted, peak)]
+
+    def rarity(self, value: float) -> float:
+        """``log10((n + 1) / (k + 1))``; 0 for values under the floor.
+
+        ``k`` counts past block peaks of at least ``value / margin``: with a margin over 1 a
+        value must clearly exceed what the recent past reached to count as rare.
+        """
+        if value <= self.floor:
+            return 0.0
+        n = len(self._sorted)
+        k = n - bisect_left(self._sorted, value / self.margin)
+        return math.log10((n + 1) / (k + 1))
+
+    def update(self, t: float, value: float) -> float:
+        """Score ``value`` at ``t`` against the past, then add it to the current block."""
+        self._roll(t)
+        r = self.rarity(value)
+        self._cur_peak = max(self._cur_peak, value)
+        return r
+
+    @property
+    def max_rarity(self) -> float:
+        return math.log10(len(self._sorted) + 1)
+
+
+@dataclass
+class _Episode:
+    onset: float
+    opened_at: float
+    score: float = 0.0
+    priority: str = "low"
+    kind: str = "moment"
+    signals: dict[str, dict[str, float]] = field(default_factory=dict)  # signal -> {rarity, value, t}
+    families: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)  # rules and keywords that fired
+    forced: str | None = None  # a priority set by a rule or keyword
+
+
+class DetectorEvent(msgspec.Struct, kw_only=True):
+    """An event with the media time at which it was decided."""
+
+    event: Event
+    decided_at: float
+
+    def record(self) -> dict[str, Any]:
+        e = self.event
+        return {"t": e.t, "kind": e.event_kind, "priority": e.priority, "score": e.score, "evidence": e.evidence}
+
+    @property
+    def delay_s(self) -> float:
+        return self.decided_at - self.event.t
+
+
+class TriggerDetector:
+    """Causal fusion of cheap signals into events (see the module docstring).
+
+    Feed it with :meth:`observe` in (roughly) media-time order; each call returns the
+    events decided by then.  :meth:`finish` flushes an open episode at end of stream.
+    """
+
+    def __init__(self, profile: Profile | None = None) -> None:
+        self.profile = profile or Profile()
+        self.p = self.profile.trigger
+        self._baselines: dict[str, RarityBaseline] = {}
+        self._recent: deque[tuple[float, str, float, float]] = deque()  # (t, signal, rarity, value)
+        self._episode: _Episode | None = None
+        self._latched = False
+        self._last_event: tuple[float, str] | None = None  # (t, priority)
+        self._wakes: deque[float] = deque()
+        self._now = -math.inf
+        self._t0: float | None = None
+        self._state: dict[str, float] = {}  # latest OCR values
+        self._state_before: dict[str, float] = {}  # OCR values before the latest change
+        self._rules: list[Rule] = list(self.profile.rules)
+        self._weights: dict[str, float] = {}
+        self.decided: list[DetectorEvent] = []
+
+    # -- inputs ------------------------------------------------------------------------------
+    def observe(
+        self,
+        t: float,
+        name: str,
+        values: dict[str, float],
+        text: dict[str, str] | None = None,
+    ) -> list[DetectorEvent]:
+        """One encoder output at media time ``t``; returns events decided by now."""
+        if self._t0 is None:
+            self._t0 = t
+        self._now = max(self._now, t)
+        out: list[DetectorEvent] = []
+        if name == "hud_ocr":
+            self._observe_ocr(t, values, text or {})
+        elif name == "keywords":
+            self._observe_keywords(t, values, text or {})
+        else:
+            t_sig = t - float(values.get("age", 0.0)) + float(values.get("offset", 0.0))
+            warm = t_sig - self._t0 >= self.p.warmup_s
+            if name == "hud" and warm and self.p.annotate_hud and values.get("small", 0.0) > 0:
+                self._force(t_sig, "low", "hud_change", "a HUD area changed")
+            if name == "hud" and values.get("revert", 0.0) > 0 and warm:
+                self._force(t_sig, self.p.revert_priority, "hud_revert",
+                            f"a HUD area went back to what it showed {values.get('revert_age', 0.0):.1f} s ago")
+            for key, value in values.items():
+                sig = f"{name}.{key}"
+                spec = SIGNALS.get(sig)
+                if spec is None:
+                    continue
+                base = self._baselines.get(sig)
+                if base is None:
+                    base = self._baselines[sig] = RarityBaseline(self.p.history_s, self.p.block_s, spec[1],
+                                                                     self.p.rarity_margin)
+                v = float(value)
+                if sig in BINARY:
+                    v = 1.0 if v > spec[1] else 0.0
+                r = base.update(t_sig, v)
+                if r > 0:
+                    self._recent.append((t_sig, sig, r, float(value)))
+        self._step(out)
+        return out
+
+    def _observe_ocr(self, t: float, values: dict[str, float], text: dict[str, str]) -> None:
+        for fld, value in values.items():
+            prev = self._state.get(fld)
+            if prev is not None and value != prev:
+                self._state_before[fld] = prev
+            self._state[fld] = value
+            if prev is None:
+                continue
+            for rule in self._rules:
+                if rule.field == fld and _rule_fires(rule, prev, value):
+                    self._force(t, rule.priority, rule.event_kind(),
+                                f"rule {rule.field} {rule.op} {rule.value:g}: {prev:g} -> {value:g}")
+
+    def _observe_keywords(self, t: float, values: dict[str, float], text: dict[str, str]) -> None:
+        best = None
+        for prio in PRIORITIES:
+            if values.get(prio, 0.0) > 0:
+                best = prio
+                break
+        if best is not None:
+            self._force(t, best, "keyword", f"keyword {text.get('matched', '')!r}")
+
+    def _force(self, t: float, priority: str, kind: str, reason: str) -> None:
+        ep = self._episode
+        if ep is None:
+            ep = self._episode = _Episode(onset=t, opened_at=t)
+        ep.reasons.append(reason)
+        if ep.forced is None or PRIORITY_RANK[priority] < PRIORITY_RANK[ep.forced]:
+            ep.forced = priority
+            ep.kind = kind
+
+    # -- fusion --------------------------------------------------------------------------------
+    def _family_scores(self, since: float) -> tuple[dict[str, float], dict[str, tuple[float, str, float, float]]]:
+        fam: dict[str, float] = {}
+        best: dict[str, tuple[float, str, float, float]] = {}
+        for item in self._recent:
+            ts, sig, r, v = item
+            if ts < since:
+                continue
+            family = SIGNALS[sig][0]
+            s = min(1.0, r / self.p.rarity_ref) * self._weight(sig)
+            if s > fam.get(family, 0.0):
+                fam[family] = s
+            if sig not in best or r > best[sig][2]:
+                best[sig] = item
+        return fam, best
+
+    def _weight(self, sig: str) -> float:
+        w = self._weights.get(sig)
+        if w is None:
+            family = SIGNALS[sig][0]
+            weights = self.profile.weights
+            w = weights.get(sig, weights.get(family, DEFAULT_WEIGHTS.get(family, 1.0)))
+            self._weights[sig] = w
+        return w
+
+    def fused(self, fam: dict[str, float]) -> float:
+        scores = sorted(fam.values(), reverse=True)
+        if not scores:
+            return 0.0
+        extra = [s for s in scores[1:] if s >= self.p.agree_min]
+        if not extra:  # one family alone: agreement counts for more than loudness
+            return scores[0] * self.p.solo_factor
+        return scores[0] + self.p.agreement_bonus * sum(extra)
+
+    def _step(self, out: list[DetectorEvent]) -> None:
+        p = self.p
+        now = self._now
+        horizon = now - max(p.coalesce_s, p.window_s) - 1.0
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        fam, best = self._family_scores(now - p.window_s)
+        score = self.fused(fam)
+        warm = self._t0 is not None and now - self._t0 >= p.warmup_s
+        ep = self._episode
+        if ep is None and warm and not self._latched and score >= p.fire_threshold:
+            onset = min((best[s][0] for s in best), default=now)
+            ep = self._episode = _Episode(onset=onset, opened_at=now)
+            self._latched = True
+        if self._latched and score < p.release_threshold:
+            self._latched = False
+        if ep is None:
+            return
+        # gather: everything since the onset joins the episode
+        fam_ep, best_ep = self._family_scores(ep.onset - 1e-9)
+        ep_score = self.fused(fam_ep)
+        if ep_score >= ep.score:
+            ep.score = ep_score
+            ep.families = dict(fam_ep)
+            ep.signals = {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)}
+                          for s, b in best_ep.items()}
+        deadline = min(ep.onset + p.coalesce_s, ep.onset + p.max_delay_s)
+        if now >= deadline:
+            ev = self._decide(ep, now)
+            self._episode = None
+            if ev is not None:
+                out.append(ev)
+
+    def _priority_of(self, score: float) -> str:
+        p = self.p
+        if score >= p.critical_score:
+            return "critical"
+        if score >= p.high_score:
+            return "high"
+        if score >= p.normal_score:
+            return "normal"
+        return "low"
+
+    def _decide(self, ep: _Episode, now: float) -> DetectorEvent | None:
+        p = self.p
+        if ep.forced is None and ep.score < p.min_score:
+            return None
+        prio = self._priority_of(ep.score)
+        kind = _kind_of(ep.families)
+        if ep.forced is not None and PRIORITY_RANK[ep.forced] <= PRIORITY_RANK[prio]:
+            prio, kind = ep.forced, ep.kind
+        notes: list[str] = []
+        if self._last_event is not None:
+            t_last, prio_last = self._last_event
+            if ep.onset - t_last < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
+                return None
+        if prio == "high" and self._wakes and ep.onset - self._wakes[-1] < p.wake_gap_s:
+            notes.append(f"demoted from high: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
+            prio = "normal"
+        if prio in WAKES:
+            while self._wakes and self._wakes[0] <= ep.onset - p.budget_window_s:
+                self._wakes.popleft()
+            allowed = p.max_wakes_per_min * p.budget_window_s / 60.0
+            if len(self._wakes) >= allowed:
+                notes.append(f"demoted from {prio}: wake budget of {p.max_wakes_per_min:g}/min spent")
+                prio = "normal"
+            else:
+                self._wakes.append(ep.onset)
+        ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])
+        evidence: dict[str, Any] = {
+            "signals": ranked,
+            "scores": {k: ep.signals[k] for k in ranked},
+            "families": {k: round(v, 3) for k, v in sorted(ep.families.items(), key=lambda kv: -kv[1])},
+            "decided_at": round(now, 3),
+        }
+        if ep.reasons:
+            evidence["reasons"] = ep.reasons
+        if notes:
+            evidence["notes"] = notes
+        if self._state:
+            evidence["state_after"] = dict(self._state)
+            evidence["state_before"] = {k: self._state_before.get(k, v) for k, v in self._state.items()}
+        event = Event(t=round(ep.onset, 4), event_kind=kind, priority=prio,  # type: ignore[arg-type]
+                      score=round(ep.score, 3), evidence=evidence)
+        self._last_event = (ep.onset, prio)
+        de = DetectorEvent(event=event, decided_at=now)
+        self.decided.append(de)
+        return de
+
+    def finish(self) -> list[DetectorEvent]:
+        """End of stream: decide an open episode now."""
+        ep = self._episode
+        self._episode = None
+        if ep is None:
+            return []
+        ev = self._decide(ep, self._now)
+        return [ev] if ev is not None else []
+
+
+def _rule_fires(rule: Rule, prev: float, value: float) -> bool:
+    op, v = rule.op, rule.value
+    if op == "drop_pct":
+        return prev > 0 and (prev - value) / prev * 100.0 > v
+    if op == "drop":
+        return prev - value >= max(v, 1e-12)
+    if op == "rise":
+        return value - prev >= max(v, 1e-12)
+    if op == "below":
+        return prev >= v > value
+    if op == "above":
+        return prev <= v < value
+    return abs(value - prev) >= max(v, 1e-12)  # change
+
+
+def _kind_of(families: dict[str, float]) -> str:
+    """A readable event kind from the families that agreed (strongest first)."""
+    names = [f for f, s in sorted(families.items(), key=lambda kv: -kv[1]) if s > 0]
+    if not names:
+        return "moment"
+    if "hud" in names and "audio" in names:
+        return "hud_change+sound"
+    return {"hud": "hud_change", "audio": "sound", "scene": "scene_change", "motion": "motion",
+            "speech": "speech"}.get(names[0], names[0])
+
+
+class TriggerParamsOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Stage params: settings here override the profile's ``trigger`` section."""
+
+    overrides: dict[str, Any] = {}
+
+
+@register_stage("trigger")
+class TriggerStage(Stage):
+    """Fuses ``Features`` (and ``Transcript``) inputs into ``Event`` messages on ``events``."""
+
+    Params = TriggerParamsOverride
+    output_ports = ("events",)
+
+    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, params)
+        self.detector: TriggerDetector | None = None
+
+    async def start(self) -> None:
+        prof = profile_from_options(self.ctx.options)
+        over = self.params.overrides  # type: ignore[attr-defined]
+        if over:
+            trig = msgspec.convert({**msgspec.to_builtins(prof.trigger), **over}, type(prof.trigger))
+            prof = msgspec.structs.replace(prof, trigger=trig)
+        self.detector = TriggerDetector(prof)
+
+    async def _emit_all(self, events: list[DetectorEvent], parent: Envelope | None) -> None:
+        for de in events:
+            self.recorder.observe_extra("decision_delay_ms", max(0.0, de.delay_s) * 1000.0)
+            await self.emit("events", de.event, parent=parent, t_media=de.event.t)
+
+    async def process(self, msg: Envelope) -> None:
+        det = self.detector
+        if det is None:
+            return
+        p = msg.payload
+        if isinstance(p, Features):
+            events = det.observe(msg.t_media, p.name, p.values, p.text)
+        elif isinstance(p, Transcript):
+            events = det.observe(msg.t_media, "transcript", {}, {"text": p.text})
+        else:
+            return
+        await self._emit_all(events, msg)
+
+    async def flush(self) -> None:
+        if self.detector is not None:
+            await self._emit_all(self.detector.finish(), None)

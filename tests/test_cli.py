@@ -1,0 +1,219 @@
+"""The command line, as a user runs it: bad input, partial media, metrics JSON, cheap start.
+
+Every run is a real ``python -m copilot`` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from copilot.config import default_config_path, load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "onnxruntime", "rapidocr", "faster_whisper", "ctranslate2", "ale_py", "PIL",
+         "cv2", "av", "tensorrt", "PySide6")
+
+
+def gamecopilot(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "copilot", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    assert line.startswith("gamecopilot: error: "), line
+    for n in needles:
+        assert n in line, line
+    return line
+
+
+def remux(src: Path, dst: Path, kinds: set[str], options: dict[str, str] | None = None) -> Path:
+    """Copy some streams of ``src`` into ``dst`` without re-encoding."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w", options=options or {}) as o:
+        ins = [s for s in i.streams if s.type in kinds]
+        out = {s.index: o.add_stream_from_template(s) for s in ins}
+        for pkt in i.demux(*ins):
+            if pkt.dts is None:
+                continue
+            pkt.stream = out[pkt.stream.index]
+            o.mux(pkt)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def media(atari_clip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media")
+    out = {"clip": atari_clip}
+    out["video_only"] = remux(atari_clip, d / "video_only.mp4", {"video"})
+    out["audio_only"] = remux(atari_clip, d / "audio_only.m4a", {"audio"})
+    data = atari_clip.read_bytes()
+    (d / "half.mp4").write_bytes(data[: len(data) // 2])  # index (moov) at the end: unreadable
+    out["half"] = d / "half.mp4"
+    fast = remux(atari_clip, d / "fast.mp4", {"video", "audio"}, {"movflags": "faststart"}).read_bytes()
+    (d / "fast_half.mp4").write_bytes(fast[: len(fast) // 2])  # index first: the data ends early
+    out["fast_half"] = d / "fast_half.mp4"
+    (d / "empty.mp4").write_bytes(b"")
+    out["empty"] = d / "empty.mp4"
+    (d / "notes.mp4").write_text("these are not frames\n")
+    out["text"] = d / "notes.mp4"
+    return out
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("missing", "file not found"), ("empty", "file is empty"), ("text", "not a readable media file"),
+     ("half", "not a readable media file"), ("fast_half", "truncated"), ("directory", "is a directory")],
+)
+def test_bad_media_is_one_line_and_exit_2(name: str, needle: str, media: dict[str, Path], tmp_path: Path) -> None:
+    path = {"missing": tmp_path / "nope.mp4", "directory": tmp_path}.get(name) or media[name]
+    assert_one_line_error(gamecopilot("replay", str(path), "--speed", "max", "-q"), str(path), needle)
+
+
+def write_config(tmp_path: Path, edit: Any) -> Path:
+    data = yaml.safe_load(default_config_path().read_text())
+    edit(data)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        (lambda d: d.update(bogus=1), ["unknown key 'bogus'"]),
+        (lambda d: d["stages"][0].update(colour="red"), ["stages[0]", "unknown key 'colour'"]),
+        (lambda d: d["links"][next(iter(d["links"]))].update(hwm="lots"), [".hwm", "expected int, got str"]),
+        (lambda d: d["stages"][0].update(inputs="frames"), ["stages[0].inputs", "expected a list, got str"]),
+        (lambda d: d["stages"][-1].update(kind="no_such_stage"), ["unknown stage kind 'no_such_stage'"]),
+    ],
+    ids=["unknown-key", "unknown-stage-key", "wrong-type", "wrong-type-list", "unknown-stage-kind"],
+)
+def test_bad_config_is_one_line_and_exit_2(edit: Any, needles: list[str], media: dict[str, Path],
+                                           tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, edit)
+    res = gamecopilot("replay", str(media["clip"]), "--config", str(cfg), "--speed", "max", "-q")
+    assert_one_line_error(res, str(cfg), *needles)
+
+
+def test_missing_and_empty_config(media: dict[str, Path], tmp_path: Path) -> None:
+    assert_one_line_error(gamecopilot("replay", str(media["clip"]), "--config", str(tmp_path / "no.yaml")),
+                          "config file not found")
+    (tmp_path / "empty.yaml").write_text("")
+    assert_one_line_error(gamecopilot("run", "-c", str(tmp_path / "empty.yaml")), "config file is empty")
+
+
+def test_metrics_out_in_a_missing_directory(media: dict[str, Path], tmp_path: Path) -> None:
+    res = gamecopilot("replay", str(media["clip"]), "--metrics-out", str(tmp_path / "no" / "m.json"), "-q")
+    assert_one_line_error(res, "--metrics-out")
+
+
+def test_until_before_start(media: dict[str, Path]) -> None:
+    res = gamecopilot("replay", str(media["clip"]), "--start", "5", "--until", "3", "-q")
+    assert_one_line_error(res, "--until")
+
+
+# -- partial media -----------------------------------------------------------------------------
+def split_config(tmp_path: Path) -> Path:
+    """replay -> one sink per stream, so each stream's count can be read from the metrics."""
+    data = {
+        "name": "split",
+        "links": {"frames": {"policy": "latest", "hwm": 2}, "audio": {"policy": "ordered"}},
+        "stages": [
+            {"name": "replay", "kind": "replay", "outputs": {"video": "frames", "audio": "audio"}},
+            {"name": "video_sink", "kind": "jsonl_sink", "inputs": ["frames"]},
+            {"name": "audio_sink", "kind": "jsonl_sink", "inputs": ["audio"]},
+        ],
+    }
+    p = tmp_path / "split.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(("name", "present", "absent"), [("video_only", "video_sink", "audio_sink"),
+                                                         ("audio_only", "audio_sink", "video_sink")])
+def test_a_file_with_one_stream_replays_what_it_has(name: str, present: str, absent: str, media: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    res = gamecopilot("replay", str(media[name]), "--config", str(split_config(tmp_path)), "--speed", "max",
+                      "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["stages"][present]["count"] > 0
+    assert report["stages"][absent]["count"] == 0
+    assert report["stages"]["replay"]["count"] == report["stages"][present]["count"]
+    assert report["media_s"] == pytest.approx(12.0, abs=0.2)
+    # and through the default pipeline too
+    res = gamecopilot("replay", str(media[name]), "--speed", "max", "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["stages"]["replay"]["count"] > 0
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def check_metrics_schema(report: dict[str, Any], stage_names: list[str]) -> None:
+    for key in ("wall_s", "media_s", "realtime_factor"):
+        assert isinstance(report[key], (int, float)) and report[key] > 0, key
+    assert report["realtime_factor"] == pytest.approx(report["media_s"] / report["wall_s"], rel=0.01)
+    assert list(report["stages"]) == stage_names  # one entry per stage, in config order
+    for name, st in report["stages"].items():
+        assert isinstance(st["count"], int) and st["count"] > 0, name
+        assert isinstance(st["fps"], (int, float)) and st["fps"] > 0, name
+        assert isinstance(st["dropped"], int) and st["dropped"] >= 0, name
+        lat = st["latency_ms"]
+        assert set(lat) >= {"p50", "p95", "p99"}, name
+        assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"], (name, lat)
+
+
+def test_metrics_out_follows_the_design_schema(media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    res = gamecopilot("replay", str(media["clip"]), "--speed", "max", "--until", "6", "--metrics-out", str(out),
+                      "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    names = [s.name for s in load_pipeline(default_config_path()).stages]
+    check_metrics_schema(report, names)
+    assert report["media_s"] == pytest.approx(6.0, abs=0.1)
+    assert json.loads(res.stdout)["stages"].keys() == report["stages"].keys()  # --json prints the same
+
+
+@pytest.mark.slow
+def test_real_time_replay_takes_media_time(media: dict[str, Path], tmp_path: Path) -> None:
+    """The acceptance run, shortened: --speed 1 --until 5 takes about 5 s of wall time."""
+    out = tmp_path / "m.json"
+    res = gamecopilot("replay", str(media["clip"]), "--speed", "1", "--until", "5", "--metrics-out", str(out), "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    check_metrics_schema(report, [s.name for s in load_pipeline(default_config_path()).stages])
+    print(f"\nreal-time replay: media {report['media_s']} s in wall {report['wall_s']} s")
+    assert report["media_s"] == pytest.approx(5.0, abs=0.1)
+    assert report["wall_s"] >= report["media_s"] - 0.1  # paced: never faster than real time
+    assert report["wall_s"] < report["media_s"] * 1.25  # generous: a busy machine may lag a little
+
+
+# -- start-up ----------------------------------------------------------------------------------
+def test_help_imports_nothing_heavy() -> None:
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "copilot", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    assert "replay" in res.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
+    assert imported, "no -X importtime output"
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_no_command_prints_help() -> None:
+    res = gamecopilot()
+    assert "usage" in (res.stdout + res.stderr).lower()
+    assert res.returncode == 2

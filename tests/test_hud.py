@@ -1,0 +1,131 @@
+"""HUD change encoder: step changes in still areas, automatic HUD areas, reverts, real footage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from copilot.messages import Features, VideoFrame
+from copilot.profile import Region
+from copilot.testing import make_envelope, run_stage
+from stages.hud import HudAnalyzer
+
+H, W = 240, 320
+
+
+def digit(value: int) -> np.ndarray:
+    """A crude 7-segment digit (40x24, white on black) so each value has its own pixels."""
+    seg = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd"}[value]
+    d = np.zeros((40, 24), np.uint8)
+    boxes = {"a": (0, 4, 0, 24), "b": (0, 20, 20, 24), "c": (20, 40, 20, 24), "d": (36, 40, 0, 24),
+             "e": (20, 40, 0, 4), "f": (0, 20, 0, 4), "g": (18, 22, 0, 24)}
+    for s in seg:
+        y0, y1, x0, x1 = boxes[s]
+        d[y0:y1, x0:x1] = 255
+    return d
+
+
+def scene(t: float, value: int, ball: bool = True) -> np.ndarray:
+    img = np.full((H, W, 3), 30, np.uint8)
+    img[8:48, 280:304] = digit(value)[..., None]
+    if ball:  # a ball bouncing over the play area, never resting
+        x = int(40 + (t * 200) % 200)
+        y = int(80 + 60 * abs(np.sin(t * 3)))
+        img[y : y + 6, x : x + 6] = 250
+    return img
+
+
+def feed(h: HudAnalyzer, values_at: list[int], seconds: float, fps: int = 30) -> list[tuple[float, dict]]:
+    out = []
+    for i in range(int(seconds * fps)):
+        t = i / fps
+        v = values_at[min(len(values_at) - 1, int(t // 2))]
+        vals, _ = h.update(scene(t, v), t)
+        out.append((t - vals["age"], vals))
+    return out
+
+
+def test_digit_steps_are_found_and_a_moving_ball_is_not() -> None:
+    h = HudAnalyzer()
+    seq = [0, 1, 2, 3, 4, 5]  # the digit changes every 2 s
+    out = feed(h, seq, 12)
+    small = [t for t, v in out if v["small"] > 0]
+    # the first change makes the area known; every later one is a HUD step, at its own time
+    for k in range(2, 6):
+        assert any(abs(t - 2 * k) <= 0.07 for t in small), (k, small)
+    assert all(min(abs(t - 2 * k) for k in range(1, 6)) <= 0.07 for t in small), small
+    assert h.hud_cells()[1, 28], "the digit's cell is a still (HUD) cell"
+
+
+def test_a_counter_going_back_to_an_earlier_value_is_a_revert_and_a_blink_is_not() -> None:
+    h = HudAnalyzer()
+    # 5 -> 4 (the area becomes known) -> 3 -> 2 -> 4: back to a state it showed at 2-4 s
+    out = feed(h, [5, 4, 3, 2, 4], 10)
+    reverts = [t for t, v in out if v["revert"] > 0]
+    assert reverts and all(abs(t - 8.0) <= 0.07 for t in reverts), reverts
+    blink = HudAnalyzer()
+    out = feed(blink, [1, 2, 1, 2, 1, 2], 12)
+    assert not [t for t, v in out if v["revert"] > 0], "toggling between two states is a blink"
+
+
+def test_profile_regions_report_their_changed_fraction() -> None:
+    h = HudAnalyzer(regions=[Region(name="digit", box=[280 / W, 8 / H, 24 / W, 40 / H])])
+    out = feed(h, [0, 1], 3)
+    changes = [(t, v["region.digit"]) for t, v in out if v.get("region.digit", 0) > 0]
+    assert changes and all(abs(t - 2.0) < 0.2 for t, _ in changes)
+
+
+def _frames(path: Path, until: float) -> list[tuple[float, np.ndarray]]:
+    import av
+
+    out = []
+    with av.open(str(path)) as c:
+        for f in c.decode(video=0):
+            if f.time > until:
+                break
+            out.append((float(f.time), f.to_ndarray(format="rgb24")))
+    return out
+
+
+def test_real_breakout_lives_and_score_changes_are_hud_steps(atari_clip: Path) -> None:
+    truth = [json.loads(line) for line in atari_clip.with_suffix("").with_suffix(".truth.jsonl").read_text().splitlines()]
+    events = [e for e in truth[1:] if e["kind"] in ("life_lost", "reward") and e["t"] >= 1.0]
+    assert events
+    h = HudAnalyzer()
+    steps, reverts = [], []
+    for t, img in _frames(atari_clip, 12):
+        v, _ = h.update(img, t)
+        if v["small"] > 0:
+            steps.append(t - v["age"])
+        if v["revert"] > 0:
+            reverts.append(t - v["age"])
+    for e in events:  # every lives drop and score change shows in the HUD within 0.1 s
+        assert any(abs(t - e["t"]) <= 0.1 for t in steps), (e, steps)
+    overs = [e["t"] for e in truth[1:] if e["kind"] == "game_over"]
+    # after a game over the lives counter shows 5 again: a revert, at that moment
+    for t_over in overs:
+        assert any(abs(t - t_over) <= 0.1 for t in reverts), (t_over, reverts)
+
+
+def test_hud_stage_emits_hud_features(atari_clip: Path) -> None:
+    frames = _frames(atari_clip, 2.0)
+    envs = [make_envelope(VideoFrame(image=img, frame_index=i), t_media=t, seq=i + 1)
+            for i, (t, img) in enumerate(frames)]
+    res = run_stage("hud", envs)
+    feats = res["features"]
+    assert len(feats) == len(frames)
+    assert all(isinstance(f, Features) and f.name == "hud" for f in feats)
+    assert {"steps", "small", "revert", "age"} <= set(feats[-1].values)
+
+
+@pytest.mark.parametrize("fmt", ["rgb24", "bgra"])
+def test_pixel_formats(fmt: str) -> None:
+    h = HudAnalyzer()
+    img = scene(0.0, 1)
+    if fmt == "bgra":
+        img = np.concatenate([img[..., ::-1], np.full((H, W, 1), 255, np.uint8)], axis=2)
+    vals, _ = h.update(img, 0.0, fmt)
+    assert vals["steps"] == 0.0

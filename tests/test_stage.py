@@ -1,0 +1,411 @@
+"""The Stage base class, its runner and the harness in copilot.testing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+import pytest
+
+from copilot.clock import MonotonicClock, VirtualClock
+from copilot.messages import AudioChunk, Envelope, Event, Features, TraceStamp, VideoFrame
+from copilot.registry import register_stage
+from copilot.stage import Source, Stage, StageContext
+from copilot.testing import (
+    HarnessError,
+    LeakError,
+    audio_chunk,
+    make_envelope,
+    run_pipeline,
+    run_stage,
+    video_frame,
+)
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+
+class CountParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    scale: float = 1.0
+
+
+class Lifecycle(Stage):
+    """Records its lifecycle calls and emits one feature per input plus one on flush."""
+
+    Params = CountParams
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+    calls: ClassVar[list[str]] = []
+
+    async def start(self) -> None:
+        type(self).calls = ["start"]
+
+    async def process(self, msg: Envelope) -> None:
+        self.calls.append("process")
+        await self.emit("out", Features(name="n", values={"v": float(len(self.calls)) * self.params.scale}),
+                        parent=msg)
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+        await self.emit("out", Features(name="flushed"), t_media=99.0)
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_lifecycle_order_and_outputs() -> None:
+    res = run_stage(Lifecycle, [audio_chunk(), audio_chunk()], params={"scale": 2.0})
+    assert Lifecycle.calls == ["start", "process", "process", "flush", "close"]
+    assert [p.name for p in res["out"]] == ["n", "n", "flushed"]
+    assert [p.values.get("v") for p in res["out"][:2]] == [4.0, 6.0]
+    assert res.eos == {"out": True}
+    assert res.metrics.count == 2
+
+
+def test_params_are_validated_like_the_config() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        run_stage(Lifecycle, [], params={"scael": 2.0})
+
+
+class Exploding(Stage):
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+    closed: ClassVar[bool] = False
+
+    async def process(self, msg: Envelope) -> None:
+        raise RuntimeError("boom")
+
+    async def close(self) -> None:
+        type(self).closed = True
+
+
+def test_close_runs_after_an_error_and_the_error_propagates() -> None:
+    Exploding.closed = False
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(Exploding, [audio_chunk()])
+    assert Exploding.closed
+
+
+class Delay(Stage):
+    """Takes 5 ms of (virtual) time per message."""
+
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+    async def process(self, msg: Envelope) -> None:
+        await self.clock.sleep_until_ns(self.clock.now_ns() + 5_000_000)
+        await self.emit("out", Features(name="d"), parent=msg)
+
+
+def test_emit_carries_capture_time_media_time_and_the_trace() -> None:
+    clock = VirtualClock()
+    parent = make_envelope(Features(name="p"), t_media=3.25, source="up", clock=clock,
+                           trace=[TraceStamp("up", clock.now_ns(), clock.now_ns() + 1000)])
+    res = run_stage(Delay, [parent], clock=clock)
+    (out,) = res.envelopes("out")
+    assert out.t_capture_ns == parent.t_capture_ns
+    assert out.t_media == 3.25
+    assert out.source == "delay"
+    assert [s.stage for s in out.trace] == ["up", "delay"]
+    stamp = out.trace[-1]
+    assert stamp.t_out_ns - stamp.t_in_ns == 5_000_000
+
+
+def test_latency_figures_follow_the_virtual_clock() -> None:
+    res = run_stage(Delay, [audio_chunk() for _ in range(20)])
+    m = res.metrics
+    assert m.count == 20
+    assert m.latency_ms is not None and m.latency_ms.p50 == pytest.approx(5.0)
+    assert m.busy_ms is not None and m.busy_ms.p99 == pytest.approx(5.0)
+    assert m.media_s == pytest.approx(19 / 30, abs=1e-3)
+
+
+class Blocking(Stage):
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+    async def process(self, msg: Envelope) -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.create_task(ticker())
+        name = await self.run_blocking(lambda: (time.sleep(0.15), threading.current_thread().name)[1])
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        await self.emit("out", Features(name="b", text={"thread": name}, values={"ticks": float(ticks)}),
+                        parent=msg)
+
+
+def test_run_blocking_keeps_the_event_loop_running() -> None:
+    res = run_stage(Blocking, [audio_chunk()], clock=MonotonicClock())
+    (out,) = res["out"]
+    assert out.text["thread"].startswith("blocking")
+    assert out.text["thread"] != threading.main_thread().name
+    assert out.values["ticks"] >= 2  # the loop ticked while the work blocked a thread
+
+
+class Counter(Source):
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+    async def produce(self) -> None:
+        for i in range(5):
+            await self.clock.sleep_until_ns(self.clock.now_ns() + 100_000_000)
+            await self.emit("out", Features(name="c", values={"i": float(i)}), t_media=i * 0.1)
+            self.record_emit(self.clock.now_ns(), i * 0.1)
+
+
+def test_a_source_produces_then_ends_its_stream() -> None:
+    res = run_stage(Counter)
+    assert [p.values["i"] for p in res["out"]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert res.eos == {"out": True}
+    assert res.metrics.count == 5
+
+
+def test_inproc_transport_gives_the_same_result_as_direct() -> None:
+    frames = [video_frame(seed=i, frame_index=i) for i in range(6)]
+    direct = run_stage("frame_diff", frames)
+    inproc = run_stage("frame_diff", frames, transport="inproc")
+    assert [p.values for p in direct["features"]] == [p.values for p in inproc["features"]]
+    assert inproc.eos == {"features": True}
+
+
+def test_arrays_reach_a_stage_read_only_as_off_a_socket() -> None:
+    class Writer(Stage):
+        async def process(self, msg: Envelope) -> None:
+            msg.payload.image[0, 0, 0] = 1
+
+    with pytest.raises(ValueError, match="read-only"):
+        run_stage(Writer, [video_frame()])
+
+
+def test_an_unencodable_payload_fails_in_the_harness() -> None:
+    class Unencodable(Stage):
+        output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+        async def process(self, msg: Envelope) -> None:
+            await self.emit("out", Features(name="x", text={"what": object()}), parent=msg)  # type: ignore[dict-item]
+
+    with pytest.raises(TypeError, match="object"):
+        run_stage(Unencodable, [audio_chunk()])
+
+
+def test_a_payload_that_encodes_but_cannot_be_decoded_fails_in_the_harness() -> None:
+    class WrongType(Stage):
+        output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+        async def process(self, msg: Envelope) -> None:  # a tuple goes out as an array, not a str
+            await self.emit("out", Features(name="x", text={"when": time.gmtime()}), parent=msg)  # type: ignore[dict-item]
+
+    with pytest.raises(HarnessError, match=r"payload\.text"):
+        run_stage(WrongType, [audio_chunk()])
+
+
+def test_numpy_scalars_travel_as_python_numbers() -> None:
+    class NumpyScalar(Stage):
+        output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+        async def process(self, msg: Envelope) -> None:
+            values = {"f": np.float32(1.5), "i": np.int64(3)}
+            await self.emit("out", Features(name="x", values=values), parent=msg)  # type: ignore[arg-type]
+            evidence = {"b": np.bool_(True), "u": np.uint8(7)}
+            await self.emit("out", Event(t=1.0, event_kind="k", evidence=evidence), parent=msg)
+
+    feat, event = run_stage(NumpyScalar, [audio_chunk()])["out"]
+    assert feat.values == {"f": 1.5, "i": 3.0}
+    assert event.evidence == {"b": True, "u": 7}
+    assert [type(v) for v in event.evidence.values()] == [bool, int]
+
+
+def test_emitting_on_an_undeclared_port_is_an_error() -> None:
+    class Typo(Stage):
+        output_ports: ClassVar[tuple[str, ...]] = ("features",)
+
+        async def process(self, msg: Envelope) -> None:
+            await self.emit("feature", Features(name="x"), parent=msg)
+
+    with pytest.raises(HarnessError, match="'feature'"):
+        run_stage(Typo, [audio_chunk()])
+
+
+def test_a_task_left_running_is_a_leak() -> None:
+    class Leaky(Stage):
+        async def start(self) -> None:
+            self._t = asyncio.create_task(asyncio.sleep(3600))
+
+        async def process(self, msg: Envelope) -> None:
+            pass
+
+    with pytest.raises(LeakError, match="asyncio task"):
+        run_stage(Leaky, [audio_chunk()])
+
+
+def test_a_stage_that_never_finishes_times_out() -> None:
+    class Stuck(Stage):
+        async def process(self, msg: Envelope) -> None:
+            await asyncio.sleep(3600)
+
+    with pytest.raises(TimeoutError, match="did not finish"):
+        run_stage(Stuck, [audio_chunk()], timeout_s=0.2)
+
+
+def test_a_stage_slower_than_real_time_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    class Slow(Stage):
+        async def process(self, msg: Envelope) -> None:  # 50 ms of work per 33 ms of media
+            await self.clock.sleep_until_ns(self.clock.now_ns() + 50_000_000)
+
+    with caplog.at_level(logging.WARNING, logger="copilot.stage"):
+        res = run_stage(Slow, [audio_chunk() for _ in range(90)])
+    assert res.metrics.slow
+    assert any("slower than real time" in r.getMessage() for r in caplog.records)
+    fast = run_stage(Delay, [audio_chunk() for _ in range(90)])
+    assert not fast.metrics.slow
+
+
+def test_clock_semantics() -> None:
+    clock = VirtualClock(start_ns=10)
+    clock.advance(5)
+    assert clock.now_ns() == 15
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+    asyncio.run(clock.sleep_until_ns(100))
+    assert clock.now_ns() == 100
+    asyncio.run(clock.sleep_until_ns(50))  # the past: no jump back
+    assert clock.now_ns() == 100
+
+
+# -- the bundled stages through the harness ------------------------------------------------------
+def test_audio_level_measures_loudness() -> None:
+    res = run_stage("audio_level", [audio_chunk(amplitude=0.5), audio_chunk()])
+    loud, silent = res["features"]
+    assert loud.values["rms_db"] == pytest.approx(-9.03, abs=0.05)
+    assert silent.values["rms_db"] == -120.0
+
+
+def test_jsonl_sink_writes_one_line_per_message(tmp_path: Path) -> None:
+    out = tmp_path / "f.jsonl"
+    run_stage("jsonl_sink", [Features(name="a", values={"x": 1.0}), video_frame()],
+              params={"option": "features_out"}, options={"features_out": str(out)})
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2
+    first = msgspec.json.decode(lines[0])
+    assert first["kind"] == "features" and first["values"] == {"x": 1.0}
+
+
+def test_replay_paced_on_a_virtual_clock(atari_clip: Path) -> None:
+    clock = VirtualClock()
+    t0 = clock.now_ns()
+    res = run_stage("replay", params={"path": str(atari_clip), "start": 2.0, "until": 5.0}, clock=clock)
+    video = res.envelopes("video")
+    audio = res.envelopes("audio")
+    assert len(video) == pytest.approx(90, abs=1)
+    assert all(isinstance(e.payload, VideoFrame) and e.payload.image.shape == (480, 640, 3) for e in video)
+    assert all(isinstance(e.payload, AudioChunk) for e in audio) and audio
+    tv = [e.t_media for e in video]
+    assert tv == sorted(tv) and 2.0 - 1e-6 <= tv[0] < 2.05 and tv[-1] < 5.0
+    # paced: capture time follows media time at speed 1
+    # (items go out in file order, so a frame queued behind audio may be a packet's length late)
+    assert (video[-1].t_capture_ns - video[0].t_capture_ns) / 1e9 == pytest.approx(tv[-1] - tv[0], abs=0.05)
+    assert (clock.now_ns() - t0) / 1e9 == pytest.approx(3.0, abs=0.1)
+    assert res.metrics.media_s == pytest.approx(3.0, abs=0.1)
+
+
+# -- pipelines in one process -------------------------------------------------------------------
+@register_stage("test_slow_sink")
+class SlowSink(Stage):
+    """A consumer far slower than the frames it is sent (real time)."""
+
+    async def process(self, msg: Envelope) -> None:
+        await asyncio.sleep(0.03)
+
+
+def test_pipeline_ends_when_a_latest_consumer_is_behind(atari_clip: Path) -> None:
+    """Frames a slow consumer cannot take are dropped and counted, and the run still ends
+    (the end of stream on a latest link used to be lost with the frames: a hang)."""
+    cfg = {
+        "name": "behind",
+        "links": {"frames": {"policy": "latest", "hwm": 2}},
+        "stages": [
+            {"name": "replay", "kind": "replay", "params": {"until": 3.0, "audio": False},
+             "outputs": {"video": "frames"}},
+            {"name": "slow", "kind": "test_slow_sink", "inputs": ["frames"]},
+        ],
+    }
+    res = run_pipeline(cfg, input_file=atari_clip, speed=4.0, timeout_s=60)
+    sent = res.stages["replay"].count
+    slow = res.stages["slow"]
+    assert sent == 90
+    assert 0 < slow.count < sent
+    assert slow.count + slow.dropped == sent, slow.dropped_by_reason
+
+
+def test_two_groups_in_one_process(atari_clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "features.jsonl"
+    cfg = {
+        "name": "two",
+        "links": {"frames": {"policy": "latest", "hwm": 2}, "audio": {"policy": "ordered"},
+                  "loud": {"policy": "ordered"}},
+        "stages": [
+            {"name": "replay", "kind": "replay", "params": {"until": 2.0}, "outputs": {"video": "frames",
+                                                                                      "audio": "audio"},
+             "placement": {"group": "a"}},
+            {"name": "loudness", "kind": "audio_level", "inputs": ["audio"], "outputs": {"features": "loud"},
+             "placement": {"group": "b"}},
+            {"name": "sink", "kind": "jsonl_sink", "params": {"path": str(out)}, "inputs": ["frames", "loud"],
+             "placement": {"group": "b"}},
+        ],
+    }
+    res = run_pipeline(cfg, input_file=atari_clip, speed=None)
+    replay, loud, sink = (res.stages[n] for n in ("replay", "loudness", "sink"))
+    assert replay.count > 0 and loud.count > 0
+    assert sink.count == replay.count  # lossless at max speed: every frame and every loudness value
+    assert len(out.read_text().splitlines()) == sink.count
+    assert sink.dropped == 0
+    assert isinstance(res.stage("sink"), Stage)
+
+
+def test_stage_context_defaults() -> None:
+    ctx = StageContext(name="x")
+    assert ctx.speed == 1.0 and ctx.outputs == {} and ctx.options == {}
+
+
+def _unused(*_: Any) -> None:  # keep imports honest for type checkers
+    return None
+
+
+def test_leak_check_sees_sockets_threads_processes_and_tasks() -> None:
+    import subprocess
+
+    import zmq
+
+    from copilot.links import contexts
+    from copilot.testing import LeakCheck
+
+    lc = LeakCheck()
+    assert lc.problems() == []
+    sock = contexts()[0].socket(zmq.PUB)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="left-behind")
+    thread.start()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        found = "; ".join(lc.problems())
+        assert "ZeroMQ socket" in found and "left-behind" in found and str(child.pid) in found
+    finally:
+        sock.close()
+        stop.set()
+        thread.join()
+        child.kill()
+        child.wait()
+    assert lc.problems() == []
+
+    async def leaves_a_task() -> None:
+        asyncio.get_running_loop().create_task(asyncio.sleep(3600), name="forgotten")
+
+    lc.wrap_asyncio_run(asyncio.runners.run)(leaves_a_task())  # the real run, not the fixture's
+    assert any("forgotten" in p for p in lc.problems())

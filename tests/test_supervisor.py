@@ -1,0 +1,314 @@
+"""The supervisor: spawned groups, restart after SIGKILL, clean shutdown after SIGINT.
+
+Timing asserts are kept to what the acceptance asks for (a restart within 2 s of a kill)
+with everything else counted, not timed; the measured times are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from copilot.codec import Codec
+from copilot.config import parse_pipeline
+from copilot.errors import UsageError
+from copilot.group import GroupRunner, RunOptions
+from copilot.links import contexts
+from copilot.messages import Control, Envelope
+from copilot.registry import register_stage
+from copilot.stage import Stage
+from copilot.supervisor import Supervisor
+from copilot.testing import descendants, pid_alive
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def two_groups(sink_path: Path) -> dict[str, Any]:
+    """replay in group ``src``; loudness and a JSONL sink in group ``work``."""
+    return {
+        "name": "twogroups",
+        "links": {
+            "frames": {"policy": "latest", "hwm": 2, "max_age_ms": 500},
+            "audio": {"policy": "ordered", "hwm": 512},
+            "loud": {"policy": "ordered", "hwm": 512},
+        },
+        "stages": [
+            {"name": "replay", "kind": "replay", "outputs": {"video": "frames", "audio": "audio"},
+             "placement": {"group": "src"}},
+            {"name": "loudness", "kind": "audio_level", "inputs": ["audio"], "outputs": {"features": "loud"},
+             "placement": {"group": "work"}},
+            {"name": "sink", "kind": "jsonl_sink", "params": {"path": str(sink_path)}, "inputs": ["frames", "loud"],
+             "placement": {"group": "work"}},
+        ],
+        "supervisor": {"heartbeat_s": 0.1, "heartbeat_timeout_s": 5.0, "shutdown_timeout_s": 5.0},
+    }
+
+
+def lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+async def wait_for(cond: Any, timeout_s: float, what: str) -> float:
+    """Poll ``cond`` until true; return the time it became true (monotonic seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["work", "src"])
+def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_clip: Path, tmp_path: Path) -> None:
+    sink = tmp_path / "sink.jsonl"
+    data = two_groups(sink)
+    cfg = parse_pipeline(data, "two-groups")
+    opts = RunOptions(speed=1.0, stage_overrides={"replay": {"path": str(atari_clip)}})
+    sup = Supervisor(cfg, data, "two-groups", opts)
+
+    async def main() -> tuple[Any, dict[str, float]]:
+        run = asyncio.create_task(sup.run())
+        try:
+            await wait_for(lambda: lines(sink) >= 30, 60, "the first messages")
+            st = sup.groups[victim]
+            old_pid = st.process.pid
+            before = lines(sink)
+            t_kill = time.monotonic()
+            os.kill(old_pid, signal.SIGKILL)
+            t_spawn = await wait_for(lambda: st.incarnation == 1 and st.process.pid != old_pid, 10, "a restart")
+            t_ready = await wait_for(lambda: st.ready, 30, "the new group to be ready")
+            count_after_kill = lines(sink)
+            t_flow = await wait_for(lambda: lines(sink) >= count_after_kill + 20, 30, "messages after the restart")
+            after = lines(sink) - before
+            sup.request_stop()
+            result = await asyncio.wait_for(run, 30)
+        finally:
+            if not run.done():
+                sup.request_stop()
+                await asyncio.wait_for(run, 30)
+        times = {"spawned": t_spawn - t_kill, "ready": t_ready - t_kill, "flowing": t_flow - t_kill,
+                 "messages_after": after}
+        return result, times
+
+    result, times = asyncio.run(main())
+    print(f"\nkill {victim}: restarted after {times['spawned']:.2f} s, ready after {times['ready']:.2f} s, "
+          f"messages again after {times['flowing']:.2f} s ({times['messages_after']} since the kill)")
+    assert times["spawned"] < 2.0
+    assert times["messages_after"] >= 20
+    assert result.restarts[victim] == 1
+    assert sum(result.restarts.values()) == 1
+    assert result.interrupted
+    for st in sup.groups.values():
+        assert not st.process.is_alive()
+
+
+@pytest.mark.slow
+def test_groups_exit_when_the_supervisor_is_killed(atari_clip: Path, tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop its groups: they notice and stop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+         "--config", str(write_two_groups(tmp_path))],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        children = wait_for_children(proc, 2)
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in children if pid_alive(p)]
+        assert not left, f"groups outlived their supervisor: {left}"
+    finally:
+        for p in descendants(proc.pid):
+            os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def write_two_groups(tmp_path: Path) -> Path:
+    import yaml
+
+    p = tmp_path / "two.yaml"
+    p.write_text(yaml.safe_dump(two_groups(tmp_path / "sink.jsonl")))
+    return p
+
+
+def wait_for_children(proc: subprocess.Popen[bytes], groups: int, timeout_s: float = 60) -> set[int]:
+    """The group processes of a running ``gamecopilot`` (multiprocessing's resource tracker aside)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        kids = {p for p in descendants(proc.pid) if "resource_tracker" not in cmdline(p)}
+        spawned = {p for p in kids if "multiprocessing" in cmdline(p)}
+        if len(spawned) >= groups:
+            return kids
+        if proc.poll() is not None:
+            raise AssertionError(f"gamecopilot exited early ({proc.returncode})")
+        time.sleep(0.05)
+    raise AssertionError("the groups never started")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["default", "two-groups"])
+def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_clip: Path, tmp_path: Path) -> None:
+    metrics = tmp_path / "m.json"
+    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+            "--metrics-out", str(metrics)]
+    groups = 1
+    if config == "two-groups":
+        args += ["--config", str(write_two_groups(tmp_path))]
+        groups = 2
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        children = wait_for_children(proc, groups)
+        time.sleep(1.5)  # let media flow
+        children |= descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            for p in descendants(proc.pid):
+                os.kill(p, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in children if pid_alive(p)], "processes the run started are still there"
+    text = err.decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert proc.returncode == 130, (proc.returncode, text)
+    report = json.loads(metrics.read_text())  # the metrics of what ran are still written
+    assert report["interrupted"] is True
+    assert 0 < report["media_s"] < 11
+    assert report["stages"]["replay"]["count"] > 0
+
+
+def test_a_group_that_keeps_failing_is_given_up_and_reported(atari_clip: Path, tmp_path: Path) -> None:
+    data = two_groups(Path("/dev/full"))  # the sink opens its file, then every write fails (ENOSPC)
+    data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=1)
+    cfg = parse_pipeline(data, "failing")
+    sup = Supervisor(cfg, data, "failing", RunOptions(speed=None, lossless=True,
+                                                      stage_overrides={"replay": {"path": str(atari_clip)}}))
+    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert set(result.failed) == {"work"}
+    assert "OSError" in result.failed["work"]
+    assert result.restarts["work"] == 1
+    assert result.usage_error is None
+    replay = next(m for m in result.stages if m.stage == "replay")
+    # what the dead consumers could not take is counted, not lost silently
+    assert replay.dropped_by_reason.get("out_no_consumer", 0) > 0
+
+
+def test_a_sink_that_cannot_open_its_file_is_bad_input(atari_clip: Path, tmp_path: Path) -> None:
+    """An output path in a missing directory is the user's mistake: reported once, not restarted."""
+    data = two_groups(tmp_path / "no" / "such" / "dir" / "sink.jsonl")
+    cfg = parse_pipeline(data, "unwritable")
+    sup = Supervisor(cfg, data, "unwritable", RunOptions(speed=None, lossless=True,
+                                                         stage_overrides={"replay": {"path": str(atari_clip)}}))
+    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert result.usage_error is not None and "cannot write" in result.usage_error
+    assert result.restarts["work"] == 0
+
+
+@register_stage("test_bad_input")
+class BadInput(Stage):
+    async def start(self) -> None:
+        raise UsageError("bad.yaml: stages[1].params.model: no such file 'x.onnx'")
+
+    async def process(self, msg: Any) -> None:  # pragma: no cover - never reached
+        pass
+
+
+def test_a_group_reports_bad_input_to_the_supervisor(atari_clip: Path, tmp_path: Path) -> None:
+    """A stage raising UsageError at start: the group says so in one line on its control
+    socket (the supervisor then stops the run instead of restarting a hopeless group)."""
+    data = {
+        "name": "badinput",
+        "links": {"audio": {"policy": "ordered"}},
+        "stages": [
+            {"name": "replay", "kind": "replay", "params": {"path": str(atari_clip)}, "outputs": {"audio": "audio"}},
+            {"name": "bad", "kind": "test_bad_input", "inputs": ["audio"]},
+        ],
+    }
+    cfg = parse_pipeline(data, "bad.yaml")
+    endpoint = f"ipc://{tmp_path}/control"
+
+    async def main() -> list[Control]:
+        _, actx = contexts()
+        router = actx.socket(zmq.ROUTER)
+        router.bind(endpoint)
+        opts = RunOptions(run_dir=None, control_endpoint=endpoint, speed=None, lossless=True)
+        runner = GroupRunner(cfg, "main", opts)
+        got: list[Control] = []
+        codec = Codec()
+
+        async def fake_supervisor() -> None:
+            while True:
+                ident, *frames = await router.recv_multipart()
+                env = codec.decode(frames)
+                got.append(env.payload)  # type: ignore[arg-type]
+                if env.payload.action == "ready":  # type: ignore[union-attr]
+                    start = Envelope.wrap(Control(action="start"), source="sup", seq=0, t_media=0, t_capture_ns=0)
+                    await router.send_multipart([ident, *codec.encode(start)])
+                if env.payload.action == "error":  # type: ignore[union-attr]
+                    return
+
+        sup = asyncio.create_task(fake_supervisor())
+        try:
+            with pytest.raises(UsageError):
+                await asyncio.wait_for(runner.run(), 30)
+            await asyncio.wait_for(sup, 10)
+        finally:
+            sup.cancel()
+            await asyncio.gather(sup, return_exceptions=True)
+            router.close(linger=0)
+        return got
+
+    got = asyncio.run(main())
+    errors = [c for c in got if c.action == "error"]
+    assert len(errors) == 1
+    assert errors[0].detail == {"message": "bad.yaml: stages[1].params.model: no such file 'x.onnx'", "usage": True}
+
+
+def test_the_supervisor_stops_on_bad_input_and_does_not_restart(tmp_path: Path) -> None:
+    data = two_groups(tmp_path / "sink.jsonl")
+    sup = Supervisor(parse_pipeline(data, "t"), data, "t", RunOptions())
+    sup._codec = Codec()
+    sup._started = False
+    err = Envelope.wrap(Control(action="error", detail={"message": "x.yaml: bad", "usage": True}), source="work",
+                        seq=0, t_media=0, t_capture_ns=0)
+    sup._handle_ctrl([b"work#0", *Codec().encode(err)], 0.0)  # type: ignore[list-item]
+    assert sup.groups["work"].failed and sup.groups["work"].error == "x.yaml: bad"
+    assert sup._usage_error == "x.yaml: bad"
+    assert sup._stopping and not sup._interrupted
+    stale = Envelope.wrap(Control(action="error", detail={"message": "old", "usage": True}), source="src",
+                          seq=0, t_media=0, t_capture_ns=0)
+    sup._handle_ctrl([b"src#7", *Codec().encode(stale)], 0.0)  # type: ignore[list-item]  # another incarnation
+    assert not sup.groups["src"].failed

@@ -1,0 +1,199 @@
+"""The TriggerDetector: rarity baselines, adaptation, fusion, timing rules, rules and evidence.
+
+The detector is pure, so these tests feed it synthetic signal streams at 30 Hz (video-like
+features) and check what it decides and when.  The last test runs the real stage through
+``copilot.testing.run_stage`` to check the ``decision_delay_ms`` metric.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from copilot.messages import Event, Features
+from copilot.profile import OcrField, Profile, Region, Rule, TriggerParams
+from copilot.testing import make_envelope, run_stage
+from stages.trigger import RarityBaseline, TriggerDetector
+
+FPS = 30
+
+
+def profile(**trigger: object) -> Profile:
+    return Profile(trigger=msgspec.structs.replace(TriggerParams(), **trigger))
+
+
+def run(det: TriggerDetector, seconds: float, signal_at: dict[int, list[tuple[str, dict[str, float]]]]) -> list:
+    """Feed ``seconds`` of quiet 30 Hz hud/audio features, with extra signals at some frames."""
+    out = []
+    for i in range(int(seconds * FPS)):
+        t = i / FPS
+        extra = dict(signal_at.get(i, []))
+        out += det.observe(t, "hud", {"steps": 0.0, "small": 0.0, "revert": 0.0, **extra.get("hud", {})})
+        out += det.observe(t, "audio", {"onset": 0.0, "rise": 0.0, **extra.get("audio", {})})
+    out += det.finish()
+    return out
+
+
+def beep_and_digit(t_frame: int) -> dict[int, list[tuple[str, dict[str, float]]]]:
+    """A sound onset and a HUD digit step on the same frame (two families agreeing)."""
+    return {t_frame: [("hud", {"steps": 0.002, "small": 0.002}), ("audio", {"onset": 80.0, "rise": 40.0})]}
+
+
+# -- rarity ---------------------------------------------------------------------------------
+def test_rarity_is_zero_for_what_the_past_reached_and_high_for_what_it_never_did() -> None:
+    b = RarityBaseline(history_s=10.0, block_s=0.5, floor=0.0)
+    for i in range(600):  # 20 s of exact duplicates: value 0 (the case a MAD z-score breaks on)
+        b.update(i / 30, 0.0)
+    assert b.rarity(0.0) == 0.0
+    assert b.rarity(0.5) == pytest.approx(b.max_rarity)  # never seen in the last 10 s
+    for i in range(600, 900):  # now 0.5 in every block
+        b.update(i / 30, 0.5 if i % 15 == 0 else 0.0)
+    assert b.rarity(0.5) < 0.1
+    assert b.rarity(0.9) > 1.0
+
+
+def test_values_under_the_floor_never_count() -> None:
+    b = RarityBaseline(floor=0.01)
+    for i in range(300):
+        b.update(i / 30, 0.0)
+    assert b.rarity(0.005) == 0.0
+
+
+# -- adaptation ------------------------------------------------------------------------------
+def test_a_change_repeated_every_second_stops_firing() -> None:
+    det = TriggerDetector(profile())
+    signals: dict[int, list] = {}
+    for k in range(10, 50):  # from 10 s on, the same HUD step + beep every second
+        signals.update(beep_and_digit(k * FPS))
+    events = run(det, 50, signals)
+    fused = [e for e in events if e.event.priority != "low"]  # low: the plain HUD-change annotation
+    first = [e for e in fused if e.event.t < 13]
+    late = [e for e in fused if e.event.t > 30]
+    assert first, "the first occurrences are surprising and must fire"
+    assert not late, f"after 20 s of the same thing every second it is routine: {[e.event.t for e in late]}"
+    assert max(e.event.score for e in first) > max((e.event.score for e in late), default=0.0)
+
+
+def test_a_rare_moment_fires_again_after_routine_ones() -> None:
+    det = TriggerDetector(profile())
+    signals = beep_and_digit(20 * FPS)
+    events = [e for e in run(det, 25, signals) if e.event.priority != "low"]
+    assert len(events) == 1
+    assert abs(events[0].event.t - 20.0) <= 0.05
+
+
+# -- agreement, coalescing, priorities -------------------------------------------------------
+def test_agreement_of_two_families_scores_more_than_one_loud_signal() -> None:
+    alone = run(TriggerDetector(profile()), 15, {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]})
+    both = run(TriggerDetector(profile()), 15, beep_and_digit(10 * FPS))
+    best_alone = max((e.event.score for e in alone), default=0.0)
+    best_both = max(e.event.score for e in both)
+    assert best_both > best_alone
+
+
+def test_signals_close_together_coalesce_into_one_event_with_both_in_evidence() -> None:
+    det = TriggerDetector(profile())
+    signals = {300: [("hud", {"steps": 0.002, "small": 0.002})], 303: [("audio", {"onset": 80.0, "rise": 40.0})]}
+    events = run(det, 15, signals)
+    assert len(events) == 1
+    ev = events[0].event
+    assert {"hud", "audio"} <= set(ev.evidence["families"])
+    assert "audio.onset" in ev.evidence["signals"] and "hud.small" in ev.evidence["signals"]
+    assert ev.t == pytest.approx(10.0, abs=0.05)
+
+
+def test_a_hud_area_going_back_to_an_earlier_state_is_critical() -> None:
+    det = TriggerDetector(profile())
+    events = run(det, 12, {300: [("hud", {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 8.0})]})
+    assert [e.event.priority for e in events] == ["critical"]
+    assert events[0].event.event_kind == "hud_revert"
+
+
+def test_ocr_rule_health_drop_is_critical_and_carries_state_before_and_after() -> None:
+    prof = Profile(
+        regions=[Region(name="hp", box=[0.0, 0.0, 0.2, 0.1])],
+        ocr_fields=[OcrField(name="health", region="hp", type="int")],
+        rules=[Rule(field="health", op="drop_pct", value=30, priority="critical", kind="big_hit")],
+    )
+    det = TriggerDetector(prof)
+    out = []
+    for i in range(12 * FPS):
+        t = i / FPS
+        health = 100.0 if t < 8 else (90.0 if t < 10 else 50.0)  # -10% (no rule), then -44%
+        out += det.observe(t, "hud_ocr", {"health": health}, {"health": str(int(health))})
+    out += det.finish()
+    assert [(e.event.event_kind, e.event.priority) for e in out] == [("big_hit", "critical")]
+    ev = out[0].event
+    assert ev.t == pytest.approx(10.0, abs=0.05)
+    assert ev.evidence["state_before"]["health"] == 90.0 and ev.evidence["state_after"]["health"] == 50.0
+
+
+def test_keywords_set_their_priority() -> None:
+    det = TriggerDetector(Profile(keywords={"GAME OVER": "high"}))
+    out = det.observe(5.0, "keywords", {"high": 1.0}, {"matched": "GAME OVER"})
+    out += det.observe(5.5, "audio", {"onset": 0.0})
+    out += det.finish()
+    assert [(e.event.priority, e.event.event_kind) for e in out] == [("high", "keyword")]
+
+
+# -- refractory time and wake budget ---------------------------------------------------------
+def test_refractory_time_drops_a_second_event_of_the_same_priority() -> None:
+    sig = {"hud": {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0}}
+    signals = {300: [("hud", sig["hud"])], 312: [("hud", sig["hud"])]}  # 0.4 s apart
+    near = run(TriggerDetector(profile(refractory_s=1.0, coalesce_s=0.1)), 14, signals)
+    assert len(near) == 1
+    far = run(TriggerDetector(profile(refractory_s=0.2, coalesce_s=0.1)), 14, signals)
+    assert len(far) == 2
+
+
+def test_wake_budget_demotes_wakes_past_max_per_minute() -> None:
+    revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0}
+    signals = {int((5 + 5 * k) * FPS): [("hud", revert)] for k in range(6)}  # a critical cue every 5 s
+    events = run(TriggerDetector(profile(max_wakes_per_min=3.0)), 40, signals)
+    prios = [e.event.priority for e in events]
+    assert prios[:3] == ["critical"] * 3
+    assert prios[3:] and all(p == "normal" for p in prios[3:])
+    assert "wake budget" in events[3].event.evidence["notes"][0]
+
+
+# -- causality --------------------------------------------------------------------------------
+def test_every_event_is_decided_within_half_a_second_of_its_time() -> None:
+    import random
+
+    rng = random.Random(0)
+    det = TriggerDetector(profile())
+    events = []
+    for i in range(60 * FPS):
+        t = i / FPS
+        hud = {"steps": 0.0, "small": 0.0, "revert": 0.0, "age": 0.1}
+        if rng.random() < 0.02:
+            hud.update(steps=rng.random() * 0.01, small=rng.random() * 0.005, revert=float(rng.random() < 0.2))
+        events += det.observe(t, "hud", hud)
+        events += det.observe(t, "audio", {"onset": rng.random() * 100 if rng.random() < 0.05 else 0.0,
+                                           "offset": rng.random() * 0.02})
+        events += det.observe(t, "motion", {"diff": rng.random() * 0.02, "flash": rng.random() * 0.05})
+    assert len(events) > 5
+    assert all(0.0 <= e.delay_s <= 0.5 for e in events), max(e.delay_s for e in events)
+
+
+# -- the stage --------------------------------------------------------------------------------
+def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
+    envs = []
+    for i in range(12 * FPS):
+        t = i / FPS
+        hud = {"steps": 0.0, "small": 0.0, "revert": 0.0}
+        if i == 9 * FPS:
+            hud = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
+        envs.append(make_envelope(Features(name="hud", values=hud), t_media=t, seq=i + 1))
+    res = run_stage("trigger", envs)
+    events = res["events"]
+    assert len(events) == 1 and isinstance(events[0], Event)
+    assert events[0].priority == "critical"
+    assert res.envelopes("events")[0].t_media == pytest.approx(9.0, abs=0.05)
+    delay = res.metrics.extra_ms["decision_delay_ms"]
+    assert 0 <= delay.p99 <= 500
+
+
+def test_stage_overrides_validate_against_trigger_params() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"refractory_s": "soon"}, TriggerParams)
