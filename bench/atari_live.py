@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from bench.output import check_output_path, emit_result
 from copilot.clock import SYSTEM_CLOCK
 from copilot.config import parse_pipeline
 from copilot.errors import UsageError
@@ -291,18 +290,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
     if args.stall_ms < 0 or not args.stall_every > 0:
         raise UsageError("--stall-ms must be >= 0 and --stall-every positive")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UsageError(f"-o: directory {Path(args.output).parent} does not exist")
+    check_output_path(args.output)
     result = run_bench(args)
-    text = json.dumps(result)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        from rich.console import Console
-
-        Console().print(_table(result))
+    emit_result(result, as_json=args.json, output=args.output, table=_table)
     return 0
 
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from bench.output import check_output_path, emit_result
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber, contexts
 from copilot.messages import Envelope, VideoFrame
@@ -192,16 +191,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--transports: unknown {unknown} (choose from {', '.join(TRANSPORTS)})")
     if args.frames < ROUNDS:
         raise UsageError(f"--frames must be at least {ROUNDS}")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UsageError(f"-o: directory {Path(args.output).parent} does not exist")
+    check_output_path(args.output)
     result = run_bench(args.frames, transports)
-    text = json.dumps(result)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        from rich.console import Console
-
-        Console().print(_table(result))
+    emit_result(result, as_json=args.json, output=args.output, table=_table)
     return 0

@@ -236,8 +236,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    return _guarded(lambda: _dispatch(args))
+
+
+def _run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
+
+    return _guarded(lambda: int(importlib.import_module(_DELEGATED_BENCHES[name]).main(argv) or 0))
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """Run a command: bad input becomes one line and exit 2, Ctrl-C exit 130, never a traceback."""
     try:
-        return _dispatch(args)
+        return run()
     except UsageError as exc:
         print(f"gamecopilot: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -246,20 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-def _run_delegated(name: str, argv: list[str]) -> int:
-    import importlib
-
-    try:
-        module = importlib.import_module(_DELEGATED_BENCHES[name])
-        return int(module.main(argv) or 0)
-    except UsageError as exc:
-        print(f"gamecopilot: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("gamecopilot: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

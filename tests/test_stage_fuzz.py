@@ -131,7 +131,7 @@ def test_ten_thousand_malformed_messages_are_counted_and_the_stage_survives(poli
     stage, sub = asyncio.run(main())
     assert sub.malformed == N_MALFORMED
     assert sub.drops.by_reason.get("malformed") == N_MALFORMED
-    assert stage.recorder.dropped["malformed"] == N_MALFORMED
+    assert stage.recorder.snapshot(0).dropped_by_reason["malformed"] == N_MALFORMED
     assert len(stage.seen) == 1
     after = stage.seen[0]
     assert after.payload.name == "after" and after.payload.values == {"x": 42.0} and after.t_media == 1.5
