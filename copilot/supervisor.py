@@ -87,7 +87,7 @@ class Supervisor:
         self._interrupted = False
         self._usage_error: str | None = None
         self._ctx = mp.get_context("spawn")
-        self._run_dir = tempfile.mkdtemp(prefix="gamecopilot-")
+        self._run_dir = ""  # made by run(), removed when it ends
         self.clock = SYSTEM_CLOCK
 
     def _is_local(self, group: str) -> bool:
@@ -223,6 +223,13 @@ class Supervisor:
 
     # -- main loop ----------------------------------------------------------------------------
     async def run(self) -> RunResult:
+        self._run_dir = tempfile.mkdtemp(prefix="gamecopilot-")
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    async def _run(self) -> RunResult:
         sync, _ = contexts()
         self._codec = Codec()
         sup = self.cfg.supervisor
@@ -260,7 +267,6 @@ class Supervisor:
             self._reap()
             self._ctrl.close(linger=0)
             self._metrics_sock.close(linger=0)
-            shutil.rmtree(self._run_dir, ignore_errors=True)
         wall_s = (self._t_end_ns - t_start_ns) / 1e9
         stages = self.stage_metrics()
         media_s = max((m.media_s for m in stages), default=0.0)

@@ -125,6 +125,7 @@ def test_groups_exit_when_the_supervisor_is_killed(atari_clip: Path, tmp_path: P
         [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
          "--config", str(write_two_groups(tmp_path))],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),  # a killed supervisor cannot remove its run dir
     )
     try:
         children = wait_for_children(proc, 2)
