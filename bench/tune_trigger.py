@@ -31,14 +31,14 @@ import msgspec
 import numpy as np
 
 from bench.eval import evaluate, read_truth
-from copilot.profile import Profile, TriggerParams, load_profile, resolve_profile
+from copilot.profile import Profile, load_profile, resolve_profile
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still")
 HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "areas", "small")
 THUMB_KEYS = ("novelty", "novelty_long")
 AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset")
 # bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 10
+SIGNALS_VERSION = 12
 
 
 def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:
@@ -63,7 +63,7 @@ def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[s
     arows: list[list[float]] = []
     timing = {"motion": 0.0, "hud": 0.0, "thumb": 0.0, "audio": 0.0, "decode": 0.0}
     with av.open(str(video)) as c:
-        streams = [c.streams.video[0]]
+        streams: list[Any] = [c.streams.video[0]]
         if c.streams.audio:
             streams.append(c.streams.audio[0])
         for s in streams:
@@ -126,7 +126,7 @@ def cached_signals(video: str | Path, refresh: bool = False) -> dict[str, np.nda
                 return {k: z[k] for k in z.files}
     sig = extract_signals(v)
     sig["version"] = np.array(SIGNALS_VERSION)
-    np.savez_compressed(cache, **sig)
+    np.savez_compressed(cache, **sig)  # type: ignore[arg-type]
     return sig
 
 
@@ -238,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             r = score(pred, truth) | {"game": game, "seed": seed}
             rows.append(r)
             if args.per_game:
-                print(f"  {game:<14} s{seed}  crit {r['crit_recall']:.2f}/{r['moments']:<3} wprec {r['wake_precision']:.2f}"
+                print(f"  {game:<14} s{seed}  crit {r['crit_recall']:.2f}/{r['moments']:<3}"
+                      f" wprec {r['wake_precision']:.2f}"
                       f"  wakes/min {r['wakes_per_min']:5.1f} excess {r['excess_wakes']:+5.1f}"
                       f"  ann R {r['ann_recall']:.2f} P {r['ann_precision']:.2f}")
         s = summarize(rows)
-        print(f"{changes}  [{time.perf_counter() - t0:.2f}s]\n    crit {s['crit_recall']:.3f} (worst {s['worst_crit']:.2f})"
+        print(f"{changes}  [{time.perf_counter() - t0:.2f}s]\n"
+              f"    crit {s['crit_recall']:.3f} (worst {s['worst_crit']:.2f})"
               f"  wprec {s['wake_precision']:.3f}  excess {s['excess_wakes']:+.2f} (worst {s['worst_excess']:+.2f})"
               f"  ann R {s['ann_recall']:.3f} P {s['ann_precision']:.3f}")
         sys.stdout.flush()

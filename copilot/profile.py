@@ -44,10 +44,10 @@ class Region(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` in pixels of a ``width`` x ``height`` frame, never empty."""
         x, y, w, h = self.box
-        x0 = min(width - 1, max(0, int(round(x * width))))
-        y0 = min(height - 1, max(0, int(round(y * height))))
-        x1 = max(x0 + 1, min(width, int(round((x + w) * width))))
-        y1 = max(y0 + 1, min(height, int(round((y + h) * height))))
+        x0 = min(width - 1, max(0, round(x * width)))
+        y0 = min(height - 1, max(0, round(y * height)))
+        x1 = max(x0 + 1, min(width, round((x + w) * width)))
+        y1 = max(y0 + 1, min(height, round((y + h) * height)))
         return x0, y0, x1, y1
 
 
@@ -95,7 +95,7 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agree_min: float = 0.33  # a further family adds to the score only from this score on
     window_s: float = 0.4  # signals this close together count as simultaneous
     # timing
-    coalesce_s: float = 0.3  # signals within this window after the onset join one event
+    coalesce_s: float = 0.25  # signals within this window after the onset join one event
     refractory_s: float = 0.45  # no new event of the same priority class this soon after one
     max_wakes_per_min: float = 30.0  # wake budget (critical + high events), sliding minute
     wake_gap_s: float = 3.2  # a high event this soon after a wake is only an annotation (normal)
@@ -183,11 +183,13 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
             raise UsageError(f"{where}.name: duplicate OCR field {f.name!r}")
         fields.add(f.name)
         if f.region not in names:
-            raise UsageError(f"{where}.region: no region named {f.region!r} (regions: {', '.join(sorted(names)) or 'none'})")
+            known = ", ".join(sorted(names)) or "none"
+            raise UsageError(f"{where}.region: no region named {f.region!r} (regions: {known})")
     for i, rule in enumerate(prof.rules):
         where = f"{source}: rules[{i}]"
         if rule.field not in fields:
-            raise UsageError(f"{where}.field: no OCR field named {rule.field!r} (fields: {', '.join(sorted(fields)) or 'none'})")
+            known = ", ".join(sorted(fields)) or "none"
+            raise UsageError(f"{where}.field: no OCR field named {rule.field!r} (fields: {known})")
         if rule.op == "drop_pct" and not 0 < rule.value <= 100:
             raise UsageError(f"{where}.value: drop_pct expects a percentage in (0, 100], got {rule.value}")
     for key, w in prof.weights.items():

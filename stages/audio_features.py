@@ -57,18 +57,19 @@ class AudioAnalyzer:
         self._window: np.ndarray | None = None
         self._buf = np.zeros(0, np.float32)
         self._prev_spec: np.ndarray | None = None
+        self._prev_rms = 0.0
         self._flux_hist: deque[float] = deque()
         self._rms_hist: deque[float] = deque()
         self._hist_len = 1
 
     def _setup(self, rate: int) -> None:
         self._rate = rate
-        self._hop = max(16, int(round(rate * self.hop_s)))
-        self._nfft = 1 << int(math.ceil(math.log2(2 * self._hop)))
+        self._hop = max(16, round(rate * self.hop_s))
+        self._nfft = 1 << math.ceil(math.log2(2 * self._hop))
         self._window = np.hanning(self._nfft).astype(np.float32)
         self._buf = np.zeros(self._nfft - self._hop, np.float32)  # start with silence as context
         self._prev_spec = None
-        self._hist_len = max(5, int(round(self.baseline_s / self.hop_s)))
+        self._hist_len = max(5, round(self.baseline_s / self.hop_s))
         self._flux_hist = deque(maxlen=self._hist_len)
         self._rms_hist = deque(maxlen=self._hist_len)
 
@@ -92,10 +93,13 @@ class AudioAnalyzer:
             seg = buf[i * hop : i * hop + nfft]
             spec = np.log1p(100.0 * np.abs(np.fft.rfft(seg * self._window)))
             flux = 0.0
-            if self._prev_spec is not None:
+            hop_rms = float(np.sqrt(np.mean(np.square(seg[-hop:]))))
+            # a sound cut off mid-window smears into every band: that click is an offset, not an
+            # onset, so flux only counts while the energy is not falling
+            if self._prev_spec is not None and hop_rms >= 0.5 * self._prev_rms:
                 flux = float(np.maximum(0.0, spec - self._prev_spec).mean())
             self._prev_spec = spec
-            hop_rms = float(np.sqrt(np.mean(np.square(seg[-hop:]))))
+            self._prev_rms = hop_rms
             hop_db = _db(hop_rms)
             hist = self._flux_hist
             if len(hist) >= 5:

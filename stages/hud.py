@@ -23,6 +23,8 @@ The numeric core is :class:`HudAnalyzer`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import numpy as np
 
@@ -48,33 +50,31 @@ class HudParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class HudMemory:
-    """What the HUD areas have shown, to tell progress from a return to an earlier state.
+    """What each HUD area has shown, to tell progress from a return to an earlier state.
 
     Cells that changed only in steps form the HUD map; its groups of nearby cells are the
-    HUD areas (a score, a lives counter, a row of icons).  At every step the settled screen
-    is remembered (coarsely quantised, so codec noise does not matter; up to
-    ``max_states`` snapshots).  A counter that only goes up (a score) keeps showing new
-    contents; one that goes back to a content it showed before, other than the one or two
-    it just showed (a blink), has *reverted*: a life counter going down again after a game
-    over, a score reset to zero, a level redrawn.  ``revert`` is then 1 and ``revert_age``
-    says how long ago that content was last on screen.  Comparing whole snapshots on the
-    area's current box (not per-area records) keeps this working while the area is still
-    being discovered and its box grows.
+    HUD areas (a score, a lives counter, a row of icons).  For each area the distinct
+    contents it has settled on are remembered (coarsely quantised, so codec noise does not
+    matter).  A counter that only goes up (a score) keeps showing new contents; one that
+    goes back to a content it showed before, other than the one or two it just showed (a
+    blink), has *reverted*: a life counter going down again after a game over, a score reset
+    to zero, a level redrawn.  ``revert`` is then 1 and ``revert_age`` says how long ago that
+    content was last seen.  An area's memory starts when it is first recognised (and again
+    if its box grows), so its very first contents can be missed.
     """
 
-    def __init__(self, grid_hw: tuple[int, int], max_states: int = 128, min_gap_s: float = 1.0, gap: int = 1,
-                 max_area_frac: float = 0.04, snap_every_s: float = 0.2) -> None:
+    def __init__(self, grid_hw: tuple[int, int], max_states: int = 64, min_gap_s: float = 1.0, gap: int = 1,
+                 max_area_frac: float = 0.04) -> None:
         self.gy, self.gx = grid_hw
         self.gap = gap
         self.max_area_cells = max(4, int(max_area_frac * grid_hw[0] * grid_hw[1]))
         self.map = np.zeros(grid_hw, bool)
         self.max_states = max_states
         self.min_gap_s = min_gap_s
-        self.snap_every_s = snap_every_s
         self._labels: np.ndarray | None = None
-        self._snaps: np.ndarray | None = None  # (max_states, h, w) int8 ring
-        self._times = np.full(max_states, -np.inf)
-        self._n = 0  # snapshots stored so far (ring position = n % max_states)
+        # area key (cell box) -> [[snapshot, last seen t], ...]; and the area's recent state indices
+        self._states: dict[tuple[int, int, int, int], list[list[Any]]] = {}
+        self._recent: dict[tuple[int, int, int, int], list[int]] = {}
 
     def _label(self) -> np.ndarray:
         """Connected groups of HUD cells (0 = not HUD); gaps of up to ``gap`` cells join."""
@@ -100,48 +100,12 @@ class HudMemory:
     def _snap(img: np.ndarray) -> np.ndarray:
         return (img >> 5).astype(np.int8)
 
-    def _store(self, snap: np.ndarray, t: float) -> None:
-        if self._snaps is None or self._snaps.shape[1:] != snap.shape:
-            self._snaps = np.zeros((self.max_states, *snap.shape), np.int8)
-            self._times[:] = -np.inf
-            self._n = 0
-        last = (self._n - 1) % self.max_states
-        if self._n and t - self._times[last] < self.snap_every_s:
-            pos = last  # replace a snapshot taken a moment ago: keep the memory spread in time
-        else:
-            pos = self._n % self.max_states
-            self._n += 1
-        self._snaps[pos] = snap
-        self._times[pos] = t
-
-    def _revert_age(self, box: tuple[int, int, int, int], new: np.ndarray, t: float) -> float | None:
-        """How long ago the area in ``box`` last showed ``new``, if that is a revert."""
-        if self._snaps is None or self._n == 0:
-            return None
-        y0, y1, x0, x1 = box
-        count = min(self._n, self.max_states)
-        order = [(self._n - 1 - k) % self.max_states for k in range(count)]  # newest first
-        region = self._snaps[order, y0:y1, x0:x1]
-        tol = max(2, new.size // 100)
-
-        def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return np.count_nonzero(np.abs(a - b) > 1, axis=(-2, -1)) <= tol
-
-        matches_new = same(region, new[None])
-        recent = same(region, region[0][None])  # snapshots showing what the area showed just before
-        k = 0
-        while k < count and recent[k]:
-            k += 1
-        if k < count:  # the distinct content before that, and everything since it, is "recent"
-            prev2 = same(region, region[k][None])
-            while k < count and (recent[k] or prev2[k]):
-                k += 1
-            if matches_new[: k].any():
-                return None  # the area went back to what it just showed: a blink
-        for j in range(k, count):
-            if matches_new[j] and t - self._times[order[j]] >= self.min_gap_s:
-                return float(t - self._times[order[j]])
-        return None
+    @staticmethod
+    def _match(states: list[list[Any]], snap: np.ndarray) -> int:
+        for i, (s, _) in enumerate(states):
+            if s.shape == snap.shape and np.count_nonzero(np.abs(s - snap) > 1) <= max(2, snap.size // 100):
+                return i
+        return -1
 
     def step(self, stepped: np.ndarray, hudmap: np.ndarray, before: np.ndarray, after: np.ndarray,
              t: float, counts: np.ndarray | None = None) -> dict[str, float]:
@@ -151,10 +115,9 @@ class HudMemory:
         labels = self._labels
         h, w = before.shape
         out = {"revert": 0.0, "revert_age": 0.0, "areas": 0.0, "small": 0.0}
-        if self._n == 0:
-            self._store(self._snap(before), t - self.snap_every_s)
-        snap = self._snap(after)
-        for lab in np.unique(labels[stepped]) if stepped.any() else []:
+        if not stepped.any():
+            return out
+        for lab in np.unique(labels[stepped]):
             if lab == 0:
                 continue
             ys, xs = np.nonzero(labels == lab)
@@ -163,13 +126,31 @@ class HudMemory:
             out["areas"] += 1
             if counts is not None:
                 out["small"] += float(counts[(labels == lab) & stepped].sum()) / before.size
-            box = (int(ys.min()) * h // self.gy, (int(ys.max()) + 1) * h // self.gy,
-                   int(xs.min()) * w // self.gx, (int(xs.max()) + 1) * w // self.gx)
-            age = self._revert_age(box, snap[box[0] : box[1], box[2] : box[3]], t)
-            if age is not None:
-                out["revert"] = 1.0
-                out["revert_age"] = max(out["revert_age"], round(age, 3))
-        self._store(snap, t)
+            key = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+            y0, y1 = key[0] * h // self.gy, key[1] * h // self.gy
+            x0, x1 = key[2] * w // self.gx, key[3] * w // self.gx
+            states = self._states.setdefault(key, [])
+            recent = self._recent.setdefault(key, [])
+            if not states:
+                states.append([self._snap(before[y0:y1, x0:x1]), t])
+                recent.append(0)
+            new = self._snap(after[y0:y1, x0:x1])
+            i = self._match(states, new)
+            if i >= 0:
+                if i not in recent[-2:] and t - states[i][1] >= self.min_gap_s:
+                    out["revert"] = 1.0
+                    out["revert_age"] = max(out["revert_age"], round(t - states[i][1], 3))
+                states[i][1] = t
+            else:
+                if len(states) >= self.max_states:
+                    oldest = min(range(len(states)), key=lambda j: states[j][1])
+                    states.pop(oldest)
+                    recent[:] = [r - (r > oldest) for r in recent if r != oldest]
+                states.append([new, t])
+                i = len(states) - 1
+            if not recent or recent[-1] != i:
+                recent.append(i)
+                del recent[:-3]
         return out
 
 

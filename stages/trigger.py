@@ -27,6 +27,10 @@ Why it is built this way:
   normal and say so in their evidence.
 * **Rules and keywords from the profile** (OCR values such as a health drop of more than
   30%, or a keyword on screen) open an episode with their own priority.
+* **HUD semantics without OCR.**  A small HUD area that goes back to a content it showed
+  before (``hud.revert``: a lives counter after a game over, a score reset) is a
+  ``revert_priority`` (critical) event; any step in a small HUD area is at least a ``low``
+  annotation (``annotate_hud``), so score changes are annotated even once routine.
 * **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
   media time only, and always within ``max_delay_s`` (<= 0.5 s).  The stage records the
   delay (media time of the newest input when the event is emitted minus the event's ``t``)
@@ -38,6 +42,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left, insort
 from collections import deque
@@ -74,7 +79,8 @@ SIGNALS: dict[str, tuple[str, float]] = {
 BINARY = frozenset({"hud.small"})
 # tuned on the development games (bench/tune_trigger.py): routine motion alone says little,
 # a big picture change (flash, cut, redraw) says a lot, HUD and audio in between
-DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 0.7, "hud": 0.85}
+# speech (VAD) is kept under agree_min: no tuning data has speech, so it is evidence only
+DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 0.7, "hud": 0.85, "speech": 0.3}
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
 
@@ -263,7 +269,7 @@ class TriggerDetector:
         fam: dict[str, float] = {}
         best: dict[str, tuple[float, str, float, float]] = {}
         for item in self._recent:
-            ts, sig, r, v = item
+            ts, sig, r, _v = item
             if ts < since:
                 continue
             family = SIGNALS[sig][0]
@@ -421,11 +427,57 @@ class TriggerParamsOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     """Stage params: settings here override the profile's ``trigger`` section."""
 
     overrides: dict[str, Any] = {}
+    idle_s: float = 1.0  # an input this far behind the newest one no longer holds the others back
+
+
+class MediaTimeOrder:
+    """Releases inputs from several streams in media-time order (a watermark).
+
+    Encoders run in different processes and at different speeds, so their outputs reach
+    the detector out of order (at max speed, by hundreds of milliseconds).  Fusion must
+    compare like with like, so inputs wait here until every active stream has reached
+    their time; a stream that has fallen ``idle_s`` behind the newest (it stopped, or it
+    emits rarely) stops holding the others back.
+    """
+
+    def __init__(self, idle_s: float = 1.0) -> None:
+        self.idle_s = idle_s
+        self._heap: list[tuple[float, int, str, dict[str, float], dict[str, str]]] = []
+        self._last: dict[str, float] = {}
+        self._n = 0
+        self.newest = -math.inf
+
+    def push(self, t: float, name: str, values: dict[str, float], text: dict[str, str]) -> None:
+        self._n += 1
+        heapq.heappush(self._heap, (t, self._n, name, values, text))
+        self._last[name] = max(self._last.get(name, -math.inf), t)
+        self.newest = max(self.newest, t)
+
+    @property
+    def watermark(self) -> float:
+        active = [t for t in self._last.values() if t >= self.newest - self.idle_s]
+        return min(active) if active else self.newest
+
+    def pop_ready(self, *, all_: bool = False) -> list[tuple[float, str, dict[str, float], dict[str, str]]]:
+        mark = math.inf if all_ else self.watermark
+        out = []
+        while self._heap and self._heap[0][0] <= mark:
+            t, _, name, values, text = heapq.heappop(self._heap)
+            out.append((t, name, values, text))
+        return out
 
 
 @register_stage("trigger")
 class TriggerStage(Stage):
-    """Fuses ``Features`` (and ``Transcript``) inputs into ``Event`` messages on ``events``."""
+    """Fuses ``Features`` (and ``Transcript``) inputs into ``Event`` messages on ``events``.
+
+    Inputs are put in media-time order first (:class:`MediaTimeOrder`).  Two timings are
+    recorded per event: ``decision_delay_ms``, media time the detector had seen (on every
+    input) when it decided minus the event's ``t`` (the causal rule: at most
+    ``max_delay_s`` plus a frame), and ``emit_lag_ms``, the newest input's media time
+    then minus ``t`` (adds how far the slowest encoder lagged; the same at real-time speed,
+    larger at max speed when queues build up).
+    """
 
     Params = TriggerParamsOverride
     output_ports = ("events",)
@@ -433,6 +485,7 @@ class TriggerStage(Stage):
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
         self.detector: TriggerDetector | None = None
+        self.order = MediaTimeOrder(params.idle_s)
 
     async def start(self) -> None:
         prof = profile_from_options(self.ctx.options)
@@ -445,21 +498,28 @@ class TriggerStage(Stage):
     async def _emit_all(self, events: list[DetectorEvent], parent: Envelope | None) -> None:
         for de in events:
             self.recorder.observe_extra("decision_delay_ms", max(0.0, de.delay_s) * 1000.0)
+            self.recorder.observe_extra("emit_lag_ms", max(0.0, self.order.newest - de.event.t) * 1000.0)
             await self.emit("events", de.event, parent=parent, t_media=de.event.t)
 
-    async def process(self, msg: Envelope) -> None:
+    async def _feed(self, parent: Envelope | None, *, all_: bool = False) -> None:
         det = self.detector
-        if det is None:
+        assert det is not None
+        for t, name, values, text in self.order.pop_ready(all_=all_):
+            await self._emit_all(det.observe(t, name, values, text), parent)
+
+    async def process(self, msg: Envelope) -> None:
+        if self.detector is None:
             return
         p = msg.payload
         if isinstance(p, Features):
-            events = det.observe(msg.t_media, p.name, p.values, p.text)
+            self.order.push(msg.t_media, p.name, p.values, p.text)
         elif isinstance(p, Transcript):
-            events = det.observe(msg.t_media, "transcript", {}, {"text": p.text})
+            self.order.push(msg.t_media, "transcript", {}, {"text": p.text})
         else:
             return
-        await self._emit_all(events, msg)
+        await self._feed(msg)
 
     async def flush(self) -> None:
         if self.detector is not None:
+            await self._feed(None, all_=True)
             await self._emit_all(self.detector.finish(), None)

@@ -18,7 +18,7 @@ H, W = 240, 320
 
 def digit(value: int) -> np.ndarray:
     """A crude 7-segment digit (40x24, white on black) so each value has its own pixels."""
-    seg = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd"}[value]
+    seg = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 8: "abcdefg", -1: ""}[value]
     d = np.zeros((40, 24), np.uint8)
     boxes = {"a": (0, 4, 0, 24), "b": (0, 20, 20, 24), "c": (20, 40, 20, 24), "d": (36, 40, 0, 24),
              "e": (20, 40, 0, 4), "f": (0, 20, 0, 4), "g": (18, 22, 0, 24)}
@@ -62,12 +62,12 @@ def test_digit_steps_are_found_and_a_moving_ball_is_not() -> None:
 
 def test_a_counter_going_back_to_an_earlier_value_is_a_revert_and_a_blink_is_not() -> None:
     h = HudAnalyzer()
-    # 5 -> 4 (the area becomes known) -> 3 -> 2 -> 4: back to a state it showed at 2-4 s
-    out = feed(h, [5, 4, 3, 2, 4], 10)
+    # blank -> 8 (the area becomes known) -> 3 -> 2 -> 8: back to a state it showed at 2-4 s
+    out = feed(h, [-1, 8, 3, 2, 8], 10)
     reverts = [t for t, v in out if v["revert"] > 0]
     assert reverts and all(abs(t - 8.0) <= 0.07 for t in reverts), reverts
     blink = HudAnalyzer()
-    out = feed(blink, [1, 2, 1, 2, 1, 2], 12)
+    out = feed(blink, [-1, 8, 3, 8, 3, 8], 12)
     assert not [t for t, v in out if v["revert"] > 0], "toggling between two states is a blink"
 
 
@@ -91,7 +91,8 @@ def _frames(path: Path, until: float) -> list[tuple[float, np.ndarray]]:
 
 
 def test_real_breakout_lives_and_score_changes_are_hud_steps(atari_clip: Path) -> None:
-    truth = [json.loads(line) for line in atari_clip.with_suffix("").with_suffix(".truth.jsonl").read_text().splitlines()]
+    truth_path = atari_clip.with_suffix("").with_suffix(".truth.jsonl")
+    truth = [json.loads(line) for line in truth_path.read_text().splitlines()]
     events = [e for e in truth[1:] if e["kind"] in ("life_lost", "reward") and e["t"] >= 1.0]
     assert events
     h = HudAnalyzer()

@@ -197,3 +197,21 @@ def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
 def test_stage_overrides_validate_against_trigger_params() -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"refractory_s": "soon"}, TriggerParams)
+
+
+def test_inputs_from_several_streams_are_released_in_media_time_order() -> None:
+    from stages.trigger import MediaTimeOrder
+
+    o = MediaTimeOrder(idle_s=1.0)
+    o.push(0.10, "audio", {}, {})
+    o.push(0.20, "audio", {}, {})
+    assert o.pop_ready() == [(0.10, "audio", {}, {}), (0.20, "audio", {}, {})]  # one stream: nothing to wait for
+    o.push(0.30, "audio", {}, {})
+    o.push(0.05, "hud", {}, {})  # a slower encoder, behind
+    assert [t for t, *_ in o.pop_ready()] == [0.05]  # audio at 0.30 waits until hud gets there
+    o.push(0.40, "hud", {}, {})
+    assert [t for t, *_ in o.pop_ready()] == [0.30]
+    for k in range(5, 30):  # hud goes quiet: after idle_s it no longer holds audio back
+        o.push(k / 10, "audio", {}, {})
+    assert [t for t, *_ in o.pop_ready()][-1] == pytest.approx(2.9)
+    assert o.pop_ready(all_=True) == []
