@@ -101,7 +101,7 @@ _REWORDS = (
 )
 
 
-def _msgspec_error(path: str, exc: msgspec.ValidationError, prefix: str = "") -> UsageError:
+def msgspec_error(path: str, exc: msgspec.ValidationError, prefix: str = "") -> UsageError:
     """One line naming the file, the key (a dotted path) and what was expected."""
     text = str(exc).splitlines()[0] if str(exc) else "invalid value"
     where = ""
@@ -139,11 +139,11 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
             try:
                 msgspec.convert(link, LinkConfig)
             except msgspec.ValidationError as exc:
-                raise _msgspec_error(source, exc, prefix=f"links.{name}") from exc
+                raise msgspec_error(source, exc, prefix=f"links.{name}") from exc
     try:
         cfg = msgspec.convert(data, PipelineConfig)
     except msgspec.ValidationError as exc:
-        raise _msgspec_error(source, exc) from exc
+        raise msgspec_error(source, exc) from exc
     names = set()
     for i, st in enumerate(cfg.stages):
         where = f"{source}: stages[{i}]"
@@ -157,7 +157,7 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
         try:
             st.params = msgspec.to_builtins(msgspec.convert(st.params, cls.Params))
         except msgspec.ValidationError as exc:
-            raise _msgspec_error(source, exc, prefix=f"stages[{i}].params") from exc
+            raise msgspec_error(source, exc, prefix=f"stages[{i}].params") from exc
         for port in st.outputs:
             if port not in cls.output_ports:
                 raise UsageError(

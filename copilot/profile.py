@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from copilot.config import _msgspec_error, config_dir, load_yaml
+from copilot.config import config_dir, load_yaml, msgspec_error
 from copilot.errors import UsageError
 
 Priority = Literal["critical", "high", "normal", "low"]
@@ -162,7 +162,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
     try:
         prof = msgspec.convert(data, Profile)
     except msgspec.ValidationError as exc:
-        raise _msgspec_error(source, exc) from exc
+        raise msgspec_error(source, exc) from exc
     names: set[str] = set()
     for i, r in enumerate(prof.regions):
         where = f"{source}: regions[{i}]"
