@@ -34,7 +34,7 @@ def format_message(msg: Envelope) -> str | None:
         signals = p.evidence.get("signals") if isinstance(p.evidence, dict) else None
         why = f"  ({', '.join(map(str, signals))})" if isinstance(signals, (list, tuple)) and signals else ""
         mark = _STYLE.get(p.priority, "  ")
-        return f"{format_time(p.t)} {mark} {p.priority:<8} {p.event_kind:<14} {p.score:5.2f}{why}"
+        return f"{format_time(p.t)} {mark} {p.priority:<8} {p.event_kind:<18} {p.score:5.2f}{why}"
     if isinstance(p, Advice):
         return f"{format_time(p.t_event)} >> [{p.backend}] {p.text}"
     if isinstance(p, Transcript):
