@@ -33,12 +33,13 @@ import numpy as np
 from bench.eval import evaluate, read_truth
 from copilot.profile import Profile, load_profile, resolve_profile
 
-MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still")
-HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "areas", "small")
+MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
+HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "revert_states", "areas", "small",
+            "quiet", "quiet_cells", "quiet_area", "revert_clock", "quiet_lost")
 THUMB_KEYS = ("novelty", "novelty_long")
 AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset")
 # bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 12
+SIGNALS_VERSION = 21
 
 
 def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rarity_margin: float = 1.1  # a value is compared with past peaks divided by this (>1: must clearly exceed)
     solo_factor: float = 0.9  # the score of an episode that only one signal family saw is scaled by this
     min_score: float = 0.35  # episodes scoring under this emit nothing (rules and keywords always do)
-    rarity_ref: float = 0.85  # rarity at which a signal counts fully (1 = reached once in ~10 blocks)
+    rarity_ref: float = 1.2  # rarity at which a signal counts fully (1 = reached once in ~10 blocks)
     # fusion and hysteresis
     fire_threshold: float = 0.55  # fused significance to open an episode
     release_threshold: float = 0.3  # it must fall under this before another can open
@@ -98,6 +98,7 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     coalesce_s: float = 0.25  # signals within this window after the onset join one event
     refractory_s: float = 0.45  # no new event of the same priority class this soon after one
     max_wakes_per_min: float = 30.0  # wake budget (critical + high events), sliding minute
+    critical_gap_s: float = 1.5  # a critical event this soon after a wake is only an annotation (normal)
     wake_gap_s: float = 3.2  # a high event this soon after a wake is only an annotation (normal)
     budget_window_s: float = 60.0
     max_delay_s: float = 0.45  # an event is decided at most this long after its t
@@ -106,7 +107,17 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     high_score: float = 1.1
     normal_score: float = 0.55
     annotate_hud: bool = True  # every step in a small HUD area is at least a low-priority event
+    annotate_min_novel_s: float = 2.0  # ... when its cell had not stepped for this long (a gauge ticking is not)
     revert_priority: Priority = "critical"  # a HUD area going back to an earlier state (a counter reset)
+    # ... but only an area that has shown at most this many contents: a lives or level counter
+    # shows a handful, a gauge, a timer or a score dozens and goes back routinely (0: no limit)
+    revert_max_states: int = 8
+    quiet_s: float = 20.0  # a step in a HUD cell that had been still this long (s) is a quiet_priority event (0: off)
+    quiet_priority: Priority = "high"
+    quiet_by_area: bool = False  # judge the stepped cell with its row neighbours (the rest of its number), not alone
+    quiet_min_lost: float = 0.3  # ... and at least this share of its stepped pixels went to the background (0: any)
+    quiet_max_cells: int = 8  # ... when at most this many such cells stepped (more is a redraw, not a HUD)
+    quiet_gap_s: float = 3.0  # ... and no other quiet step came this soon before (a sprite creeping over still cells)
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -16,8 +16,14 @@ too, but they revert a frame or two later.  So this encoder looks for step chang
 Per frame it emits ``Features(name="hud")`` with ``steps`` (fraction of sampled pixels that
 stepped, weighted by how still their cell is), ``cells`` (how many cells stepped), ``novel``
 (seconds since the stepping cell last stepped, capped: a lives icon that changes once a
-minute is more surprising than a score that ticks every second), ``region.NAME`` (changed
-fraction of each profile region) and, in ``text["where"]``, the stepped cells' box.
+minute is more surprising than a score that ticks every second), ``quiet`` (the same, only
+for cells nothing ever passed through, counted from the start: a lives icon that steps for
+the first time after a minute scores 60) with ``quiet_cells``, ``quiet_area`` (the same
+with the cell's row neighbours, the rest of its number) and ``quiet_lost`` (the share of
+those cells' stepped pixels that went to the background: an icon lost, not a digit
+gained), ``revert`` / ``revert_age`` / ``revert_states`` / ``revert_clock`` (see
+:class:`HudMemory`), ``region.NAME`` (changed fraction of each profile region) and, in
+``text["where"]``, the stepped cells' box.
 The numeric core is :class:`HudAnalyzer`.
 """
 
@@ -60,7 +66,10 @@ class HudMemory:
     blink), has *reverted*: a life counter going down again after a game over, a score reset
     to zero, a level redrawn.  ``revert`` is then 1 and ``revert_age`` says how long ago that
     content was last seen.  An area's memory starts when it is first recognised (and again
-    if its box grows), so its very first contents can be missed.
+    if its box grows), so its very first contents can be missed.  ``revert_states`` says how
+    many contents the area has shown (the detector trusts reverts of areas with few), and an
+    area whose last steps came at exactly equal intervals is a clock (a countdown, a timer):
+    its returns to earlier contents are reported as ``revert_clock``, never as ``revert``.
     """
 
     def __init__(self, grid_hw: tuple[int, int], max_states: int = 64, min_gap_s: float = 1.0, gap: int = 1,
@@ -75,6 +84,10 @@ class HudMemory:
         # area key (cell box) -> [[snapshot, last seen t], ...]; and the area's recent state indices
         self._states: dict[tuple[int, int, int, int], list[list[Any]]] = {}
         self._recent: dict[tuple[int, int, int, int], list[int]] = {}
+        self._times: dict[tuple[int, int, int, int], list[float]] = {}  # the area's last step times
+        self.clock_tol_s = 0.02  # intervals this close are equal (under a frame at 30 fps)
+        self.clock_max_s = 3.0
+        self.clock_ticks = 3  # equal intervals in a row that make a clock
 
     def _label(self) -> np.ndarray:
         """Connected groups of HUD cells (0 = not HUD); gaps of up to ``gap`` cells join."""
@@ -96,6 +109,22 @@ class HudMemory:
                         stack.append((yy, xx))
         return labels
 
+    def _clock(self, key: tuple[int, int, int, int], t: float) -> bool:
+        """Note a step of the area at ``t``; whether it ticks like a clock: its last steps came at
+        exactly equal intervals.
+
+        A timer or a countdown steps every N frames to the frame; a lives counter or a score
+        steps when something happens, never twice running at the very same interval.
+        """
+        times = self._times.setdefault(key, [])
+        if not times or times[-1] != t:
+            times.append(t)
+            del times[: -self.clock_ticks - 1]
+        if len(times) <= self.clock_ticks:
+            return False
+        gaps = np.diff(times)
+        return bool(gaps[0] <= self.clock_max_s and float(np.ptp(gaps)) <= self.clock_tol_s)
+
     @staticmethod
     def _snap(img: np.ndarray) -> np.ndarray:
         return (img >> 5).astype(np.int8)
@@ -114,7 +143,7 @@ class HudMemory:
             self._labels = self._label()
         labels = self._labels
         h, w = before.shape
-        out = {"revert": 0.0, "revert_age": 0.0, "areas": 0.0, "small": 0.0}
+        out = {"revert": 0.0, "revert_age": 0.0, "revert_states": 0.0, "revert_clock": 0.0, "areas": 0.0, "small": 0.0}
         if not stepped.any():
             return out
         for lab in np.unique(labels[stepped]):
@@ -135,9 +164,16 @@ class HudMemory:
                 states.append([self._snap(before[y0:y1, x0:x1]), t])
                 recent.append(0)
             new = self._snap(after[y0:y1, x0:x1])
+            clock = self._clock(key, t)
             i = self._match(states, new)
             if i >= 0:
-                if i not in recent[-2:] and t - states[i][1] >= self.min_gap_s:
+                if i not in recent[-2:] and t - states[i][1] >= self.min_gap_s and clock:
+                    out["revert_clock"] = 1.0  # a timer ticking over: not a revert of interest
+                elif i not in recent[-2:] and t - states[i][1] >= self.min_gap_s:
+                    # how many contents the area has shown: a lives counter a handful, a gauge or
+                    # a timer dozens (the detector only trusts reverts of areas with few states)
+                    n = float(len(states))
+                    out["revert_states"] = n if not out["revert"] else min(out["revert_states"], n)
                     out["revert"] = 1.0
                     out["revert_age"] = max(out["revert_age"], round(t - states[i][1], 3))
                 states[i][1] = t
@@ -152,6 +188,17 @@ class HudMemory:
                 recent.append(i)
                 del recent[:-3]
         return out
+
+
+def _min_filter(a: np.ndarray, ry: int, rx: int) -> np.ndarray:
+    """Minimum over the ``(2 ry + 1) x (2 rx + 1)`` neighbourhood of each cell (edges padded)."""
+    p = np.pad(a, ((ry, ry), (rx, rx)), mode="edge")
+    h, w = a.shape
+    out = a.copy()
+    for dy in range(2 * ry + 1):
+        for dx in range(2 * rx + 1):
+            np.minimum(out, p[dy:dy + h, dx:dx + w], out=out)
+    return out
 
 
 class HudAnalyzer:
@@ -200,6 +247,7 @@ class HudAnalyzer:
         self._cell_of_col: np.ndarray | None = None
         self._region_px: list[tuple[str, tuple[int, int, int, int]]] = []
         self._t_prev: float | None = None
+        self._t_first: float | None = None
         self.frames = 0
 
     def _setup(self, shape: tuple[int, int], full_hw: tuple[int, int]) -> None:
@@ -230,6 +278,23 @@ class HudAnalyzer:
             return np.zeros((self.gy, self.gx), bool)
         return self._activity < self.busy_rate * max(self._act_norm, 1e-6)
 
+    def _lost(self, step: np.ndarray, cells: np.ndarray, before: np.ndarray, after: np.ndarray) -> float:
+        """Share of the stepped pixels in ``cells`` that went to the background (an icon lost).
+
+        The background is the most common luma in those cells, before and after.  A lives icon or a marker that
+        disappears loses its pixels to it; a digit that turns into another mostly does not.
+        """
+        assert self._cell_of_row is not None and self._cell_of_col is not None
+        area = cells[self._cell_of_row][:, self._cell_of_col]
+        in_cells = area & step
+        n = int(np.count_nonzero(in_cells))
+        if not n:
+            return 0.0
+        both = np.concatenate([before[area], after[area]])  # what the cells show before and after
+        bg = int(np.argmax(np.bincount(np.clip(both, 0, 255), minlength=256)))
+        gone = (np.abs(after - bg) <= self.threshold // 2) & (np.abs(before - bg) > self.threshold)
+        return round(float(np.count_nonzero(gone & in_cells)) / n, 3)
+
     def _cell_sums(self, mask: np.ndarray) -> np.ndarray:
         assert self._cell_of_row is not None and self._cell_of_col is not None
         rows = np.add.reduceat(mask, np.searchsorted(self._cell_of_row, np.arange(self.gy)), axis=0)
@@ -244,6 +309,8 @@ class HudAnalyzer:
         where = ""
         dt = 1 / 30 if self._t_prev is None else max(1e-3, min(1.0, t - self._t_prev))
         self._t_prev = t
+        if self._t_first is None:
+            self._t_first = t
         ring = self._ring
         if ring:
             prev = ring[-1]
@@ -291,6 +358,18 @@ class HudAnalyzer:
                     # novelty of the cell that carries most of the still-area step
                     top = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
                     values["novel"] = round(float(since[top]), 3)
+                    # quiet: the longest any stepped cell had been still, among cells nothing ever
+                    # passed through (a lives icon, a level counter); 0 when none such stepped
+                    quiet_cells = stepped & (self._n_trans < 1.0)
+                    if quiet_cells.any():
+                        waited = np.minimum(self.novel_cap, t_at - np.maximum(self._last_step, self._t_first))
+                        values["quiet"] = round(float(waited[quiet_cells].max()), 3)
+                        values["quiet_cells"] = float(np.count_nonzero(quiet_cells))
+                        # the same for the cell's neighbourhood (a digit's neighbours are the rest
+                        # of its number): a score whose units tick often is not quiet, a lives icon is
+                        near = _min_filter(waited, 0, 1)
+                        values["quiet_area"] = round(float(near[quiet_cells].max()), 3)
+                        values["quiet_lost"] = self._lost(step, quiet_cells, before, ring[-1])
                     values["peak"] = round(float(weighted.max()) / cell_px, 6)
                     rows, cols = np.nonzero(stepped)
                     where = (
@@ -310,7 +389,8 @@ class HudAnalyzer:
         else:
             self._held += 1 if len(ring) > 1 else 0
         self.frames += 1
-        for key in ("peak", "age", "revert", "revert_age", "areas", "small"):
+        for key in ("peak", "age", "revert", "revert_age", "revert_states", "areas", "small", "quiet", "quiet_cells",
+                    "quiet_area", "quiet_lost", "revert_clock"):
             values.setdefault(key, 0.0)
         return values, where
 

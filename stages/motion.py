@@ -11,7 +11,12 @@ a look, all from one strided thumbnail (a millisecond or two on 640x480):
 * ``flash``: the jump of mean brightness (explosions, hit flashes, screen blinks);
 * ``reset``: changed fraction against the frame about half a second ago, high when the
   whole screen is redrawn (a new level, a respawn, a game-over screen);
-* ``still``: 1.0 when the frame is an exact duplicate of the previous one.
+* ``still``: 1.0 when the frame is an exact duplicate of the previous one;
+* ``vanish``: the share of the picture's foreground (pixels away from the background, the
+  most common luma) that went away and stayed away: 1 - (foreground now, the most of the
+  last few frames, so sprite flicker does not count) / (the most foreground in the second
+  before ``reset_lag_s`` ago).  Enemies cleared at a death, a player wiped out, the
+  playfield emptied for a respawn: routine movement keeps the foreground constant.
 
 The numeric core is :class:`MotionAnalyzer`, a plain class a test can feed frames to.
 """
@@ -80,6 +85,7 @@ class MotionAnalyzer:
         self._prev_hist: np.ndarray | None = None
         self._prev_mean = 0.0
         self._past: deque[tuple[float, np.ndarray]] = deque()
+        self._fg: deque[tuple[float, float]] = deque()  # (t, foreground fraction)
 
     def update(self, image: np.ndarray, t: float, pixel_format: str = "rgb24") -> dict[str, float]:
         gray = gray_thumbnail(image, self.stride, pixel_format)
@@ -87,7 +93,7 @@ class MotionAnalyzer:
         hist = colour_histogram(small)
         mean = float(gray.mean())
         prev = self._prev
-        out = {"diff": 0.0, "changed": 0.0, "hist": 0.0, "flash": 0.0, "reset": 0.0, "still": 0.0}
+        out = {"diff": 0.0, "changed": 0.0, "hist": 0.0, "flash": 0.0, "reset": 0.0, "still": 0.0, "vanish": 0.0}
         if prev is not None and prev.shape == gray.shape and self._prev_hist is not None:
             d = np.abs(gray - prev)
             n_changed = int(np.count_nonzero(d > self.threshold))
@@ -103,8 +109,25 @@ class MotionAnalyzer:
             old = self._past[0][1]
             out["reset"] = float(np.count_nonzero(np.abs(gray - old) > self.threshold)) / gray.size
         self._past.append((t, gray))
+        out["vanish"] = self._vanish(gray, t)
         self._prev, self._prev_hist, self._prev_mean = gray, hist, mean
         return {k: round(v, 6) for k, v in out.items()}
+
+    def _vanish(self, gray: np.ndarray, t: float) -> float:
+        """Lasting loss of foreground (see the module docstring)."""
+        counts = np.bincount(np.clip(gray, 0, 255).ravel(), minlength=256)
+        bg = int(np.argmax(counts))
+        fg = float(np.count_nonzero(np.abs(gray - bg) > self.threshold)) / gray.size
+        self._fg.append((t, fg))
+        lag = self.reset_lag_s
+        while self._fg and self._fg[0][0] < t - lag - 1.0:
+            self._fg.popleft()
+        before = [f for ts, f in self._fg if ts <= t - lag]
+        recent = [f for ts, f in self._fg if ts > t - 0.11]  # about 3 frames at 30 fps
+        if not before or not recent:
+            return 0.0
+        ref = max(before)
+        return max(0.0, 1.0 - max(recent) / ref) if ref > 0.002 else 0.0
 
 
 @register_stage("frame_diff")

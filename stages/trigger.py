@@ -29,8 +29,19 @@ Why it is built this way:
   30%, or a keyword on screen) open an episode with their own priority.
 * **HUD semantics without OCR.**  A small HUD area that goes back to a content it showed
   before (``hud.revert``: a lives counter after a game over, a score reset) is a
-  ``revert_priority`` (critical) event; any step in a small HUD area is at least a ``low``
-  annotation (``annotate_hud``), so score changes are annotated even once routine.
+  ``revert_priority`` (critical) event, but only when the area has shown few contents
+  (``revert_max_states``): a gauge, a timer or a score shows dozens and goes back
+  routinely (an oxygen bar refilled, a countdown restarted), so its reverts are only
+  annotations; an area that steps like a clock never reverts (see :mod:`stages.hud`).  A
+  step in a HUD cell that had been still for ``quiet_s`` (``hud.quiet``: a lives icon that
+  goes away, found without knowing where the lives are) is a ``quiet_priority`` (high)
+  event when it is small (``quiet_max_cells``), mostly pixels going to the background
+  (``quiet_min_lost``: an icon lost, not a digit gained) and not one of a run of such steps
+  (``quiet_gap_s``: a sprite creeping over still cells).  Any step in a small HUD area is
+  at least a ``low`` annotation (``annotate_hud``), so score changes are annotated even
+  once routine.
+* **One wake per death.**  A critical event within ``critical_gap_s`` of the previous wake
+  (a lives icon and a score reset of the same game over) is demoted to normal.
 * **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
   media time only, and always within ``max_delay_s`` (<= 0.5 s).  The stage records the
   delay (media time of the newest input when the event is emitted minus the event's ``t``)
@@ -65,6 +76,7 @@ SIGNALS: dict[str, tuple[str, float]] = {
     "motion.hist": ("scene", 0.2),
     "motion.flash": ("scene", 0.03),
     "motion.reset": ("scene", 0.5),
+    "motion.vanish": ("scene", 0.08),  # a lasting share of the foreground went away (enemies cleared)
     "thumb.novelty_long": ("scene", 0.2),
     # step changes in still areas; "small" is the part inside small HUD areas (scores, lives)
     "hud.small": ("hud", 0.00003),  # binary, see BINARY
@@ -80,7 +92,7 @@ BINARY = frozenset({"hud.small"})
 # tuned on the development games (bench/tune_trigger.py): routine motion alone says little,
 # a big picture change (flash, cut, redraw) says a lot, HUD and audio in between
 # speech (VAD) is kept under agree_min: no tuning data has speech, so it is evidence only
-DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 0.7, "hud": 0.85, "speech": 0.3}
+DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.25, "hud": 0.85, "speech": 0.3}
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
 
@@ -184,6 +196,7 @@ class TriggerDetector:
         self._wakes: deque[float] = deque()
         self._now = -math.inf
         self._t0: float | None = None
+        self._last_quiet = -math.inf  # media time of the last step in a long-still HUD cell
         self._state: dict[str, float] = {}  # latest OCR values
         self._state_before: dict[str, float] = {}  # OCR values before the latest change
         self._rules: list[Rule] = list(self.profile.rules)
@@ -210,11 +223,11 @@ class TriggerDetector:
         else:
             t_sig = t - float(values.get("age", 0.0)) + float(values.get("offset", 0.0))
             warm = t_sig - self._t0 >= self.p.warmup_s
-            if name == "hud" and warm and self.p.annotate_hud and values.get("small", 0.0) > 0:
+            if (name == "hud" and warm and self.p.annotate_hud and values.get("small", 0.0) > 0
+                    and values.get("novel", math.inf) >= self.p.annotate_min_novel_s):
                 self._force(t_sig, "low", "hud_change", "a HUD area changed")
-            if name == "hud" and values.get("revert", 0.0) > 0 and warm:
-                self._force(t_sig, self.p.revert_priority, "hud_revert",
-                            f"a HUD area went back to what it showed {values.get('revert_age', 0.0):.1f} s ago")
+            if name == "hud" and warm:
+                self._observe_hud(t_sig, values)
             for key, value in values.items():
                 sig = f"{name}.{key}"
                 spec = SIGNALS.get(sig)
@@ -232,6 +245,24 @@ class TriggerDetector:
                     self._recent.append((t_sig, sig, r, float(value)))
         self._step(out)
         return out
+
+    def _observe_hud(self, t: float, values: dict[str, float]) -> None:
+        """HUD semantics: a counter going back (revert) and a long-still HUD cell stepping (quiet)."""
+        p = self.p
+        if values.get("revert", 0.0) > 0:
+            n = int(values.get("revert_states", 0.0))
+            if p.revert_max_states <= 0 or n <= p.revert_max_states:  # 0: not reported
+                self._force(t, p.revert_priority, "hud_revert",
+                            f"a HUD area went back to what it showed {values.get('revert_age', 0.0):.1f} s ago")
+            elif p.annotate_hud:  # a gauge or a timer cycling: routine, an annotation only
+                self._force(t, "low", "hud_change", f"a HUD area with {n} states went back to an earlier one")
+        quiet = values.get("quiet_area" if p.quiet_by_area else "quiet", 0.0)
+        if p.quiet_s > 0 and quiet >= p.quiet_s:
+            lone = t - self._last_quiet >= p.quiet_gap_s
+            self._last_quiet = t
+            if (lone and values.get("quiet_cells", 0.0) <= p.quiet_max_cells
+                    and values.get("quiet_lost", 1.0) >= p.quiet_min_lost):
+                self._force(t, p.quiet_priority, "hud_quiet_change", f"a HUD area still for {quiet:.0f} s changed")
 
     def _observe_ocr(self, t: float, values: dict[str, float], text: dict[str, str]) -> None:
         for fld, value in values.items():
@@ -354,6 +385,9 @@ class TriggerDetector:
             t_last, prio_last = self._last_event
             if ep.onset - t_last < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
                 return None
+        if prio == "critical" and self._wakes and ep.onset - self._wakes[-1] < p.critical_gap_s:
+            notes.append(f"demoted from critical: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
+            prio = "normal"
         if prio == "high" and self._wakes and ep.onset - self._wakes[-1] < p.wake_gap_s:
             notes.append(f"demoted from high: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
             prio = "normal"

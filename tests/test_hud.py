@@ -63,11 +63,12 @@ def test_digit_steps_are_found_and_a_moving_ball_is_not() -> None:
 def test_a_counter_going_back_to_an_earlier_value_is_a_revert_and_a_blink_is_not() -> None:
     h = HudAnalyzer()
     # blank -> 8 (the area becomes known) -> 3 -> 2 -> 8: back to a state it showed at 2-4 s
-    out = feed(h, [-1, 8, 3, 2, 8], 10)
+    # (at irregular times: a counter that steps at exactly equal intervals is a clock, see below)
+    out = feed_times(h, [(0.0, -1), (2.0, 8), (4.3, 3), (5.9, 2), (8.0, 8)], 10)
     reverts = [t for t, v in out if v["revert"] > 0]
     assert reverts and all(abs(t - 8.0) <= 0.07 for t in reverts), reverts
     blink = HudAnalyzer()
-    out = feed(blink, [-1, 8, 3, 8, 3, 8], 12)
+    out = feed_times(blink, [(0.0, -1), (2.0, 8), (4.3, 3), (5.9, 8), (8.0, 3), (10.4, 8)], 12)
     assert not [t for t, v in out if v["revert"] > 0], "toggling between two states is a blink"
 
 
@@ -130,3 +131,55 @@ def test_pixel_formats(fmt: str) -> None:
         img = np.concatenate([img[..., ::-1], np.full((H, W, 1), 255, np.uint8)], axis=2)
     vals, _ = h.update(img, 0.0, fmt)
     assert vals["steps"] == 0.0
+
+
+def feed_times(h: HudAnalyzer, changes: list[tuple[float, int]], seconds: float, fps: int = 30) -> list:
+    """Like :func:`feed`, with the digit's value changing at the given media times."""
+    out = []
+    for i in range(int(seconds * fps)):
+        t = i / fps
+        v = [val for at, val in changes if at <= t + 1e-9][-1]
+        vals, _ = h.update(scene(t, v), t)
+        out.append((t - vals["age"], vals))
+    return out
+
+
+def test_a_revert_reports_how_many_states_the_area_has_shown() -> None:
+    h = HudAnalyzer()
+    values = [-1, 8, 0, 1, 2, 3, 4, 5, 8]  # seven contents, then back to 8
+    out = feed_times(h, [(2.0 * k + 0.3 * (k % 2), v) for k, v in enumerate(values)], 18)
+    rev = [v for _, v in out if v["revert"] > 0]
+    assert rev and rev[0]["revert_states"] >= 7, rev
+    few = HudAnalyzer()
+    out = feed_times(few, [(0.0, -1), (2.0, 8), (4.3, 3), (5.9, 2), (8.0, 8)], 10)
+    assert [v["revert_states"] for _, v in out if v["revert"] > 0] == [4.0]  # blank, 8, 3, 2
+
+
+def test_an_area_ticking_like_a_clock_does_not_revert() -> None:
+    # a countdown 5 4 3 2 1 5 4 ... stepping every 1.0 s to the frame: its wrap is no revert
+    ticks = [(0.0, -1)] + [(1.0 + k, [5, 4, 3, 2, 1][k % 5]) for k in range(14)]
+    out = feed_times(HudAnalyzer(), ticks, 15)
+    assert not [t for t, v in out if v["revert"] > 0]
+    assert [t for t, v in out if v["revert_clock"] > 0], "the wraps are seen, as a clock"
+    # the same values at irregular times (a lives counter) do revert
+    irregular = [(0.0, -1)] + [(1.0 + 1.1 * k + 0.2 * (k % 3), [5, 4, 3, 2, 1][k % 5]) for k in range(12)]
+    out = feed_times(HudAnalyzer(), irregular, 16)
+    assert [t for t, v in out if v["revert"] > 0]
+
+
+def test_a_step_in_a_hud_cell_still_for_long_is_quiet() -> None:
+    h = HudAnalyzer()
+    out = feed_times(h, [(0.0, 8), (30.0, 3), (32.0, 8)], 34)
+    at30 = [v for t, v in out if abs(t - 30.0) <= 0.07 and v["quiet"] > 0]
+    assert at30 and at30[0]["quiet"] >= 29.0 and at30[0]["quiet_cells"] >= 1, at30
+    assert at30[0]["quiet_area"] <= at30[0]["quiet"]
+    # 3 -> 8 steps the same cells again: they had been still for two seconds only
+    at32 = [v for t, v in out if abs(t - 32.0) <= 0.07 and v["quiet"] > 0]
+    assert at32 and max(v["quiet"] for v in at32) <= 2.5, at32
+
+
+def test_quiet_lost_tells_an_icon_going_away_from_one_appearing() -> None:
+    out = feed_times(HudAnalyzer(), [(0.0, 8), (30.0, 1), (32.0, 8)], 34)
+    lost = {round(t): v["quiet_lost"] for t, v in out if v["quiet"] > 0}
+    assert lost[30] > 0.9, "8 -> 1: the segments that went off went to the background"
+    assert lost[32] < 0.1, "1 -> 8: segments appeared, nothing was lost"

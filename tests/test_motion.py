@@ -87,3 +87,23 @@ def test_stages_on_real_frames(kind: str, frames: list[tuple[float, np.ndarray]]
         assert feats[0].name == "thumb" and feats[0].vector is not None and feats[0].vector.shape == (576,)
     else:
         assert feats[0].name == "motion" and "diff" in feats[-1].values
+
+
+def sprites(n: int, shift: int = 0) -> np.ndarray:
+    """A dark playfield with ``n`` bright 12x12 sprites (shifted right by ``shift`` px)."""
+    img = np.full((240, 320, 3), 20, np.uint8)
+    for k in range(n):
+        x = 20 + 36 * k + shift
+        img[100:112, x:x + 12] = 230
+    return img
+
+
+def test_vanish_is_high_when_sprites_go_away_and_stay_away() -> None:
+    m = MotionAnalyzer()
+    vals = [m.update(sprites(8, shift=(i % 10)), i / 30) for i in range(60)]  # moving: foreground constant
+    assert max(v["vanish"] for v in vals) < 0.05
+    gone = [m.update(sprites(2), (60 + i) / 30)["vanish"] for i in range(20)]  # six of eight cleared
+    assert max(gone) > 0.6
+    flicker = MotionAnalyzer()  # sprites blinking every other frame are not gone
+    vals = [flicker.update(sprites(8) if i % 2 else sprites(0), i / 30) for i in range(60)]
+    assert max(v["vanish"] for v in vals[20:]) < 0.05

@@ -109,6 +109,48 @@ def test_a_hud_area_going_back_to_an_earlier_state_is_critical() -> None:
     assert events[0].event.event_kind == "hud_revert"
 
 
+def test_a_revert_of_an_area_with_many_states_is_only_an_annotation() -> None:
+    # a gauge or a timer (dozens of contents) goes back routinely: no wake, a low event
+    gauge = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 8.0, "revert_states": 30.0}
+    events = run(TriggerDetector(profile(revert_max_states=8)), 12, {300: [("hud", gauge)]})
+    assert [e.event.priority for e in events] in (["low"], ["normal"])
+    counter = dict(gauge, revert_states=4.0)  # a lives counter: a handful of contents
+    events = run(TriggerDetector(profile(revert_max_states=8)), 12, {300: [("hud", counter)]})
+    assert [e.event.priority for e in events] == ["critical"]
+
+
+def test_a_step_in_a_long_still_hud_cell_wakes_once() -> None:
+    quiet = {"steps": 0.001, "small": 0.001, "quiet": 40.0, "quiet_area": 40.0, "quiet_cells": 2.0}
+    prof = profile(quiet_s=15.0, quiet_gap_s=3.0, quiet_max_cells=8)
+    events = run(TriggerDetector(prof), 14, {300: [("hud", quiet)], 330: [("hud", quiet)]})
+    wakes = [e.event for e in events if e.event.priority in ("critical", "high")]
+    assert [(e.event_kind, round(e.t)) for e in wakes] == [("hud_quiet_change", 10)], "the second is 1 s later"
+    redraw = dict(quiet, quiet_cells=60.0)  # many cells at once: a redraw, not a HUD
+    events = run(TriggerDetector(prof), 14, {300: [("hud", redraw)]})
+    assert not [e for e in events if e.event.priority in ("critical", "high")]
+    off = run(TriggerDetector(profile(quiet_s=0.0)), 14, {300: [("hud", quiet)]})
+    assert not [e for e in off if e.event.event_kind == "hud_quiet_change"]
+
+
+def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time() -> None:
+    prof = profile(annotate_min_novel_s=2.0)
+    fresh = {"steps": 0.001, "small": 0.001, "novel": 30.0}
+    events = run(TriggerDetector(prof), 12, {300: [("hud", fresh)]})
+    assert [e.event.event_kind for e in events] == ["hud_change"]
+    ticking = dict(fresh, novel=0.5)  # the same cell stepped half a second ago: a gauge
+    events = run(TriggerDetector(prof), 12, {300: [("hud", ticking)]})
+    assert not [e for e in events if "a HUD area changed" in e.event.evidence.get("reasons", [])]
+
+
+def test_a_second_critical_cue_right_after_a_wake_is_only_an_annotation() -> None:
+    revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 4.0}
+    close = run(TriggerDetector(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 330: [("hud", revert)]})
+    assert [e.event.priority for e in close] == ["critical", "normal"], "1 s apart: one death, one wake"
+    assert "demoted from critical" in close[1].event.evidence["notes"][0]
+    apart = run(TriggerDetector(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 360: [("hud", revert)]})
+    assert [e.event.priority for e in apart] == ["critical", "critical"]
+
+
 def test_ocr_rule_health_drop_is_critical_and_carries_state_before_and_after() -> None:
     prof = Profile(
         regions=[Region(name="hp", box=[0.0, 0.0, 0.2, 0.1])],
