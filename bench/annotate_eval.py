@@ -41,7 +41,7 @@ DEV_GAMES = ["Breakout", "SpaceInvaders", "DemonAttack", "Pong"]
 
 def run_one(video: Path, truth: Path, out_dir: Path, profile: str, config: str | None) -> dict[str, Any]:
     """Annotate ``video`` with the CLI and score it; the row of figures."""
-    from bench.eval import evaluate_files
+    from bench.eval import evaluate_files, wake_figures
 
     events = out_dir / f"{video.stem}.events.jsonl"
     metrics = out_dir / f"{video.stem}.metrics.json"
@@ -57,15 +57,8 @@ def run_one(video: Path, truth: Path, out_dir: Path, profile: str, config: str |
     res = evaluate_files(events, truth)
     m = json.loads(metrics.read_text())
     trig = m.get("stages", {}).get("trigger", {})
-    minutes = res["duration_s"] / 60.0
     return {
-        "crit_recall": res["critical"]["recall"],
-        "moments": res["critical"]["moments"],
-        "wake_precision": res["wake_precision"],
-        "wakes_per_min": res["wakes_per_min"],
-        "excess": res["wakes_per_min"] - res["critical"]["moments"] / minutes if minutes else 0.0,
-        "ann_recall": res["per_kind"]["all"]["recall"],
-        "ann_precision": res["per_kind"]["all"]["precision"],
+        **wake_figures(res),
         "events": res["counts"]["pred"],
         "truth": res["counts"]["truth"],
         "rtf": float(m.get("realtime_factor", 0.0)),
@@ -82,7 +75,7 @@ def verdicts(per_game: dict[str, dict[str, float]], runs: list[dict[str, Any]]) 
     games = list(per_game.values())
     avg = {k: statistics.fmean(g[k] for g in games) for k in games[0]}
     worst_crit = min(games, key=lambda g: g["crit_recall"])["crit_recall"]
-    worst_excess = max(g["excess"] for g in games)
+    worst_excess = max(g["excess_wakes"] for g in games)
     min_rtf = min(r["rtf"] for r in runs)
     delays = [r["delay_p99_ms"] for r in runs if r["delay_p99_ms"] is not None]
     return [
@@ -131,18 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
             d = r["delay_p99_ms"]
             print(f"{game:<14}{seed:>5}{r['moments']:>8}{r['crit_recall']:>8.2f}{r['wake_precision']:>8.2f}"
-                  f"{r['wakes_per_min']:>8.1f}{r['excess']:>+8.1f}{r['ann_recall']:>7.2f}{r['ann_precision']:>7.2f}"
+                  f"{r['wakes_per_min']:>8.1f}{r['excess_wakes']:>+8.1f}{r['ann_recall']:>7.2f}{r['ann_precision']:>7.2f}"
                   f"{r['events']:>7}{r['truth']:>6}{r['rtf']:>6.1f}x{(f'{d:.0f}' if d is not None else '-'):>8}",
                   flush=True)
-    keys = ("crit_recall", "wake_precision", "excess", "ann_recall", "ann_precision", "wakes_per_min")
+    keys = ("crit_recall", "wake_precision", "excess_wakes", "ann_recall", "ann_precision", "wakes_per_min")
     per_game = {g: {k: _mean([r for r in runs if r["game"] == g], k) for k in keys} for g in args.games}
     print("\nper game (mean over seeds)")
     for g, v in per_game.items():
-        print(f"  {g:<14} crit R {v['crit_recall']:.2f}  wake P {v['wake_precision']:.2f}  excess {v['excess']:+.2f}"
-              f"  ann R {v['ann_recall']:.2f} P {v['ann_precision']:.2f}")
+        print(f"  {g:<14} crit R {v['crit_recall']:.2f}  wake P {v['wake_precision']:.2f}"
+              f"  excess {v['excess_wakes']:+.2f}  ann R {v['ann_recall']:.2f} P {v['ann_precision']:.2f}")
     avg = {k: statistics.fmean(v[k] for v in per_game.values()) for k in keys}
     print(f"  {'average':<14} crit R {avg['crit_recall']:.2f}  wake P {avg['wake_precision']:.2f}"
-          f"  excess {avg['excess']:+.2f}  ann R {avg['ann_recall']:.2f} P {avg['ann_precision']:.2f}")
+          f"  excess {avg['excess_wakes']:+.2f}  ann R {avg['ann_recall']:.2f} P {avg['ann_precision']:.2f}")
     print("\nacceptance (issue 4)")
     results = verdicts(per_game, runs)
     for name, ok, detail in results:

@@ -376,6 +376,23 @@ def evaluate_files(
     return evaluate(pred, [meta, *truth] if meta else truth, tolerance, critical_window)
 
 
+def wake_figures(result: dict[str, Any]) -> dict[str, float]:
+    """The figures the trigger's acceptance is judged on, from an :func:`evaluate` result.
+
+    ``excess_wakes`` is wakes per minute beyond truth critical moments per minute.
+    """
+    minutes = result["duration_s"] / 60.0
+    return {
+        "crit_recall": result["critical"]["recall"],
+        "moments": result["critical"]["moments"],
+        "wake_precision": result["wake_precision"],
+        "wakes_per_min": result["wakes_per_min"],
+        "excess_wakes": result["wakes_per_min"] - result["critical"]["moments"] / minutes if minutes else 0.0,
+        "ann_recall": result["per_kind"]["all"]["recall"],
+        "ann_precision": result["per_kind"]["all"]["precision"],
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from bench.eval import evaluate, read_truth
+from bench.eval import evaluate, read_truth, wake_figures
 from copilot.profile import Profile, load_profile, resolve_profile
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
@@ -181,17 +181,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
     meta, truth = read_truth(truth_path)
-    res = evaluate(pred, [meta, *truth] if meta else truth)
-    minutes = res["duration_s"] / 60.0
-    return {
-        "crit_recall": res["critical"]["recall"],
-        "moments": res["critical"]["moments"],
-        "wake_precision": res["wake_precision"],
-        "wakes_per_min": res["wakes_per_min"],
-        "excess_wakes": res["wakes_per_min"] - res["critical"]["moments"] / minutes,
-        "ann_recall": res["per_kind"]["all"]["recall"],
-        "ann_precision": res["per_kind"]["all"]["precision"],
-    }
+    return wake_figures(evaluate(pred, [meta, *truth] if meta else truth))
 
 
 def main(argv: list[str] | None = None) -> int:
