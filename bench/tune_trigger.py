@@ -32,6 +32,7 @@ import numpy as np
 
 from bench.eval import evaluate, read_truth, wake_figures
 from copilot.profile import Profile, load_profile, resolve_profile
+from stages.replay import resampled_samples
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
 HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "revert_states", "areas", "small",
@@ -94,11 +95,9 @@ def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[s
                 trows.append([th[k] for k in THUMB_KEYS])
             else:
                 assert resampler is not None
-                chunks = [r.to_ndarray() for r in resampler.resample(frame)]
-                if not chunks:
+                samples = resampled_samples(resampler, frame)
+                if samples is None:
                     continue
-                data = np.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
-                samples = data.reshape(-1, frame.layout.nb_channels)
                 t1 = time.perf_counter()
                 timing["decode"] += t1 - t0
                 a = audio.update(samples, frame.sample_rate)

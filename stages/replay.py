@@ -98,6 +98,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def resampled_samples(resampler: Any, frame: Any) -> np.ndarray | None:
+    """A decoded audio frame as float32 samples shaped (n, channels); None if the resampler
+    is still buffering.  The resampler converts to packed ``flt`` at the stream's layout."""
+    chunks = [r.to_ndarray() for r in resampler.resample(frame)]
+    if not chunks:
+        return None
+    data = np.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
+    layout = frame.layout
+    channels = layout.nb_channels if hasattr(layout, "nb_channels") else len(layout.channels)
+    return np.ascontiguousarray(data.reshape(-1, channels), dtype=np.float32)
+
+
 class _Decoder(threading.Thread):
     """Decodes on its own thread into a bounded queue, so pacing never waits on decoding."""
 
@@ -160,13 +172,9 @@ class _Decoder(threading.Thread):
                         item = ("video", t, frame_dur, img)
                     else:
                         assert resampler is not None
-                        chunks = [r.to_ndarray() for r in resampler.resample(frame)]
-                        if not chunks:
+                        samples = resampled_samples(resampler, frame)
+                        if samples is None:
                             continue
-                        data = np.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
-                        layout = frame.layout
-                        ch = layout.nb_channels if hasattr(layout, "nb_channels") else len(layout.channels)
-                        samples = np.ascontiguousarray(data.reshape(-1, ch), dtype=np.float32)
                         item = ("audio", t, samples.shape[0] / frame.sample_rate, (samples, frame.sample_rate))
                     if not self._put(item):
                         return
@@ -207,9 +215,12 @@ class ReplayStage(Source):
         self._decoder = _Decoder(p, asyncio.get_running_loop(), self._queue)
         self._decoder.start()
         self._first = await self._queue.get()
+        if self._first is None:  # nothing to replay (the decoder ended at once)
+            self._queue = None
 
-    async def _next_items(self, heap: list[Any], order: itertools.count[int]) -> bool:
-        """Top up the reorder buffer; False once the decoder has finished and it is empty.
+    async def _next_items(self, heap: list[Any], order: itertools.count[int]) -> None:
+        """Top up the reorder buffer (waiting only when it is empty); at the decoder's end,
+        ``self._queue`` becomes None.
 
         PyAV hands packets over in file order, where a video frame can sit behind audio
         that plays later; releasing the earliest of the buffered items keeps each message
@@ -230,9 +241,6 @@ class ReplayStage(Source):
                 self._queue = None
                 break
             heapq.heappush(heap, (item[1], next(order), item))
-            if self._queue is None:
-                break
-        return bool(heap)
 
     async def produce(self) -> None:
         p: ReplayParams = self.params  # type: ignore[assignment]
@@ -245,9 +253,9 @@ class ReplayStage(Source):
         n_video = n_audio = 0
         heap: list[Any] = []
         order = itertools.count()
-        while self._queue is not None or heap:
-            if self._queue is not None and not await self._next_items(heap, order):
-                break
+        while True:
+            if self._queue is not None:
+                await self._next_items(heap, order)
             if not heap:
                 break
             _, _, (kind, t, dur, data) = heapq.heappop(heap)
