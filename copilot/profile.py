@@ -98,6 +98,9 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     coalesce_s: float = 0.25  # signals within this window after the onset join one event
     refractory_s: float = 0.45  # no new event of the same priority class this soon after one
     max_wakes_per_min: float = 30.0  # wake budget (critical + high events), sliding minute
+    # budget of the high wakes alone: a game scoring all the time must not wake the model all the
+    # time; critical events (a death, a game over) are limited only by max_wakes_per_min (0: no limit)
+    max_high_per_min: float = 0.0
     critical_gap_s: float = 1.5  # a critical event this soon after a wake is only an annotation (normal)
     wake_gap_s: float = 3.2  # a high event this soon after a wake is only an annotation (normal)
     budget_window_s: float = 60.0
@@ -111,11 +114,13 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     revert_priority: Priority = "critical"  # a HUD area going back to an earlier state (a counter reset)
     # ... but only an area that has shown at most this many contents: a lives or level counter
     # shows a handful, a gauge, a timer or a score dozens and goes back routinely (0: no limit)
-    revert_max_states: int = 8
+    revert_max_states: int = 6
     quiet_s: float = 20.0  # a step in a HUD cell that had been still this long (s) is a quiet_priority event (0: off)
     quiet_priority: Priority = "high"
     quiet_by_area: bool = False  # judge the stepped cell with its row neighbours (the rest of its number), not alone
     quiet_min_lost: float = 0.3  # ... and at least this share of its stepped pixels went to the background (0: any)
+    quiet_icon_s: float = 8.0  # ... or still this long (0: off) when nearly all its pixels went to the background
+    quiet_icon_lost: float = 0.8  # ... at least this share (an icon gone, not a digit changed)
     quiet_max_cells: int = 8  # ... when at most this many such cells stepped (more is a redraw, not a HUD)
     quiet_gap_s: float = 3.0  # ... and no other quiet step came this soon before (a sprite creeping over still cells)
 

@@ -92,7 +92,7 @@ BINARY = frozenset({"hud.small"})
 # tuned on the development games (bench/tune_trigger.py): routine motion alone says little,
 # a big picture change (flash, cut, redraw) says a lot, HUD and audio in between
 # speech (VAD) is kept under agree_min: no tuning data has speech, so it is evidence only
-DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.25, "hud": 0.85, "speech": 0.3}
+DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.2, "hud": 0.85, "speech": 0.3}
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
 
@@ -194,6 +194,7 @@ class TriggerDetector:
         self._latched = False
         self._last_event: tuple[float, str] | None = None  # (t, priority)
         self._wakes: deque[float] = deque()
+        self._high_wakes: deque[float] = deque()  # media times of high wakes, for max_high_per_min
         self._now = -math.inf
         self._t0: float | None = None
         self._last_quiet = -math.inf  # media time of the last step in a long-still HUD cell
@@ -257,11 +258,15 @@ class TriggerDetector:
             elif p.annotate_hud:  # a gauge or a timer cycling: routine, an annotation only
                 self._force(t, "low", "hud_change", f"a HUD area with {n} states went back to an earlier one")
         quiet = values.get("quiet_area" if p.quiet_by_area else "quiet", 0.0)
-        if p.quiet_s > 0 and quiet >= p.quiet_s:
+        lost = values.get("quiet_lost", 1.0)
+        # two ways to look like a lost icon: a cell still for long that changes in any way that
+        # mostly clears it, or a cell still for a while whose pixels nearly all went to the background
+        long_still = p.quiet_s > 0 and quiet >= p.quiet_s and lost >= p.quiet_min_lost
+        icon_gone = p.quiet_icon_s > 0 and quiet >= p.quiet_icon_s and lost >= p.quiet_icon_lost
+        if p.quiet_s > 0 and quiet >= min(p.quiet_s, p.quiet_icon_s if p.quiet_icon_s > 0 else p.quiet_s):
             lone = t - self._last_quiet >= p.quiet_gap_s
             self._last_quiet = t
-            if (lone and values.get("quiet_cells", 0.0) <= p.quiet_max_cells
-                    and values.get("quiet_lost", 1.0) >= p.quiet_min_lost):
+            if lone and values.get("quiet_cells", 0.0) <= p.quiet_max_cells and (long_still or icon_gone):
                 self._force(t, p.quiet_priority, "hud_quiet_change", f"a HUD area still for {quiet:.0f} s changed")
 
     def _observe_ocr(self, t: float, values: dict[str, float], text: dict[str, str]) -> None:
@@ -391,6 +396,14 @@ class TriggerDetector:
         if prio == "high" and self._wakes and ep.onset - self._wakes[-1] < p.wake_gap_s:
             notes.append(f"demoted from high: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
             prio = "normal"
+        if prio == "high" and p.max_high_per_min > 0:
+            while self._high_wakes and self._high_wakes[0] <= ep.onset - p.budget_window_s:
+                self._high_wakes.popleft()
+            if len(self._high_wakes) >= p.max_high_per_min * p.budget_window_s / 60.0:
+                notes.append(f"demoted from high: high-wake budget of {p.max_high_per_min:g}/min spent")
+                prio = "normal"
+            else:
+                self._high_wakes.append(ep.onset)
         if prio in WAKES:
             while self._wakes and self._wakes[0] <= ep.onset - p.budget_window_s:
                 self._wakes.popleft()

@@ -132,6 +132,22 @@ def test_a_step_in_a_long_still_hud_cell_wakes_once() -> None:
     assert not [e for e in off if e.event.event_kind == "hud_quiet_change"]
 
 
+def test_an_icon_gone_after_a_short_stillness_wakes_but_a_changed_digit_does_not() -> None:
+    """Early in a session (or soon after a game over redrew the lives) no cell has been still for
+    ``quiet_s``; a cell still for ``quiet_icon_s`` whose stepped pixels nearly all went to the
+    background is still a lost icon, while the same step that mostly redraws pixels is a digit."""
+    prof = profile(quiet_s=20.0, quiet_icon_s=8.0, quiet_icon_lost=0.8)
+    icon = {"steps": 0.001, "small": 0.001, "quiet": 10.0, "quiet_area": 10.0, "quiet_cells": 1.0, "quiet_lost": 0.95}
+    events = run(TriggerDetector(prof), 14, {300: [("hud", icon)]})
+    assert [(e.event.event_kind, e.event.priority) for e in events if e.event.priority == "high"] == [
+        ("hud_quiet_change", "high")]
+    digit = dict(icon, quiet_lost=0.4)
+    events = run(TriggerDetector(prof), 14, {300: [("hud", digit)]})
+    assert not [e for e in events if e.event.event_kind == "hud_quiet_change"]
+    events = run(TriggerDetector(profile(quiet_s=20.0, quiet_icon_s=0.0)), 14, {300: [("hud", icon)]})
+    assert not [e for e in events if e.event.event_kind == "hud_quiet_change"], "quiet_icon_s 0 turns it off"
+
+
 def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time() -> None:
     prof = profile(annotate_min_novel_s=2.0)
     fresh = {"steps": 0.001, "small": 0.001, "novel": 30.0}
@@ -196,6 +212,21 @@ def test_wake_budget_demotes_wakes_past_max_per_minute() -> None:
     assert prios[:3] == ["critical"] * 3
     assert prios[3:] and all(p == "normal" for p in prios[3:])
     assert "wake budget" in events[3].event.evidence["notes"][0]
+
+
+def test_high_wake_budget_demotes_high_wakes_but_lets_critical_ones_through() -> None:
+    """``max_high_per_min`` bounds the wakes of a game that scores all the time; a death still wakes."""
+    quiet = {"steps": 0.001, "small": 0.001, "quiet": 40.0, "quiet_area": 40.0, "quiet_cells": 1.0}
+    revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 3.0}
+    signals = {int((5 + 5 * k) * FPS): [("hud", quiet)] for k in range(4)}  # a high cue every 5 s
+    signals[int(27 * FPS)] = [("hud", revert)]
+    events = run(TriggerDetector(profile(max_high_per_min=2.0, quiet_s=15.0)), 30, signals)
+    got = [(round(e.event.t), e.event.priority) for e in events if e.event.priority in ("critical", "high", "normal")]
+    assert got == [(5, "high"), (10, "high"), (15, "normal"), (20, "normal"), (27, "critical")]
+    demoted = next(e for e in events if round(e.event.t) == 15)
+    assert "high-wake budget" in demoted.event.evidence["notes"][0]
+    unlimited = run(TriggerDetector(profile(quiet_s=15.0)), 30, signals)
+    assert sum(e.event.priority == "high" for e in unlimited) == 4, "0 (the default) is no limit"
 
 
 # -- causality --------------------------------------------------------------------------------
