@@ -19,7 +19,7 @@ FAIL for each acceptance line:
 Usage::
 
     python -m bench.annotate_eval --games Breakout SpaceInvaders DemonAttack Pong --seeds 0 1 2
-    python -m bench.annotate_eval --games Asterix MsPacman Seaquest Boxing --seeds 0   # held out
+    python -m bench.annotate_eval --pool validation --data /tmp/atari   # games never tuned on
 
 Per-game figures are averaged over seeds first, so "every game" means every game.
 Runs are sequential so the realtime factor is not shared with another run.
@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.pools import POOLS, pool
 
 DEV_GAMES = ["Breakout", "SpaceInvaders", "DemonAttack", "Pong"]
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.datasets.atari import make_atari_recording, resolve_game
 
     ap = argparse.ArgumentParser(prog="python -m bench.annotate_eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", default=None, help="a named set of recordings (bench.pools): " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=DEV_GAMES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--seconds", type=float, default=90.0)
@@ -113,22 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'game':<14}{'seed':>5}{'moments':>8}{'crit R':>8}{'wake P':>8}{'wakes/m':>8}{'excess':>8}"
               f"{'ann R':>7}{'ann P':>7}{'events':>7}{'truth':>6}{'rtf':>7}{'delay99':>8}")
     print(header)
-    for game in args.games:
+    wanted = pool(args.pool) if args.pool else [(g, s) for g in args.games for s in args.seeds]
+    games = list(dict.fromkeys(g for g, _ in wanted))
+    for game, seed in wanted:
         rom = resolve_game(game)
-        for seed in args.seeds:
-            video = data / f"{rom}_s{seed}.mp4"
-            truth = data / f"{rom}_s{seed}.truth.jsonl"
-            if not (video.exists() and truth.exists()):
-                make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
-            r = run_one(video, truth, out, args.profile, args.config) | {"game": game, "seed": seed}
-            runs.append(r)
-            d = r["delay_p99_ms"]
-            print(f"{game:<14}{seed:>5}{r['moments']:>8}{r['crit_recall']:>8.2f}{r['wake_precision']:>8.2f}"
-                  f"{r['wakes_per_min']:>8.1f}{r['excess_wakes']:>+8.1f}{r['ann_recall']:>7.2f}{r['ann_precision']:>7.2f}"
-                  f"{r['events']:>7}{r['truth']:>6}{r['rtf']:>6.1f}x{(f'{d:.0f}' if d is not None else '-'):>8}",
-                  flush=True)
+        video = data / f"{rom}_s{seed}.mp4"
+        truth = data / f"{rom}_s{seed}.truth.jsonl"
+        if not (video.exists() and truth.exists()):
+            make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
+        r = run_one(video, truth, out, args.profile, args.config) | {"game": game, "seed": seed}
+        runs.append(r)
+        d = r["delay_p99_ms"]
+        print(f"{game:<14}{seed:>5}{r['moments']:>8}{r['crit_recall']:>8.2f}{r['wake_precision']:>8.2f}"
+              f"{r['wakes_per_min']:>8.1f}{r['excess_wakes']:>+8.1f}{r['ann_recall']:>7.2f}{r['ann_precision']:>7.2f}"
+              f"{r['events']:>7}{r['truth']:>6}{r['rtf']:>6.1f}x{(f'{d:.0f}' if d is not None else '-'):>8}",
+              flush=True)
     keys = ("crit_recall", "wake_precision", "excess_wakes", "ann_recall", "ann_precision", "wakes_per_min")
-    per_game = {g: {k: _mean([r for r in runs if r["game"] == g], k) for k in keys} for g in args.games}
+    per_game = {g: {k: _mean([r for r in runs if r["game"] == g], k) for k in keys} for g in games}
     print("\nper game (mean over seeds)")
     for g, v in per_game.items():
         print(f"  {g:<14} crit R {v['crit_recall']:.2f}  wake P {v['wake_precision']:.2f}"

@@ -10,11 +10,13 @@ trigger stage would see them, with any parameters, and scored with ``bench.eval`
 
 Usage::
 
-    python -m bench.tune_trigger --games Breakout SpaceInvaders DemonAttack Pong \\
-        --seeds 0 1 2 --data /tmp/ds [--set fire_threshold=0.7 ...] [--grid KEY=V1,V2 ...]
+    python -m bench.tune_trigger --pool train --data /tmp/atari [--set fire_threshold=0.7 ...]
+        [--grid KEY=V1,V2 ...] [--per-game]
+    python -m bench.tune_trigger --games Breakout Pong --seeds 0 1 2 --data /tmp/atari
 
-Prints per-game scores and averages for each parameter setting.  Only the development
-games should be tuned on; held-out games are scored the same way with ``--no-tune``.
+Prints per-game scores and averages for each parameter setting, and how many games fail a
+per-game acceptance line.  Tune on ``--pool train`` only; score ``--pool validation`` with
+the chosen settings, never the other way round (:mod:`bench.pools`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import msgspec
 import numpy as np
 
 from bench.eval import evaluate, read_truth, wake_figures
+from bench.pools import POOLS, pool
 from copilot.profile import Profile, load_profile, resolve_profile
 from stages.replay import resampled_samples
 
@@ -178,6 +181,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def fails_a_game_line(row: dict[str, Any]) -> bool:
+    """Whether one recording misses a per-game acceptance line (critical recall, excess wakes)."""
+    return bool(row["crit_recall"] < 0.75 or row["excess_wakes"] > 4.0)
+
+
 def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
     meta, truth = read_truth(truth_path)
     return wake_figures(evaluate(pred, [meta, *truth] if meta else truth))
@@ -187,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.datasets.atari import make_atari_recording, resolve_game
 
     ap = argparse.ArgumentParser(prog="python -m bench.tune_trigger", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", default=None, help="a named set of recordings: " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "DemonAttack", "Pong"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--data", default="/tmp/copilot_trigger_data")
@@ -204,15 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     grid_keys = [g.split("=", 1)[0] for g in args.grid]
     grid_vals = [[_parse_value(x) for x in g.split("=", 1)[1].split(",")] for g in args.grid]
     data = Path(args.data)
+    wanted = pool(args.pool) if args.pool else [(g, s) for g in args.games for s in args.seeds]
     runs = []
-    for game in args.games:
+    for game, seed in wanted:
         rom = resolve_game(game)
-        for seed in args.seeds:
-            video = data / f"{rom}_s{seed}.mp4"
-            truth = data / f"{rom}_s{seed}.truth.jsonl"
-            if not video.exists() or not truth.exists():
-                make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
-            runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
+        video = data / f"{rom}_s{seed}.mp4"
+        truth = data / f"{rom}_s{seed}.truth.jsonl"
+        if not video.exists() or not truth.exists():
+            make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
+        runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         changes = dict(base) | dict(zip(grid_keys, combo, strict=True))
         prof = with_trigger(profile, changes)
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             r = score(pred, truth) | {"game": game, "seed": seed}
             rows.append(r)
             if args.per_game:
-                print(f"  {game:<14} s{seed}  crit {r['crit_recall']:.2f}/{r['moments']:<3}"
+                mark = "!" if fails_a_game_line(r) else " "
+                print(f"  {mark}{game:<14} s{seed}  crit {r['crit_recall']:.2f}/{r['moments']:<3}"
                       f" wprec {r['wake_precision']:.2f}"
                       f"  wakes/min {r['wakes_per_min']:5.1f} excess {r['excess_wakes']:+5.1f}"
                       f"  ann R {r['ann_recall']:.2f} P {r['ann_precision']:.2f}")
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{changes}  [{time.perf_counter() - t0:.2f}s]\n"
               f"    crit {s['crit_recall']:.3f} (worst {s['worst_crit']:.2f})"
               f"  wprec {s['wake_precision']:.3f}  excess {s['excess_wakes']:+.2f} (worst {s['worst_excess']:+.2f})"
-              f"  ann R {s['ann_recall']:.3f} P {s['ann_precision']:.3f}")
+              f"  ann R {s['ann_recall']:.3f} P {s['ann_precision']:.3f}"
+              f"  games failing a per-game line: {sum(map(fails_a_game_line, rows))}/{len(rows)}")
         sys.stdout.flush()
     return 0
 
