@@ -24,7 +24,8 @@ Why it is built this way:
   ``release_threshold``.  After an event, none of the same or lower priority follows within
   ``refractory_s``.  Wakes (critical and high events) are limited to
   ``max_wakes_per_min`` over a sliding ``budget_window_s``; past it, wakes are demoted to
-  normal and say so in their evidence.
+  normal and say so in their evidence.  ``max_high_per_min`` (off by default) is a budget for
+  high wakes alone, for a game that scores all the time: critical ones still get through.
 * **Rules and keywords from the profile** (OCR values such as a health drop of more than
   30%, or a keyword on screen) open an episode with their own priority.
 * **HUD semantics without OCR.**  A small HUD area that goes back to a content it showed
@@ -37,7 +38,10 @@ Why it is built this way:
   goes away, found without knowing where the lives are) is a ``quiet_priority`` (high)
   event when it is small (``quiet_max_cells``), mostly pixels going to the background
   (``quiet_min_lost``: an icon lost, not a digit gained) and not one of a run of such steps
-  (``quiet_gap_s``: a sprite creeping over still cells).  Any step in a small HUD area is
+  (``quiet_gap_s``: a sprite creeping over still cells).  Early in a session, or soon after
+  a game over redrew the icons, no cell has been still that long, so a cell still for only
+  ``quiet_icon_s`` also counts when nearly all its stepped pixels went to the background
+  (``quiet_icon_lost``: an icon gone, where a changed digit redraws).  Any step in a small HUD area is
   at least a ``low`` annotation (``annotate_hud``), so score changes are annotated even
   once routine.
 * **One wake per death.**  A critical event within ``critical_gap_s`` of the previous wake
