@@ -267,7 +267,7 @@ class TriggerDetector:
         # mostly clears it, or a cell still for a while whose pixels nearly all went to the background
         long_still = p.quiet_s > 0 and quiet >= p.quiet_s and lost >= p.quiet_min_lost
         icon_gone = p.quiet_icon_s > 0 and quiet >= p.quiet_icon_s and lost >= p.quiet_icon_lost
-        if p.quiet_s > 0 and quiet >= min(p.quiet_s, p.quiet_icon_s if p.quiet_icon_s > 0 else p.quiet_s):
+        if p.quiet_s > 0 and quiet >= min(x for x in (p.quiet_s, p.quiet_icon_s) if x > 0):  # quiet_s 0: both off
             lone = t - self._last_quiet >= p.quiet_gap_s
             self._last_quiet = t
             if lone and values.get("quiet_cells", 0.0) <= p.quiet_max_cells and (long_still or icon_gone):
@@ -406,8 +406,6 @@ class TriggerDetector:
             if len(self._high_wakes) >= p.max_high_per_min * p.budget_window_s / 60.0:
                 notes.append(f"demoted from high: high-wake budget of {p.max_high_per_min:g}/min spent")
                 prio = "normal"
-            else:
-                self._high_wakes.append(ep.onset)
         if prio in WAKES:
             while self._wakes and self._wakes[0] <= ep.onset - p.budget_window_s:
                 self._wakes.popleft()
@@ -417,6 +415,8 @@ class TriggerDetector:
                 prio = "normal"
             else:
                 self._wakes.append(ep.onset)
+                if prio == "high":
+                    self._high_wakes.append(ep.onset)
         ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])
         evidence: dict[str, Any] = {
             "signals": ranked,
