@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.pools import POOLS, pool
+from bench.output import run_tool
+from bench.pools import POOLS, ensure_recording, selection
 
 DEV_GAMES = ["Breakout", "SpaceInvaders", "DemonAttack", "Pong"]
 
@@ -95,7 +96,6 @@ def verdicts(per_game: dict[str, dict[str, float]], runs: list[dict[str, Any]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.datasets.atari import make_atari_recording, resolve_game
 
     ap = argparse.ArgumentParser(prog="python -m bench.annotate_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings (bench.pools): " + ", ".join(POOLS))
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write all figures to this JSON file")
     args = ap.parse_args(argv)
 
+    wanted = selection(args.pool, args.games, args.seeds)
+    games = list(dict.fromkeys(g for g, _ in wanted))
     data = Path(args.data)
     out = Path(args.out) if args.out else data / "annotate"
     out.mkdir(parents=True, exist_ok=True)
@@ -116,14 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'game':<14}{'seed':>5}{'moments':>8}{'crit R':>8}{'wake P':>8}{'wakes/m':>8}{'excess':>8}"
               f"{'ann R':>7}{'ann P':>7}{'events':>7}{'truth':>6}{'rtf':>7}{'delay99':>8}")
     print(header)
-    wanted = pool(args.pool) if args.pool else [(g, s) for g in args.games for s in args.seeds]
-    games = list(dict.fromkeys(g for g, _ in wanted))
     for game, seed in wanted:
-        rom = resolve_game(game)
-        video = data / f"{rom}_s{seed}.mp4"
-        truth = data / f"{rom}_s{seed}.truth.jsonl"
-        if not (video.exists() and truth.exists()):
-            make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
+        video, truth = ensure_recording(game, seed, data, args.seconds)
         r = run_one(video, truth, out, args.profile, args.config) | {"game": game, "seed": seed}
         runs.append(r)
         d = r["delay_p99_ms"]
@@ -152,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main, "python -m bench.annotate_eval")

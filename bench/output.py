@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,3 +28,13 @@ def emit_result(result: dict[str, Any], *, as_json: bool, output: str | None, ta
         from rich.console import Console
 
         Console().print(table(result))
+
+
+def run_tool(main: Callable[[], int], prog: str) -> None:
+    """Run a bench tool's ``main`` as a program: bad input is one line on stderr and exit 2."""
+    try:
+        code = main()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code)

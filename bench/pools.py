@@ -15,6 +15,8 @@ Every recording is 90 s of random play made by :func:`bench.datasets.atari.make_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from copilot.errors import UsageError
 
 DEV = ("Breakout", "SpaceInvaders", "DemonAttack", "Pong")
@@ -47,3 +49,19 @@ def pool(name: str) -> list[tuple[str, int]]:
         return list(POOLS[name])
     except KeyError:
         raise UsageError(f"unknown pool {name!r}: choose one of {', '.join(POOLS)}") from None
+
+
+def selection(name: str | None, games: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The recordings a tool was asked for: a named pool, else every game with every seed."""
+    return pool(name) if name else [(g, s) for g in games for s in seeds]
+
+
+def ensure_recording(game: str, seed: int, data: Path, seconds: float = 90.0) -> tuple[Path, Path]:
+    """``(video, truth)`` of one recording in ``data``, made first if either file is missing."""
+    from bench.datasets.atari import make_atari_recording, resolve_game
+
+    rom = resolve_game(game)
+    video, truth = data / f"{rom}_s{seed}.mp4", data / f"{rom}_s{seed}.truth.jsonl"
+    if not (video.exists() and truth.exists()):
+        make_atari_recording(game, seconds, data, seed=seed, progress=False)
+    return video, truth

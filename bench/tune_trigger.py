@@ -33,7 +33,8 @@ import msgspec
 import numpy as np
 
 from bench.eval import evaluate, read_truth, wake_figures
-from bench.pools import POOLS, pool
+from bench.output import run_tool
+from bench.pools import POOLS, ensure_recording, selection
 from copilot.profile import Profile, load_profile, resolve_profile
 from stages.replay import resampled_samples
 
@@ -192,8 +193,6 @@ def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.datasets.atari import make_atari_recording, resolve_game
-
     ap = argparse.ArgumentParser(prog="python -m bench.tune_trigger", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings: " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "DemonAttack", "Pong"])
@@ -213,14 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     grid_keys = [g.split("=", 1)[0] for g in args.grid]
     grid_vals = [[_parse_value(x) for x in g.split("=", 1)[1].split(",")] for g in args.grid]
     data = Path(args.data)
-    wanted = pool(args.pool) if args.pool else [(g, s) for g in args.games for s in args.seeds]
     runs = []
-    for game, seed in wanted:
-        rom = resolve_game(game)
-        video = data / f"{rom}_s{seed}.mp4"
-        truth = data / f"{rom}_s{seed}.truth.jsonl"
-        if not video.exists() or not truth.exists():
-            make_atari_recording(game, args.seconds, data, seed=seed, progress=False)
+    for game, seed in selection(args.pool, args.games, args.seeds):
+        video, truth = ensure_recording(game, seed, data, args.seconds)
         runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         changes = dict(base) | dict(zip(grid_keys, combo, strict=True))
@@ -231,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = replay_detector(obs, prof)
             if args.dump:
                 Path(args.dump).mkdir(parents=True, exist_ok=True)
-                with open(Path(args.dump) / f"{resolve_game(game)}_s{seed}.events.jsonl", "w") as fh:
+                with open(Path(args.dump) / truth.name.replace(".truth.jsonl", ".events.jsonl"), "w") as fh:
                     for e in pred:
                         fh.write(json.dumps(e) + "\n")
             r = score(pred, truth) | {"game": game, "seed": seed}
@@ -253,5 +247,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main, "python -m bench.tune_trigger")
 
