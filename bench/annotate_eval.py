@@ -96,7 +96,6 @@ def verdicts(per_game: dict[str, dict[str, float]], runs: list[dict[str, Any]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m bench.annotate_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings (bench.pools): " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=DEV_GAMES)
