@@ -415,7 +415,7 @@ class TriggerDetector:
                 prio = "normal"
             else:
                 self._wakes.append(ep.onset)
-                if prio == "high":
+                if prio == "high" and p.max_high_per_min > 0:  # kept (and pruned) only while that budget is on
                     self._high_wakes.append(ep.onset)
         ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])
         evidence: dict[str, Any] = {
