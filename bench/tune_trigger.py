@@ -40,11 +40,11 @@ from stages.replay import resampled_samples
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
 HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "revert_states", "areas", "small",
-            "quiet", "quiet_cells", "quiet_area", "revert_clock", "quiet_lost")
+            "quiet", "quiet_cells", "quiet_area", "revert_clock", "quiet_lost", "clock", "fresh")
 THUMB_KEYS = ("novelty", "novelty_long")
 AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset")
 # bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 21
+SIGNALS_VERSION = 24
 
 
 def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:

@@ -109,8 +109,12 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     critical_score: float = 2.5
     high_score: float = 1.1
     normal_score: float = 0.55
-    annotate_hud: bool = True  # every step in a small HUD area is at least a low-priority event
-    annotate_min_novel_s: float = 2.0  # ... when its cell had not stepped for this long (a gauge ticking is not)
+    annotate_hud: bool = True  # a step in a small HUD area is at least a low-priority event
+    annotate_min_novel_s: float = 0.5  # ... when its cell had not stepped for this long (a gauge ticking is not)
+    annotate_fresh: bool = True  # ... and the area shows a content it never showed before (not a blink, a gauge)
+    # an event under wake priority (normal, low) is emitted only with HUD evidence or a reason (a rule, a
+    # keyword, a HUD revert): a sound or a picture change alone is rarely a reward or a death
+    annotate_need_hud: bool = True
     revert_priority: Priority = "critical"  # a HUD area going back to an earlier state (a counter reset)
     # ... but only an area that has shown at most this many contents: a lives or level counter
     # shows a handful, a gauge, a timer or a score dozens and goes back routinely (0: no limit)

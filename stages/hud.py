@@ -21,7 +21,7 @@ for cells nothing ever passed through, counted from the start: a lives icon that
 the first time after a minute scores 60) with ``quiet_cells``, ``quiet_area`` (the same
 with the cell's row neighbours, the rest of its number) and ``quiet_lost`` (the share of
 those cells' stepped pixels that went to the background: an icon lost, not a digit
-gained), ``revert`` / ``revert_age`` / ``revert_states`` / ``revert_clock`` (see
+gained), ``revert`` / ``revert_age`` / ``revert_states`` / ``revert_clock`` / ``clock`` / ``fresh`` (see
 :class:`HudMemory`), ``region.NAME`` (changed fraction of each profile region) and, in
 ``text["where"]``, the stepped cells' box.
 The numeric core is :class:`HudAnalyzer`.
@@ -68,8 +68,12 @@ class HudMemory:
     content was last seen.  An area's memory starts when it is first recognised (and again
     if its box grows), so its very first contents can be missed.  ``revert_states`` says how
     many contents the area has shown (the detector trusts reverts of areas with few), and an
-    area whose last steps came at exactly equal intervals is a clock (a countdown, a timer):
-    its returns to earlier contents are reported as ``revert_clock``, never as ``revert``.
+    area whose last steps came a whole number of seconds apart is a clock (a countdown, a
+    timer): its returns to earlier contents are reported as ``revert_clock``, never as
+    ``revert``, and its steps are left out of ``small`` and ``areas`` (``clock`` is 1 instead).
+    ``fresh`` is the part of ``small`` in areas that now show a content they never showed
+    before (a score gone up, a life lost for the first time), not one they go back and forth
+    between (a blinking marker, a gauge).
     """
 
     def __init__(self, grid_hw: tuple[int, int], max_states: int = 64, min_gap_s: float = 1.0, gap: int = 1,
@@ -86,8 +90,9 @@ class HudMemory:
         self._recent: dict[tuple[int, int, int, int], list[int]] = {}
         self._times: dict[tuple[int, int, int, int], list[float]] = {}  # the area's last step times
         self.clock_tol_s = 0.02  # intervals this close are equal (under a frame at 30 fps)
-        self.clock_max_s = 3.0
-        self.clock_ticks = 3  # equal intervals in a row that make a clock
+        self.clock_max_s = 3.0  # a clock ticks every 1, 2 or 3 s
+        self.clock_max_skip = 3  # a gap may span this many periods (ticks the encoder missed)
+        self.clock_ticks = 4  # intervals in a row that make a clock
 
     def _label(self) -> np.ndarray:
         """Connected groups of HUD cells (0 = not HUD); gaps of up to ``gap`` cells join."""
@@ -111,10 +116,14 @@ class HudMemory:
 
     def _clock(self, key: tuple[int, int, int, int], t: float) -> bool:
         """Note a step of the area at ``t``; whether it ticks like a clock: its last steps came at
-        exactly equal intervals.
+        whole multiples of one interval, to the frame.
 
-        A timer or a countdown steps every N frames to the frame; a lives counter or a score
-        steps when something happens, never twice running at the very same interval.
+        A timer or a countdown steps every second (or every few) to the frame (a tick whose
+        change this encoder missed makes a gap of two intervals); a lives counter or a score
+        steps when something happens, and its gaps are not whole multiples of one another time
+        after time.  The interval must be a whole number of seconds: a game's own cycle can be
+        regular too (Pong's opponent scoring every 2.33 s when nobody plays), and those
+        steps are events, not a clock.
         """
         times = self._times.setdefault(key, [])
         if not times or times[-1] != t:
@@ -123,7 +132,13 @@ class HudMemory:
         if len(times) <= self.clock_ticks:
             return False
         gaps = np.diff(times)
-        return bool(gaps[0] <= self.clock_max_s and float(np.ptp(gaps)) <= self.clock_tol_s)
+        period = float(gaps.min())
+        if not 1.0 - self.clock_tol_s <= period <= self.clock_max_s + self.clock_tol_s:
+            return False
+        if abs(period - round(period)) > self.clock_tol_s:
+            return False
+        k = np.round(gaps / period)
+        return bool(k.max() <= self.clock_max_skip and np.all(np.abs(gaps - k * period) <= self.clock_tol_s * k))
 
     @staticmethod
     def _snap(img: np.ndarray) -> np.ndarray:
@@ -143,7 +158,8 @@ class HudMemory:
             self._labels = self._label()
         labels = self._labels
         h, w = before.shape
-        out = {"revert": 0.0, "revert_age": 0.0, "revert_states": 0.0, "revert_clock": 0.0, "areas": 0.0, "small": 0.0}
+        out = {"revert": 0.0, "revert_age": 0.0, "revert_states": 0.0, "revert_clock": 0.0, "areas": 0.0, "small": 0.0,
+               "clock": 0.0, "fresh": 0.0}
         if not stepped.any():
             return out
         for lab in np.unique(labels[stepped]):
@@ -152,10 +168,14 @@ class HudMemory:
             ys, xs = np.nonzero(labels == lab)
             if ys.size > self.max_area_cells:  # a big block of still cells is scenery, not a HUD
                 continue
-            out["areas"] += 1
-            if counts is not None:
-                out["small"] += float(counts[(labels == lab) & stepped].sum()) / before.size
             key = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+            clock = self._clock(key, t)
+            px = 0.0 if counts is None else float(counts[(labels == lab) & stepped].sum()) / before.size
+            if clock:  # a timer ticking is no news: not counted as a step of a small area
+                out["clock"] = 1.0
+            else:
+                out["areas"] += 1
+                out["small"] += px
             y0, y1 = key[0] * h // self.gy, key[1] * h // self.gy
             x0, x1 = key[2] * w // self.gx, key[3] * w // self.gx
             states = self._states.setdefault(key, [])
@@ -164,7 +184,6 @@ class HudMemory:
                 states.append([self._snap(before[y0:y1, x0:x1]), t])
                 recent.append(0)
             new = self._snap(after[y0:y1, x0:x1])
-            clock = self._clock(key, t)
             i = self._match(states, new)
             if i >= 0:
                 if i not in recent[-2:] and t - states[i][1] >= self.min_gap_s and clock:
@@ -178,6 +197,8 @@ class HudMemory:
                     out["revert_age"] = max(out["revert_age"], round(t - states[i][1], 3))
                 states[i][1] = t
             else:
+                if not clock:  # a content the area never showed: a score gone up, a life lost the first time
+                    out["fresh"] += px
                 if len(states) >= self.max_states:
                     oldest = min(range(len(states)), key=lambda j: states[j][1])
                     states.pop(oldest)
@@ -384,13 +405,14 @@ class HudAnalyzer:
                                & (self._n_recent <= self.max_step_rate * self.rate_tau))
                     values.update(self._memory.step(stepped & hudlike, hudlike, before, ring[-1], t_at, counts))
                     values["small"] = round(values["small"], 6)
+                    values["fresh"] = round(values["fresh"], 6)
                     self._last_step[stepped] = t_at
                 values["age"] = round(t - t_at, 4)
         else:
             self._held += 1 if len(ring) > 1 else 0
         self.frames += 1
         for key in ("peak", "age", "revert", "revert_age", "revert_states", "areas", "small", "quiet", "quiet_cells",
-                    "quiet_area", "quiet_lost", "revert_clock"):
+                    "quiet_area", "quiet_lost", "revert_clock", "clock", "fresh"):
             values.setdefault(key, 0.0)
         return values, where
 

@@ -41,9 +41,13 @@ Why it is built this way:
   (``quiet_gap_s``: a sprite creeping over still cells).  Early in a session, or soon after
   a game over redrew the icons, no cell has been still that long, so a cell still for only
   ``quiet_icon_s`` also counts when nearly all its stepped pixels went to the background
-  (``quiet_icon_lost``: an icon gone, where a changed digit redraws).  Any step in a small HUD area is
-  at least a ``low`` annotation (``annotate_hud``), so score changes are annotated even
-  once routine.
+  (``quiet_icon_lost``: an icon gone, where a changed digit redraws).
+* **Annotations are HUD news.**  A step in a small HUD area to a content it never showed
+  (``annotate_fresh``: a score gone up, not a blink or a gauge going back and forth) is at
+  least a ``low`` annotation (``annotate_hud``), so score changes are annotated even once
+  routine.  Below wake priority, an event needs HUD evidence or a reason (a rule, a keyword,
+  a revert) to be emitted at all (``annotate_need_hud``): on the training pool, three in four
+  sound-only and two in three picture-only normal events were near no reward or death.
 * **One wake per death.**  A critical event within ``critical_gap_s`` of the previous wake
   (a lives icon and a score reset of the same game over) is demoted to normal.
 * **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
@@ -229,7 +233,8 @@ class TriggerDetector:
             t_sig = t - float(values.get("age", 0.0)) + float(values.get("offset", 0.0))
             warm = t_sig - self._t0 >= self.p.warmup_s
             if (name == "hud" and warm and self.p.annotate_hud and values.get("small", 0.0) > 0
-                    and values.get("novel", math.inf) >= self.p.annotate_min_novel_s):
+                    and values.get("novel", math.inf) >= self.p.annotate_min_novel_s
+                    and (not self.p.annotate_fresh or values.get("fresh", 0.0) > 0)):
                 self._force(t_sig, "low", "hud_change", "a HUD area changed")
             if name == "hud" and warm:
                 self._observe_hud(t_sig, values)
@@ -417,6 +422,12 @@ class TriggerDetector:
                 self._wakes.append(ep.onset)
                 if prio == "high" and p.max_high_per_min > 0:  # kept (and pruned) only while that budget is on
                     self._high_wakes.append(ep.onset)
+        if (p.annotate_need_hud and prio not in WAKES and ep.forced is None
+                and ep.families.get("hud", 0.0) <= 0):
+            # nothing was emitted, so there is no event to keep a second one from duplicating:
+            # the hysteresis latch is let go and what comes next may open an episode of its own
+            self._latched = False
+            return None
         ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])
         evidence: dict[str, Any] = {
             "signals": ranked,

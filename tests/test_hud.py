@@ -183,3 +183,32 @@ def test_quiet_lost_tells_an_icon_going_away_from_one_appearing() -> None:
     lost = {round(t): v["quiet_lost"] for t, v in out if v["quiet"] > 0}
     assert lost[30] > 0.9, "8 -> 1: the segments that went off went to the background"
     assert lost[32] < 0.1, "1 -> 8: segments appeared, nothing was lost"
+
+
+def test_a_timer_is_a_clock_even_when_a_tick_is_missed_and_its_steps_are_not_small() -> None:
+    # a countdown stepping every 1.0 s to the frame; at 6 s its value does not change (a tick
+    # this encoder cannot see), so one gap is 2 s
+    values = [5, 4, 3, 2, 2, 1, 5, 4, 3, 2, 1, 5, 4, 3, 2]
+    ticks = [(0.0, -1)] + [(1.0 + k, v) for k, v in enumerate(values)]
+    out = feed_times(HudAnalyzer(), ticks, 16)
+    # from 7 s on (the area is known from 2 s, and a clock takes four intervals) every tick is a
+    # clock's, the ones whose last intervals include the missed tick too
+    late = [(round(t, 2), v) for t, v in out if t >= 6.9 and (v["clock"] > 0 or v["small"] > 0)]
+    assert [t for t, _ in late][:3] == [7.0, 8.0, 9.0], late
+    assert all(v["clock"] == 1.0 and v["small"] == 0.0 and v["fresh"] == 0.0 for _, v in late), late
+
+
+def test_a_regular_cycle_that_is_not_whole_seconds_is_not_a_clock() -> None:
+    # a game's own cycle (Pong's opponent scoring every 2.33 s when nobody plays) is events
+    ticks = [(0.0, -1)] + [(1.0 + k * 70 / 30, [0, 1, 2, 3, 4, 5][k % 6]) for k in range(7)]
+    out = feed_times(HudAnalyzer(), ticks, 17)
+    steps = [t for t, v in out if v["small"] > 0]
+    assert len(steps) >= 5 and not [t for t, v in out if v["clock"] > 0], steps
+
+
+def test_fresh_is_a_step_to_a_content_the_area_never_showed() -> None:
+    out = feed_times(HudAnalyzer(), [(0.0, -1), (2.0, 8), (4.3, 3), (5.9, 2), (8.0, 8)], 10)
+    fresh = [round(t, 1) for t, v in out if v["fresh"] > 0]
+    small = [round(t, 1) for t, v in out if v["small"] > 0]
+    assert 4.3 in fresh and 5.9 in fresh, fresh
+    assert 8.0 in small and 8.0 not in fresh, "back to 8: a step, but nothing new"

@@ -84,11 +84,22 @@ def test_a_rare_moment_fires_again_after_routine_ones() -> None:
 
 # -- agreement, coalescing, priorities -------------------------------------------------------
 def test_agreement_of_two_families_scores_more_than_one_loud_signal() -> None:
-    alone = run(TriggerDetector(profile()), 15, {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]})
-    both = run(TriggerDetector(profile()), 15, beep_and_digit(10 * FPS))
-    best_alone = max((e.event.score for e in alone), default=0.0)
+    prof = profile(annotate_need_hud=False)  # so that the sound alone is emitted and scored
+    alone = run(TriggerDetector(prof), 15, {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]})
+    both = run(TriggerDetector(prof), 15, beep_and_digit(10 * FPS))
+    assert alone, "a loud sound alone is an event"
+    best_alone = max(e.event.score for e in alone)
     best_both = max(e.event.score for e in both)
     assert best_both > best_alone
+
+
+def test_under_wake_priority_a_sound_alone_is_not_emitted_but_one_with_a_hud_step_is() -> None:
+    sound = {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]}
+    shown = run(TriggerDetector(profile(annotate_need_hud=False)), 15, sound)
+    assert [(e.event.event_kind, e.event.priority) for e in shown] == [("sound", "normal")]
+    assert not run(TriggerDetector(profile()), 15, sound), "annotate_need_hud (the default) drops it"
+    both = run(TriggerDetector(profile()), 15, beep_and_digit(10 * FPS))
+    assert [e.event.event_kind for e in both] == ["hud_change+sound"]
 
 
 def test_signals_close_together_coalesce_into_one_event_with_both_in_evidence() -> None:
@@ -148,14 +159,20 @@ def test_an_icon_gone_after_a_short_stillness_wakes_but_a_changed_digit_does_not
     assert not [e for e in events if e.event.event_kind == "hud_quiet_change"], "quiet_icon_s 0 turns it off"
 
 
-def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time() -> None:
+def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time_or_it_shows_nothing_new() -> None:
     prof = profile(annotate_min_novel_s=2.0)
-    fresh = {"steps": 0.001, "small": 0.001, "novel": 30.0}
-    events = run(TriggerDetector(prof), 12, {300: [("hud", fresh)]})
-    assert [e.event.event_kind for e in events] == ["hud_change"]
-    ticking = dict(fresh, novel=0.5)  # the same cell stepped half a second ago: a gauge
-    events = run(TriggerDetector(prof), 12, {300: [("hud", ticking)]})
-    assert not [e for e in events if "a HUD area changed" in e.event.evidence.get("reasons", [])]
+    fresh = {"steps": 0.001, "small": 0.001, "fresh": 0.001, "novel": 30.0}
+
+    def annotated(values: dict[str, float], p: Profile = prof) -> list:
+        events = run(TriggerDetector(p), 12, {300: [("hud", values)]})
+        return [e for e in events if "a HUD area changed" in e.event.evidence.get("reasons", [])]
+
+    found = annotated(fresh)
+    assert [e.event.event_kind for e in found] == ["hud_change"]  # low, or normal when the step is rare too
+    assert abs(found[0].event.t - 10.0) <= 0.05
+    assert not annotated(dict(fresh, novel=0.5)), "the same cell stepped half a second ago: a gauge"
+    assert not annotated(dict(fresh, fresh=0.0)), "back to a content it showed before: a blink"
+    assert annotated(dict(fresh, fresh=0.0), profile(annotate_min_novel_s=2.0, annotate_fresh=False))
 
 
 def test_a_second_critical_cue_right_after_a_wake_is_only_an_annotation() -> None:
