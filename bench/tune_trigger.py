@@ -35,6 +35,7 @@ import numpy as np
 from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
+from copilot.errors import UsageError
 from copilot.profile import Profile, load_profile, resolve_profile
 from stages.replay import resampled_samples
 
@@ -163,8 +164,31 @@ def replay_detector(obs: list[tuple[float, str, dict[str, float]]], profile: Pro
 
 
 def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:
-    trig = msgspec.structs.replace(profile.trigger, **changes) if changes else profile.trigger
+    """``profile`` with its trigger settings changed; a setting that is unknown or of the wrong
+    type is a :class:`UsageError` naming it."""
+    if not changes:
+        return profile
+    known = set(type(profile.trigger).__struct_fields__)
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise UsageError(f"no trigger setting {', '.join(unknown)} (see copilot/profile.py TriggerParams)")
+    try:
+        trig = msgspec.convert(msgspec.to_builtins(profile.trigger) | changes, type(profile.trigger))
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"trigger setting: {exc}") from None
     return msgspec.structs.replace(profile, trigger=trig)
+
+
+def parse_settings(items: list[str], *, sweep: bool) -> dict[str, list[Any]]:
+    """``KEY=VALUE`` (or, for a sweep, ``KEY=V1,V2,...``) items as ``{key: [values]}``."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or not text:
+            form = "KEY=V1,V2,..." if sweep else "KEY=VALUE"
+            raise UsageError(f"{'--grid' if sweep else '--set'} {item!r}: expected {form}")
+        out[key] = [_parse_value(x) for x in text.split(",")] if sweep else [_parse_value(text)]
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -200,17 +224,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="/tmp/copilot_trigger_data")
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--profile", default=None)
-    ap.add_argument("--set", nargs="*", default=[], help="trigger KEY=VALUE overrides")
-    ap.add_argument("--grid", nargs="*", default=[], help="trigger KEY=V1,V2,... to sweep")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="trigger settings to change (repeatable)")
+    ap.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                    help="trigger settings to sweep, every combination (repeatable)")
     ap.add_argument("--refresh", action="store_true", help="recompute cached signals")
     ap.add_argument("--per-game", action="store_true")
     ap.add_argument("--dump", default=None, help="write predicted events to this directory")
     args = ap.parse_args(argv)
 
     profile = load_profile(resolve_profile(args.profile))
-    base = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    grid_keys = [g.split("=", 1)[0] for g in args.grid]
-    grid_vals = [[_parse_value(x) for x in g.split("=", 1)[1].split(",")] for g in args.grid]
+    base = {k: v[0] for k, v in parse_settings(args.set, sweep=False).items()}
+    grid = parse_settings(args.grid, sweep=True)
+    grid_keys, grid_vals = list(grid), list(grid.values())
+    for combo in itertools.product(*grid_vals):  # every setting checked before anything runs
+        with_trigger(profile, base | dict(zip(grid_keys, combo, strict=True)))
     data = Path(args.data)
     runs = []
     for game, seed in selection(args.pool, args.games, args.seeds):
