@@ -55,6 +55,9 @@ class HudParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auto: bool | None = None  # None: the profile's auto_hud
 
 
+_KNOWN_MIN = 0.65  # share of an area a remembered state must know to match (see HudMemory._match)
+
+
 class HudMemory:
     """What each HUD area has shown, to tell progress from a return to an earlier state.
 
@@ -65,8 +68,9 @@ class HudMemory:
     goes back to a content it showed before, other than the one or two it just showed (a
     blink), has *reverted*: a life counter going down again after a game over, a score reset
     to zero, a level redrawn.  ``revert`` is then 1 and ``revert_age`` says how long ago that
-    content was last seen.  An area's memory starts when it is first recognised (and again
-    if its box grows), so its very first contents can be missed.  ``revert_states`` says how
+    content was last seen.  An area's memory starts when it is first recognised, so its very
+    first contents can be missed; when its box grows (more of its cells found), it keeps
+    what the smaller areas inside it showed, with the new part unknown.  ``revert_states`` says how
     many contents the area has shown (the detector trusts reverts of areas with few), and an
     area whose last steps came a whole number of seconds apart is a clock (a countdown, a
     timer): its returns to earlier contents are reported as ``revert_clock``, never as
@@ -146,10 +150,40 @@ class HudMemory:
 
     @staticmethod
     def _match(states: list[list[Any]], snap: np.ndarray) -> int:
+        """Index of the state ``snap`` shows again, or -1.  Pixels a state does not know (-1: an
+        area that grew since) are left out, but a state must know most of the area (``_KNOWN_MIN``)."""
         for i, (s, _) in enumerate(states):
-            if s.shape == snap.shape and np.count_nonzero(np.abs(s - snap) > 1) <= max(2, snap.size // 100):
+            if s.shape != snap.shape:
+                continue
+            known = s >= 0
+            n = int(np.count_nonzero(known))
+            if n < _KNOWN_MIN * snap.size:
+                continue
+            if np.count_nonzero((np.abs(s - snap) > 1) & known) <= max(2, n // 100):
                 return i
         return -1
+
+    def _inherit(self, key: tuple[int, int, int, int], h: int, w: int) -> list[list[Any]]:
+        """The states of earlier, smaller areas inside ``key`` (the area grew as more of its cells
+        were found), placed in the new box with the rest unknown; those areas are forgotten.
+
+        Without this an area's memory would start again whenever its box grows, and a lives
+        counter that grew that way would miss its return to full at the next game over.
+        """
+        y0, x0 = key[0] * h // self.gy, key[2] * w // self.gx
+        shape = (key[1] * h // self.gy - y0, key[3] * w // self.gx - x0)
+        out: list[list[Any]] = []
+        for old in [k for k in self._states if k != key and key[0] <= k[0] and k[1] <= key[1]
+                    and key[2] <= k[2] and k[3] <= key[3]]:
+            oy, ox = old[0] * h // self.gy - y0, old[2] * w // self.gx - x0
+            for snap, seen in self._states.pop(old):
+                full = np.full(shape, -1, np.int8)
+                full[oy:oy + snap.shape[0], ox:ox + snap.shape[1]] = snap
+                out.append([full, seen])
+            self._recent.pop(old, None)
+            self._times.pop(old, None)
+        out.sort(key=lambda st: st[1])
+        return out[-(self.max_states - 1):] if self.max_states > 1 else []
 
     def step(self, stepped: np.ndarray, hudmap: np.ndarray, before: np.ndarray, after: np.ndarray,
              t: float, counts: np.ndarray | None = None) -> dict[str, float]:
@@ -183,6 +217,7 @@ class HudMemory:
             if not states:
                 states.append([self._snap(before[y0:y1, x0:x1]), t])
                 recent.append(0)
+                states.extend(self._inherit(key, h, w))
             new = self._snap(after[y0:y1, x0:x1])
             i = self._match(states, new)
             if i >= 0:

@@ -212,3 +212,24 @@ def test_fresh_is_a_step_to_a_content_the_area_never_showed() -> None:
     small = [round(t, 1) for t, v in out if v["small"] > 0]
     assert 4.3 in fresh and 5.9 in fresh, fresh
     assert 8.0 in small and 8.0 not in fresh, "back to 8: a step, but nothing new"
+
+
+def test_an_area_that_grows_keeps_what_it_showed_and_still_reverts() -> None:
+    # a digit (the area) is joined later by a small marker beside it, so the area's box grows;
+    # when the digit goes back to a value it showed before the growth, that is still a revert
+    def frame(t: float) -> np.ndarray:
+        value = [v for at, v in [(0.0, -1), (2.0, 8), (4.3, 3), (9.5, 8)] if at <= t + 1e-9][-1]
+        img = scene(t, value)
+        if t >= 6.1:  # the marker: blank -> lit at 6.1, off at 7.4, lit again at 8.3
+            lit = t < 7.4 or t >= 8.3
+            img[8:16, 270:276] = 250 if lit else 30
+        return img
+
+    h = HudAnalyzer()
+    reverts = []
+    for i in range(11 * 30):
+        t = i / 30
+        v, _ = h.update(frame(t), t)
+        if v["revert"] > 0:
+            reverts.append(round(t - v["age"], 2))
+    assert any(abs(t - 9.5) <= 0.07 for t in reverts), reverts
