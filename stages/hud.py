@@ -85,6 +85,7 @@ class HudMemory:
         self.gy, self.gx = grid_hw
         self.gap = gap
         self.max_area_cells = max(4, int(max_area_frac * grid_hw[0] * grid_hw[1]))
+        self.max_areas = 256  # areas remembered; past this the one that stepped longest ago is forgotten
         self.map = np.zeros(grid_hw, bool)
         self.max_states = max_states
         self.min_gap_s = min_gap_s
@@ -243,7 +244,19 @@ class HudMemory:
             if not recent or recent[-1] != i:
                 recent.append(i)
                 del recent[:-3]
+        self._forget_stale()
         return out
+
+    def _forget_stale(self) -> None:
+        """Keep at most ``max_areas`` areas, so hours of play (sprites resting on ever new
+        still cells make new areas) cannot grow the memory without bound."""
+        excess = len(self._times) - self.max_areas
+        if excess <= 0:
+            return
+        for key in sorted(self._times, key=lambda k: self._times[k][-1])[:excess]:
+            self._times.pop(key, None)
+            self._states.pop(key, None)
+            self._recent.pop(key, None)
 
 
 def _min_filter(a: np.ndarray, ry: int, rx: int) -> np.ndarray:

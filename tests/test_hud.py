@@ -233,3 +233,24 @@ def test_an_area_that_grows_keeps_what_it_showed_and_still_reverts() -> None:
         if v["revert"] > 0:
             reverts.append(round(t - v["age"], 2))
     assert any(abs(t - 9.5) <= 0.07 for t in reverts), reverts
+
+
+def test_the_area_memory_is_bounded_and_forgets_the_area_that_stepped_longest_ago() -> None:
+    from stages.hud import HudMemory
+
+    mem = HudMemory((24, 32))
+    mem.max_areas = 5
+    hudmap = np.zeros((24, 32), bool)
+    hudmap[::3, ::3] = True  # 64 separate one-cell areas
+    cells = list(zip(*np.nonzero(hudmap), strict=True))
+    before = np.zeros((120, 160), np.int16)
+    after = np.full((120, 160), 200, np.int16)
+    for k, (y, x) in enumerate(cells[:12]):
+        stepped = np.zeros_like(hudmap)
+        stepped[y, x] = True
+        mem.step(stepped, hudmap, before, after, t=float(k))
+        assert len(mem._states) <= 5 and len(mem._times) <= 5
+    last = cells[11]
+    assert any(key[0] == last[0] and key[2] == last[1] for key in mem._states), "the newest area is kept"
+    first = cells[0]
+    assert not any(key[0] == first[0] and key[2] == first[1] for key in mem._states), "the oldest is gone"
