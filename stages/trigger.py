@@ -395,6 +395,7 @@ class TriggerDetector:
         if ep.forced is not None and PRIORITY_RANK[ep.forced] <= PRIORITY_RANK[prio]:
             prio, kind = ep.forced, ep.kind
         notes: list[str] = []
+        over_budget = False
         if self._last_event is not None:
             t_last, prio_last = self._last_event
             if ep.onset - t_last < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
@@ -418,14 +419,17 @@ class TriggerDetector:
             if len(self._wakes) >= allowed:
                 notes.append(f"demoted from {prio}: wake budget of {p.max_wakes_per_min:g}/min spent")
                 prio = "normal"
+                over_budget = True
             else:
                 self._wakes.append(ep.onset)
                 if prio == "high" and p.max_high_per_min > 0:  # kept (and pruned) only while that budget is on
                     self._high_wakes.append(ep.onset)
-        if (p.annotate_need_hud and prio not in WAKES and ep.forced is None
+        if (p.annotate_need_hud and prio not in WAKES and ep.forced is None and not over_budget
                 and ep.families.get("hud", 0.0) <= 0):
-            # nothing was emitted, so there is no event to keep a second one from duplicating:
-            # the hysteresis latch is let go and what comes next may open an episode of its own
+            # an annotation without HUD evidence is not emitted (nor a wake demoted as a repeat of the
+            # previous one; one demoted by the budget is, with its note).  Nothing was emitted, so there
+            # is no event to keep a second one from duplicating: the hysteresis latch is let go and
+            # what comes next may open an episode of its own
             self._latched = False
             return None
         ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])

@@ -231,6 +231,24 @@ def test_wake_budget_demotes_wakes_past_max_per_minute() -> None:
     assert "wake budget" in events[3].event.evidence["notes"][0]
 
 
+def test_a_wake_demoted_by_the_budget_is_kept_even_without_hud_evidence() -> None:
+    # a big picture change (a flash, the screen redrawn) every 5 s: high wakes with no HUD step
+    # (each bigger than any before, so each is as rare as can be)
+    det = TriggerDetector(profile(max_wakes_per_min=2.0))
+    events = []
+    for i in range(60 * FPS):
+        t = i / FPS
+        k = (i - 20 * FPS) // (5 * FPS)
+        big = i >= 20 * FPS and i % (5 * FPS) == 0
+        values = {"flash": 0.1 + 0.05 * k, "reset": 0.6 + 0.04 * k} if big else {"flash": 0.0, "reset": 0.0}
+        events += det.observe(t, "motion", values)
+    events += det.finish()
+    prios = [e.event.priority for e in events]
+    assert prios[:2] == ["high", "high"] and len(prios) >= 6, prios
+    assert all(p == "normal" for p in prios[2:]), "past the budget: demoted, and still emitted"
+    assert all("wake budget" in e.event.evidence["notes"][0] for e in events[2:])
+
+
 def test_high_wake_budget_demotes_high_wakes_but_lets_critical_ones_through() -> None:
     """``max_high_per_min`` bounds the wakes of a game that scores all the time; a death still wakes."""
     quiet = {"steps": 0.001, "small": 0.001, "quiet": 40.0, "quiet_area": 40.0, "quiet_cells": 1.0}
