@@ -47,7 +47,8 @@ Why it is built this way:
   least a ``low`` annotation (``annotate_hud``), so score changes are annotated even once
   routine.  Below wake priority, an event needs HUD evidence or a reason (a rule, a keyword,
   a revert) to be emitted at all (``annotate_need_hud``): on the training pool, three in four
-  sound-only and two in three picture-only normal events were near no reward or death.
+  sound-only and two in three picture-only normal events were near no reward or death.  A
+  wake demoted by the budget is still emitted, with its note.
 * **One wake per death.**  A critical event within ``critical_gap_s`` of the previous wake
   (a lives icon and a score reset of the same game over) is demoted to normal.
 * **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
