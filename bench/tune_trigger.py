@@ -145,7 +145,7 @@ def observations(sig: dict[str, np.ndarray]) -> list[tuple[float, str, dict[str,
         obs.append((t, "thumb", dict(zip(THUMB_KEYS, map(float, sig["thumb"][i]), strict=True))))
     for i, t in enumerate(sig["audio_t"]):
         obs.append((float(t), "audio", dict(zip(AUDIO_KEYS, map(float, sig["audio"][i]), strict=True))))
-    obs.sort(key=lambda o: o[0])
+    obs.sort(key=lambda o: (o[0], o[1]))  # the order the stage's MediaTimeOrder releases them in
     return obs
 
 

@@ -205,6 +205,7 @@ class TriggerDetector:
         self._wakes: deque[float] = deque()
         self._high_wakes: deque[float] = deque()  # media times of high wakes, for max_high_per_min
         self._now = -math.inf
+        self._unstepped = False  # inputs came at media time _now that the fusion has not looked at yet
         self._t0: float | None = None
         self._last_quiet = -math.inf  # media time of the last step in a long-still HUD cell
         self._state: dict[str, float] = {}  # latest OCR values
@@ -221,11 +222,19 @@ class TriggerDetector:
         values: dict[str, float],
         text: dict[str, str] | None = None,
     ) -> list[DetectorEvent]:
-        """One encoder output at media time ``t``; returns events decided by now."""
+        """One encoder output at media time ``t``; returns events decided by now.
+
+        The detector decides once it has seen every input of a media time: when the first input
+        of a later time comes (or at :meth:`finish`).  So inputs of equal time (one frame's
+        motion, HUD and thumbnail features) count the same whatever order they come in.
+        """
         if self._t0 is None:
             self._t0 = t
-        self._now = max(self._now, t)
         out: list[DetectorEvent] = []
+        if t > self._now and self._unstepped:
+            self._step(out)  # everything up to the previous media time is in
+            self._unstepped = False
+        self._now = max(self._now, t)
         if name == "hud_ocr":
             self._observe_ocr(t, values, text or {})
         elif name == "keywords":
@@ -254,7 +263,7 @@ class TriggerDetector:
                 r = base.update(t_sig, v)
                 if r > 0:
                     self._recent.append((t_sig, sig, r, float(value)))
-        self._step(out)
+        self._unstepped = True
         return out
 
     def _observe_hud(self, t: float, values: dict[str, float]) -> None:
@@ -433,7 +442,7 @@ class TriggerDetector:
             # what comes next may open an episode of its own
             self._latched = False
             return None
-        ranked = sorted(ep.signals, key=lambda k: -ep.signals[k]["rarity"])
+        ranked = sorted(ep.signals, key=lambda k: (-ep.signals[k]["rarity"], k))
         evidence: dict[str, Any] = {
             "signals": ranked,
             "scores": {k: ep.signals[k] for k in ranked},
@@ -455,13 +464,18 @@ class TriggerDetector:
         return de
 
     def finish(self) -> list[DetectorEvent]:
-        """End of stream: decide an open episode now."""
+        """End of stream: decide what the last inputs show, then an open episode now."""
+        out: list[DetectorEvent] = []
+        if self._unstepped:
+            self._step(out)
+            self._unstepped = False
         ep = self._episode
         self._episode = None
-        if ep is None:
-            return []
-        ev = self._decide(ep, self._now)
-        return [ev] if ev is not None else []
+        if ep is not None:
+            ev = self._decide(ep, self._now)
+            if ev is not None:
+                out.append(ev)
+        return out
 
 
 def _rule_fires(rule: Rule, prev: float, value: float) -> bool:
@@ -509,14 +523,16 @@ class MediaTimeOrder:
 
     def __init__(self, idle_s: float = 1.0) -> None:
         self.idle_s = idle_s
-        self._heap: list[tuple[float, int, str, dict[str, float], dict[str, str]]] = []
+        # (t, stream, arrival, ...): inputs of equal media time leave in stream-name order, not in the
+        # order they happened to arrive from other processes, so a run is repeatable
+        self._heap: list[tuple[float, str, int, dict[str, float], dict[str, str]]] = []
         self._last: dict[str, float] = {}
         self._n = 0
         self.newest = -math.inf
 
     def push(self, t: float, name: str, values: dict[str, float], text: dict[str, str]) -> None:
         self._n += 1
-        heapq.heappush(self._heap, (t, self._n, name, values, text))
+        heapq.heappush(self._heap, (t, name, self._n, values, text))
         self._last[name] = max(self._last.get(name, -math.inf), t)
         self.newest = max(self.newest, t)
 
@@ -529,7 +545,7 @@ class MediaTimeOrder:
         mark = math.inf if all_ else self.watermark
         out = []
         while self._heap and self._heap[0][0] <= mark:
-            t, _, name, values, text = heapq.heappop(self._heap)
+            t, name, _, values, text = heapq.heappop(self._heap)
             out.append((t, name, values, text))
         return out
 

@@ -323,3 +323,36 @@ def test_inputs_from_several_streams_are_released_in_media_time_order() -> None:
         o.push(k / 10, "audio", {}, {})
     assert [t for t, *_ in o.pop_ready()][-1] == pytest.approx(2.9)
     assert o.pop_ready(all_=True) == []
+
+
+def test_inputs_of_equal_media_time_give_the_same_events_whatever_order_they_come_in() -> None:
+    # one frame's motion, HUD and audio features reach the detector from different processes
+    def feed(order: list[str]) -> list[dict]:
+        det = TriggerDetector(profile())
+        out = []
+        for i in range(15 * FPS):
+            t = i / FPS
+            step = i in (6 * FPS, 10 * FPS)
+            inputs = {
+                "motion": {"diff": 0.3 if step else 0.0, "flash": 0.2 if step else 0.0},
+                "hud": {key: 0.002 if step else 0.0 for key in ("steps", "small", "fresh")} | {"novel": 30.0},
+                "audio": {"onset": 80.0 if step else 0.0, "rise": 40.0 if step else 0.0},
+            }
+            for name in order:
+                out += det.observe(t, name, inputs[name])
+        out += det.finish()
+        return [e.record() for e in out]
+
+    first = feed(["motion", "hud", "audio"])
+    assert len(first) >= 2
+    assert feed(["audio", "hud", "motion"]) == first
+    assert feed(["hud", "audio", "motion"]) == first
+
+
+def test_media_time_order_releases_equal_times_in_stream_name_order() -> None:
+    from stages.trigger import MediaTimeOrder
+
+    o = MediaTimeOrder(idle_s=1.0)
+    for name in ("thumb", "audio", "motion", "hud"):  # arrival order of one frame's features
+        o.push(0.5, name, {}, {})
+    assert [name for _, name, *_ in o.pop_ready()] == ["audio", "hud", "motion", "thumb"]
