@@ -45,7 +45,7 @@ HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "r
 THUMB_KEYS = ("novelty", "novelty_long")
 AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset")
 # bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 27
+SIGNALS_VERSION = 31
 
 
 def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:

@@ -23,7 +23,8 @@ with the cell's row neighbours, the rest of its number) and ``quiet_lost`` (the 
 those cells' stepped pixels that went to the background: an icon lost, not a digit
 gained), ``revert`` / ``revert_age`` / ``revert_states`` / ``revert_clock`` / ``clock`` / ``fresh`` (see
 :class:`HudMemory`), ``region.NAME`` (changed fraction of each profile region) and, in
-``text["where"]``, the stepped cells' box.
+``text["where"]``, the stepped cells' box.  The cells of a clock (a timer's digits, see
+:meth:`HudMemory._ticks`) count in none of these step figures: a timer ticking is no news.
 The numeric core is :class:`HudAnalyzer`.
 """
 
@@ -71,10 +72,11 @@ class HudMemory:
     content was last seen.  An area's memory starts when it is first recognised, so its very
     first contents can be missed; when its box grows (more of its cells found), it keeps
     what the smaller areas inside it showed, with the new part unknown.  ``revert_states`` says how
-    many contents the area has shown (the detector trusts reverts of areas with few), and an
-    area whose last steps came a whole number of seconds apart is a clock (a countdown, a
-    timer): its returns to earlier contents are reported as ``revert_clock``, never as
-    ``revert``, and its steps are left out of ``small`` and ``areas`` (``clock`` is 1 instead).
+    many contents the area has shown (the detector trusts reverts of areas with few).  Cells
+    that step on a clock's beat are a clock (a countdown, a timer; see :meth:`_ticks`); an
+    area whose step is only such cells reports its returns to earlier contents as
+    ``revert_clock``, never as ``revert``, and its steps are left out of ``small`` and
+    ``areas`` (``clock`` is 1 instead).  ``clock_cells`` are the clock's cells in the last step.
     ``fresh`` is the part of ``small`` in areas that now show a content they never showed
     before (a score gone up, a life lost for the first time), not one they go back and forth
     between (a blinking marker, a gauge).
@@ -90,14 +92,18 @@ class HudMemory:
         self.max_states = max_states
         self.min_gap_s = min_gap_s
         self._labels: np.ndarray | None = None
+        self.clock_cells = np.zeros(grid_hw, bool)  # the cells that ticked as a clock's in the last step
         # area key (cell box) -> [[snapshot, last seen t], ...]; and the area's recent state indices
         self._states: dict[tuple[int, int, int, int], list[list[Any]]] = {}
         self._recent: dict[tuple[int, int, int, int], list[int]] = {}
-        self._times: dict[tuple[int, int, int, int], list[float]] = {}  # the area's last step times
+        self._times: dict[tuple[int, int, int, int], float] = {}  # the area's last step time
         self.clock_tol_s = 0.02  # intervals this close are equal (under a frame at 30 fps)
         self.clock_max_s = 3.0  # a clock ticks every 1, 2 or 3 s
         self.clock_max_skip = 3  # a gap may span this many periods (ticks the encoder missed)
         self.clock_ticks = 4  # intervals in a row that make a clock
+        self._cell_times = np.full((*grid_hw, self.clock_ticks + 1), np.nan)  # each cell's last step times
+        self._beat: tuple[float, float] | None = None  # a clock's last tick and its period
+        self._ticked = np.zeros(grid_hw, bool)  # cells that ever ticked as a clock's
 
     def _label(self) -> np.ndarray:
         """Connected groups of HUD cells (0 = not HUD); gaps of up to ``gap`` cells join."""
@@ -119,31 +125,62 @@ class HudMemory:
                         stack.append((yy, xx))
         return labels
 
-    def _clock(self, key: tuple[int, int, int, int], t: float) -> bool:
-        """Note a step of the area at ``t``; whether it ticks like a clock: its last steps came at
-        whole multiples of one interval, to the frame.
+    def _ticks(self, stepped: np.ndarray, t: float) -> np.ndarray:
+        """Note the steps of the ``stepped`` cells at ``t``; the cells among them that tick like a clock.
 
         A timer or a countdown steps every second (or every few) to the frame (a tick whose
         change this encoder missed makes a gap of two intervals); a lives counter or a score
         steps when something happens, and its gaps are not whole multiples of one another time
         after time.  The interval must be a whole number of seconds: a game's own cycle can be
         regular too (Pong's opponent scoring every 2.33 s when nobody plays), and those
-        steps are events, not a clock.
+        steps are events, not a clock.  This is judged per cell, not per area: a score right
+        above a timer often joins it in one area, and its steps must not hide the timer.  A cell
+        that steps with a ticking cell, its last step on that clock's beat, is the clock too:
+        the tens digit, which changes every ten seconds (a minute for the minutes).
         """
-        times = self._times.setdefault(key, [])
-        if not times or times[-1] != t:
-            times.append(t)
-            del times[: -self.clock_ticks - 1]
-        if len(times) <= self.clock_ticks:
-            return False
-        gaps = np.diff(times)
-        period = float(gaps.min())
-        if not 1.0 - self.clock_tol_s <= period <= self.clock_max_s + self.clock_tol_s:
-            return False
-        if abs(period - round(period)) > self.clock_tol_s:
-            return False
-        k = np.round(gaps / period)
-        return bool(k.max() <= self.clock_max_skip and np.all(np.abs(gaps - k * period) <= self.clock_tol_s * k))
+        ys, xs = np.nonzero(stepped)
+        times = self._cell_times[ys, xs]
+        last = times[:, -1].copy()
+        times = np.concatenate([times[:, 1:], np.full((ys.size, 1), t)], axis=1)
+        self._cell_times[ys, xs] = times
+        gaps = np.diff(times, axis=1)
+        known = ~np.isnan(gaps).any(axis=1)
+        period = np.where(known, np.nan_to_num(gaps.min(axis=1, initial=np.inf), nan=0.0), 0.0)
+        tol = self.clock_tol_s
+        ok = known & (period >= 1.0 - tol) & (period <= self.clock_max_s + tol)
+        ok &= np.abs(period - np.round(period)) <= tol
+        with np.errstate(invalid="ignore", divide="ignore"):
+            k = np.round(gaps / np.where(ok, period, 1.0)[:, None])
+        ok &= k.max(axis=1, initial=0) <= self.clock_max_skip
+        ok &= np.all(np.abs(gaps - k * period[:, None]) <= tol * k, axis=1)
+        tick = bool(ok.any())  # this is a tick of a clock
+        if tick:
+            self._beat = (t, float(period[ok].min()))
+        elif self._beat is not None:  # no ticking cell stepped (9 -> 0 can be too small a change): on the beat?
+            d = t - self._beat[0]
+            n = round(d / self._beat[1])
+            if n > self.clock_max_skip:
+                self._beat = None  # the clock stopped
+            else:
+                tick = n >= 1 and abs(d - n * self._beat[1]) <= tol * n
+        if tick and self._beat is not None and not ok.all():
+            beat = self._beat[1]
+            since = t - last
+            with np.errstate(invalid="ignore"):
+                beats = np.round(since / beat)
+                on = (beats >= 1) & (np.abs(since - beats * beat) <= tol)  # to the frame: the carry is the tick's
+            # a cell stepping for the first time goes with the tick when a ticking cell stepped too,
+            # or when it lies in an area that ticked before (the minutes digit's first change)
+            first = np.isnan(since)
+            if not ok.any() and first.any():
+                labels = self._labels if self._labels is not None else np.zeros(stepped.shape, np.int32)
+                first &= np.isin(labels[ys, xs], np.unique(labels[self._ticked & (labels > 0)]))
+            ok |= on | first
+            self._beat = (t, beat)
+        out = np.zeros(stepped.shape, bool)
+        out[ys[ok], xs[ok]] = True
+        self._ticked |= out
+        return out
 
     @staticmethod
     def _snap(img: np.ndarray) -> np.ndarray:
@@ -187,16 +224,22 @@ class HudMemory:
         return out[-(self.max_states - 1):] if self.max_states > 1 else []
 
     def step(self, stepped: np.ndarray, hudmap: np.ndarray, before: np.ndarray, after: np.ndarray,
-             t: float, counts: np.ndarray | None = None) -> dict[str, float]:
+             t: float, counts: np.ndarray | None = None, moved: np.ndarray | None = None) -> dict[str, float]:
+        """Note the step of the HUD cells ``stepped`` at ``t``; ``moved`` (default ``stepped``) is
+        every cell that stepped, HUD or not, for the clocks: a timer's digit that ticks every
+        second can be too busy to count as HUD, and its ticks are still no news."""
+        out = {"revert": 0.0, "revert_age": 0.0, "revert_states": 0.0, "revert_clock": 0.0, "areas": 0.0, "small": 0.0,
+               "clock": 0.0, "fresh": 0.0}
+        moved = stepped if moved is None else moved
+        ticking = self._ticks(moved, t) if moved.any() else np.zeros(self.map.shape, bool)
+        self.clock_cells = ticking
+        if not stepped.any():
+            return out
         if self._labels is None or not np.array_equal(hudmap, self.map):
             self.map = hudmap.copy()
             self._labels = self._label()
         labels = self._labels
         h, w = before.shape
-        out = {"revert": 0.0, "revert_age": 0.0, "revert_states": 0.0, "revert_clock": 0.0, "areas": 0.0, "small": 0.0,
-               "clock": 0.0, "fresh": 0.0}
-        if not stepped.any():
-            return out
         for lab in np.unique(labels[stepped]):
             if lab == 0:
                 continue
@@ -204,8 +247,10 @@ class HudMemory:
             if ys.size > self.max_area_cells:  # a big block of still cells is scenery, not a HUD
                 continue
             key = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
-            clock = self._clock(key, t)
-            px = 0.0 if counts is None else float(counts[(labels == lab) & stepped].sum()) / before.size
+            self._times[key] = t
+            mine = (labels == lab) & stepped
+            clock = bool(ticking[mine].all())  # the area's step is a clock's tick (and nothing else)
+            px = 0.0 if counts is None else float(counts[mine & ~ticking].sum()) / before.size
             if clock:  # a timer ticking is no news: not counted as a step of a small area
                 out["clock"] = 1.0
             else:
@@ -253,7 +298,7 @@ class HudMemory:
         excess = len(self._times) - self.max_areas
         if excess <= 0:
             return
-        for key in sorted(self._times, key=lambda k: self._times[k][-1])[:excess]:
+        for key in sorted(self._times, key=self._times.__getitem__)[:excess]:
             self._times.pop(key, None)
             self._states.pop(key, None)
             self._recent.pop(key, None)
@@ -369,6 +414,31 @@ class HudAnalyzer:
         rows = np.add.reduceat(mask, np.searchsorted(self._cell_of_row, np.arange(self.gy)), axis=0)
         return np.add.reduceat(rows, np.searchsorted(self._cell_of_col, np.arange(self.gx)), axis=1)
 
+    def _news(self, news: np.ndarray, weighted: np.ndarray, step: np.ndarray, before: np.ndarray,
+              after: np.ndarray, t_at: float, cell_px: float) -> dict[str, float]:
+        """Figures of the cells that stepped with news (not a clock's): how long the main one and
+        the quiet ones had been still, and how much of the quiet ones went to the background."""
+        assert self._last_step is not None and self._t_first is not None
+        values: dict[str, float] = {}
+        since = np.minimum(self.novel_cap, t_at - self._last_step)
+        # novelty of the cell that carries most of the still-area step
+        top = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
+        values["novel"] = round(float(since[top]), 3)
+        # quiet: the longest any stepped cell had been still, among cells nothing ever
+        # passed through (a lives icon, a level counter); 0 when none such stepped
+        quiet_cells = news & (self._n_trans < 1.0)
+        if quiet_cells.any():
+            waited = np.minimum(self.novel_cap, t_at - np.maximum(self._last_step, self._t_first))
+            values["quiet"] = round(float(waited[quiet_cells].max()), 3)
+            values["quiet_cells"] = float(np.count_nonzero(quiet_cells))
+            # the same for the cell's neighbourhood (a digit's neighbours are the rest
+            # of its number): a score whose units tick often is not quiet, a lives icon is
+            near = _min_filter(waited, 0, 1)
+            values["quiet_area"] = round(float(near[quiet_cells].max()), 3)
+            values["quiet_lost"] = self._lost(step, quiet_cells, before, after)
+        values["peak"] = round(float(weighted.max()) / cell_px, 6)
+        return values
+
     def update(self, image: np.ndarray, t: float, pixel_format: str = "rgb24") -> tuple[dict[str, float], str]:
         gray = gray_thumbnail(image, self.stride, pixel_format)
         if self._shape != gray.shape:
@@ -419,42 +489,32 @@ class HudAnalyzer:
                     still = np.zeros_like(still)
                 weighted = counts * still
                 stepped = weighted >= self.min_cell_px
+                moved = counts >= self.min_cell_px  # a clock's busy digits too, for its beat
                 cell_px = step.size / (self.gx * self.gy)
-                values["steps"] = round(float(weighted.sum()) / step.size, 6)
-                values["cells"] = float(np.count_nonzero(stepped))
-                if stepped.any():
-                    since = np.minimum(self.novel_cap, t_at - self._last_step)
-                    # novelty of the cell that carries most of the still-area step
-                    top = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
-                    values["novel"] = round(float(since[top]), 3)
-                    # quiet: the longest any stepped cell had been still, among cells nothing ever
-                    # passed through (a lives icon, a level counter); 0 when none such stepped
-                    quiet_cells = stepped & (self._n_trans < 1.0)
-                    if quiet_cells.any():
-                        waited = np.minimum(self.novel_cap, t_at - np.maximum(self._last_step, self._t_first))
-                        values["quiet"] = round(float(waited[quiet_cells].max()), 3)
-                        values["quiet_cells"] = float(np.count_nonzero(quiet_cells))
-                        # the same for the cell's neighbourhood (a digit's neighbours are the rest
-                        # of its number): a score whose units tick often is not quiet, a lives icon is
-                        near = _min_filter(waited, 0, 1)
-                        values["quiet_area"] = round(float(near[quiet_cells].max()), 3)
-                        values["quiet_lost"] = self._lost(step, quiet_cells, before, ring[-1])
-                    values["peak"] = round(float(weighted.max()) / cell_px, 6)
-                    rows, cols = np.nonzero(stepped)
-                    where = (
-                        f"{cols.min() / self.gx:.3f},{rows.min() / self.gy:.3f},"
-                        f"{(cols.max() + 1) / self.gx:.3f},{(rows.max() + 1) / self.gy:.3f}"
-                    )
+                if moved.any():
                     self._n_steps += stepped
                     self._n_recent += stepped
                     # HUD: cells that changed only in steps, never by something passing, and not
                     # more than about once a second (marching sprites step too, but all the time)
                     hudlike = ((self._n_steps > 0) & (self._n_trans < 1.0) & (still > 0)
                                & (self._n_recent <= self.max_step_rate * self.rate_tau))
-                    values.update(self._memory.step(stepped & hudlike, hudlike, before, ring[-1], t_at, counts))
+                    values.update(self._memory.step(stepped & hudlike, hudlike, before, ring[-1], t_at, counts, moved))
                     values["small"] = round(values["small"], 6)
                     values["fresh"] = round(values["fresh"], 6)
+                    # a clock ticking is no news: its cells count in none of the step figures
+                    # (its tens digit, still for ten seconds, would look like a lives icon going)
+                    weighted = np.where(self._memory.clock_cells, 0.0, weighted)
+                    news = stepped & ~self._memory.clock_cells
+                    values["cells"] = float(np.count_nonzero(news))
+                    if news.any():
+                        values.update(self._news(news, weighted, step, before, ring[-1], t_at, cell_px))
+                        rows, cols = np.nonzero(news)
+                        where = (
+                            f"{cols.min() / self.gx:.3f},{rows.min() / self.gy:.3f},"
+                            f"{(cols.max() + 1) / self.gx:.3f},{(rows.max() + 1) / self.gy:.3f}"
+                        )
                     self._last_step[stepped] = t_at
+                values["steps"] = round(float(weighted.sum()) / step.size, 6)
                 values["age"] = round(t - t_at, 4)
         else:
             self._held += 1 if len(ring) > 1 else 0

@@ -18,7 +18,8 @@ H, W = 240, 320
 
 def digit(value: int) -> np.ndarray:
     """A crude 7-segment digit (40x24, white on black) so each value has its own pixels."""
-    seg = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 8: "abcdefg", -1: ""}[value]
+    seg = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg",
+           9: "abcdfg", -1: ""}[value]
     d = np.zeros((40, 24), np.uint8)
     boxes = {"a": (0, 4, 0, 24), "b": (0, 20, 20, 24), "c": (20, 40, 20, 24), "d": (36, 40, 0, 24),
              "e": (20, 40, 0, 4), "f": (0, 20, 0, 4), "g": (18, 22, 0, 24)}
@@ -50,13 +51,14 @@ def feed(h: HudAnalyzer, values_at: list[int], seconds: float, fps: int = 30) ->
 
 def test_digit_steps_are_found_and_a_moving_ball_is_not() -> None:
     h = HudAnalyzer()
-    seq = [0, 1, 2, 3, 4, 5]  # the digit changes every 2 s
-    out = feed(h, seq, 12)
+    # the digit changes about every 2 s (not exactly: a change every 2.000 s is a clock's tick)
+    at = [0.0, 2.0, 4.3, 6.1, 8.4, 10.2]
+    out = feed_times(h, list(zip(at, [0, 1, 2, 3, 4, 5], strict=True)), 12)
     small = [t for t, v in out if v["small"] > 0]
     # the first change makes the area known; every later one is a HUD step, at its own time
     for k in range(2, 6):
-        assert any(abs(t - 2 * k) <= 0.07 for t in small), (k, small)
-    assert all(min(abs(t - 2 * k) for k in range(1, 6)) <= 0.07 for t in small), small
+        assert any(abs(t - at[k]) <= 0.07 for t in small), (k, small)
+    assert all(min(abs(t - a) for a in at[1:]) <= 0.07 for t in small), small
     assert h.hud_cells()[1, 28], "the digit's cell is a still (HUD) cell"
 
 
@@ -196,6 +198,41 @@ def test_a_timer_is_a_clock_even_when_a_tick_is_missed_and_its_steps_are_not_sma
     late = [(round(t, 2), v) for t, v in out if t >= 6.9 and (v["clock"] > 0 or v["small"] > 0)]
     assert [t for t, _ in late][:3] == [7.0, 8.0, 9.0], late
     assert all(v["clock"] == 1.0 and v["small"] == 0.0 and v["fresh"] == 0.0 for _, v in late), late
+
+
+def timer_scene(t: float) -> np.ndarray:
+    """A score (top) that changes now and then, over a two-digit countdown ticking every second
+    from 39 at 1 s, with a ball bouncing over the play area."""
+    img = scene(t, [v for at, v in ((0.0, 0), (13.4, 1), (17.7, 2), (26.3, 3)) if at <= t + 1e-9][-1])
+    if t >= 1.0:
+        left = 39 - int(t - 1.0 + 1e-9)
+        img[52:72, 276:288] = digit(left // 10)[::2, ::2, None]
+        img[52:72, 292:304] = digit(left % 10)[::2, ::2, None]
+    return img
+
+
+def test_a_timers_tens_digit_is_the_clock_too_and_a_score_beside_it_is_news() -> None:
+    h = HudAnalyzer()
+    out = []
+    for i in range(34 * 30):
+        vals, _ = h.update(timer_scene(i / 30), i / 30)
+        out.append((round(i / 30 - vals["age"], 2), vals))
+    # the tens digit changes at 11, 21 and 31 s, with the units (30 -> 29): once the units tick
+    # like a clock, that is the clock too: no step of a small area, no long-still cell, and of
+    # the steps only the few pixels of cells too little changed to judge (a score step has ten
+    # times as many)
+    score = max(v["steps"] for t, v in out if abs(t - 17.7) <= 0.07)
+    for at in (21.0, 31.0):
+        tick = [v for t, v in out if t == at and v["clock"] > 0]
+        assert tick, (at, [(t, v) for t, v in out if abs(t - at) < 0.2 and (v["steps"] or v["clock"])])
+        assert tick[0]["small"] == 0.0 and tick[0]["quiet"] == 0.0 and tick[0]["cells"] == 0.0, tick
+        assert tick[0]["steps"] < 0.1 * score, (tick, score)
+    # the score above the timer still makes news, at its own times
+    news = [t for t, v in out if v["small"] > 0 and v["fresh"] > 0]
+    for at in (17.7, 26.3):
+        assert any(abs(t - at) <= 0.07 for t in news), (at, news)
+    late = [t for t, v in out if t >= 10.5 and v["small"] > 0]
+    assert all(min(abs(t - at) for at in (13.4, 17.7, 26.3)) <= 0.07 for t in late), late
 
 
 def test_a_regular_cycle_that_is_not_whole_seconds_is_not_a_clock() -> None:
