@@ -135,8 +135,11 @@ class HudMemory:
         regular too (Pong's opponent scoring every 2.33 s when nobody plays), and those
         steps are events, not a clock.  This is judged per cell, not per area: a score right
         above a timer often joins it in one area, and its steps must not hide the timer.  A cell
-        that steps with a ticking cell, its last step on that clock's beat, is the clock too:
-        the tens digit, which changes every ten seconds (a minute for the minutes).
+        that steps on a tick (a ticking cell stepped, or the clock's beat, kept for up to
+        ``clock_max_skip`` periods, since a 9 -> 0 change can be too small to see), its last step
+        on that beat too, is the clock as well: the tens digit, which changes every ten seconds
+        (a minute for the minutes).  So is a cell stepping for the first time on a tick when a
+        ticking cell stepped with it or its area ticked before.
         """
         ys, xs = np.nonzero(stepped)
         times = self._cell_times[ys, xs]
