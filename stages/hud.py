@@ -148,7 +148,7 @@ class HudMemory:
         self._cell_times[ys, xs] = times
         gaps = np.diff(times, axis=1)
         known = ~np.isnan(gaps).any(axis=1)
-        period = np.where(known, np.nan_to_num(gaps.min(axis=1, initial=np.inf), nan=0.0), 0.0)
+        period = np.where(known, gaps.min(axis=1, initial=np.inf), 0.0)
         tol = self.clock_tol_s
         ok = known & (period >= 1.0 - tol) & (period <= self.clock_max_s + tol)
         ok &= np.abs(period - np.round(period)) <= tol
@@ -270,9 +270,10 @@ class HudMemory:
             new = self._snap(after[y0:y1, x0:x1])
             i = self._match(states, new)
             if i >= 0:
-                if i not in recent[-2:] and t - states[i][1] >= self.min_gap_s and clock:
+                back = i not in recent[-2:] and t - states[i][1] >= self.min_gap_s  # not a blink
+                if back and clock:
                     out["revert_clock"] = 1.0  # a timer ticking over: not a revert of interest
-                elif i not in recent[-2:] and t - states[i][1] >= self.min_gap_s:
+                elif back:
                     # how many contents the area has shown: a lives counter a handful, a gauge or
                     # a timer dozens (the detector only trusts reverts of areas with few states)
                     n = float(len(states))
