@@ -115,6 +115,9 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # an event under wake priority (normal, low) is emitted only with HUD evidence or a reason (a rule, a
     # keyword, a HUD revert): a sound or a picture change alone is rarely a reward or a death
     annotate_need_hud: bool = True
+    # ... and one whose only evidence is a HUD step too small to count as ``hud.steps`` (a few pixels,
+    # nothing else moved, sounded or went back) is not emitted either: it is rarely a score change
+    annotate_need_steps: bool = True
     revert_priority: Priority = "critical"  # a HUD area going back to an earlier state (a counter reset)
     # ... but only an area that has shown at most this many contents: a lives or level counter
     # shows a handful, a gauge, a timer or a score dozens and goes back routinely (0: no limit)

@@ -47,8 +47,11 @@ Why it is built this way:
   least a ``low`` annotation (``annotate_hud``), so score changes are annotated even once
   routine.  Below wake priority, an event needs HUD evidence or a reason (a rule, a keyword,
   a revert) to be emitted at all (``annotate_need_hud``): on the training pool, three in four
-  sound-only and two in three picture-only normal events were near no reward or death.  A
-  wake demoted by the budget is still emitted, with its note.
+  sound-only and two in three picture-only normal events were near no reward or death.  Nor
+  is one whose only evidence is a HUD step too small to count as ``hud.steps`` (a few
+  pixels, with no other signal and no other reason: ``annotate_need_steps``); on the
+  training pool four in five of those were near no reward or death.  A wake demoted by the
+  budget is still emitted, with its note.
 * **One wake per death.**  A critical event within ``critical_gap_s`` of the previous wake
   (a lives icon and a score reset of the same game over) is demoted to normal.
 * **Causal.**  An event is decided ``coalesce_s`` after its onset, from signals up to that
@@ -104,6 +107,9 @@ BINARY = frozenset({"hud.small"})
 DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.2, "hud": 0.85, "speech": 0.3}
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
+HUD_NEWS = "a HUD area changed"  # the reason of an annotate_hud annotation
+# the evidence of a HUD step too small to count as hud.steps (annotate_need_steps)
+TINY_HUD = frozenset({"hud.small", "hud.areas"})
 
 
 class RarityBaseline:
@@ -245,7 +251,7 @@ class TriggerDetector:
             if (name == "hud" and warm and self.p.annotate_hud and values.get("small", 0.0) > 0
                     and values.get("novel", math.inf) >= self.p.annotate_min_novel_s
                     and (not self.p.annotate_fresh or values.get("fresh", 0.0) > 0)):
-                self._force(t_sig, "low", "hud_change", "a HUD area changed")
+                self._force(t_sig, "low", "hud_change", HUD_NEWS)
             if name == "hud" and warm:
                 self._observe_hud(t_sig, values)
             for key, value in values.items():
@@ -441,6 +447,10 @@ class TriggerDetector:
             # is no event to keep a second one from duplicating: the hysteresis latch is let go and
             # what comes next may open an episode of its own
             self._latched = False
+            return None
+        if (p.annotate_need_steps and prio not in WAKES and not over_budget and ep.forced in (None, "low")
+                and set(ep.signals) <= TINY_HUD and all(r == HUD_NEWS for r in ep.reasons)):
+            self._latched = False  # as above: nothing was emitted
             return None
         ranked = sorted(ep.signals, key=lambda k: (-ep.signals[k]["rarity"], k))
         evidence: dict[str, Any] = {

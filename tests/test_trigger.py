@@ -175,6 +175,20 @@ def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time_or_it_shows_
     assert annotated(dict(fresh, fresh=0.0), profile(annotate_min_novel_s=2.0, annotate_fresh=False))
 
 
+
+def test_a_hud_step_too_small_for_hud_steps_is_annotated_only_with_other_evidence() -> None:
+    tiny = {"steps": 0.0002, "small": 0.0002, "fresh": 0.0002, "novel": 30.0}  # under the hud.steps floor
+
+    def kinds(signals: list[tuple[str, dict[str, float]]], p: Profile) -> list[str]:
+        return [e.event.event_kind for e in run(TriggerDetector(p), 12, {300: signals})]
+
+    assert kinds([("hud", tiny)], profile(annotate_need_steps=False)) == ["hud_change"]
+    assert not kinds([("hud", tiny)], profile()), "a few pixels and nothing else: not emitted by default"
+    with_sound = kinds([("hud", tiny), ("audio", {"onset": 80.0, "rise": 40.0})], profile())
+    assert with_sound == ["hud_change+sound"], "a sound with it is evidence enough"
+    big = kinds([("hud", dict(tiny, steps=0.002, small=0.002))], profile())
+    assert big == ["hud_change"], "a step that counts as hud.steps is still annotated alone"
+
 def test_a_second_critical_cue_right_after_a_wake_is_only_an_annotation() -> None:
     revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 4.0}
     close = run(TriggerDetector(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 330: [("hud", revert)]})
