@@ -86,10 +86,17 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("--events-out", help="write events JSONL here")
     p.add_argument("--advice-out", help="write advice JSONL here")
     p.add_argument("--features-out", help="write encoder features JSONL here")
+    _add_asr_option(p)
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no live table")
     p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def _add_asr_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asr-model", metavar="DIR|package:NAME",
+                   help="transcribe speech with this local CTranslate2 Whisper model (default: no ASR; "
+                   "nothing is downloaded)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
     p.add_argument("--features-out", help="write encoder features JSONL here")
+    _add_asr_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0)
 

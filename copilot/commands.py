@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,40 @@ def _log_level(args: argparse.Namespace) -> int:
 
 
 def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
-    """Check every output path can be written, and start each file empty."""
+    """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
+
+    Every check that can fail on a bad argument comes before any file is emptied.
+    """
     options: dict[str, Any] = {}
+    asr_model = getattr(args, "asr_model", None)
+    if asr_model:
+        from engines.whisper_asr import resolve_model_path
+
+        try:
+            options["asr_model"] = str(resolve_model_path(asr_model))
+        except UsageError as exc:
+            raise UsageError(f"--asr-model: {exc}") from None
+    outputs: dict[str, Path] = {}
     for name in OUTPUT_OPTIONS:
         value = getattr(args, name, None)
         if not value:
             continue
         path = Path(value)
+        flag = f"--{name.replace('_', '-')}"
         if not path.parent.is_dir():
-            raise UsageError(f"--{name.replace('_', '-')}: directory {path.parent} does not exist")
+            raise UsageError(f"{flag}: directory {path.parent} does not exist")
+        if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise UsageError(f"{flag}: cannot write {path}")
+        outputs[name] = path
+    metrics_out = getattr(args, "metrics_out", None)
+    if metrics_out and not Path(metrics_out).parent.is_dir():
+        raise UsageError(f"--metrics-out: directory {Path(metrics_out).parent} does not exist")
+    for name, path in outputs.items():
         try:
             path.write_bytes(b"")
         except OSError as exc:
             raise UsageError(f"--{name.replace('_', '-')}: cannot write {path} ({exc.strerror})") from exc
         options[name] = str(path.resolve())
-    metrics_out = getattr(args, "metrics_out", None)
-    if metrics_out and not Path(metrics_out).parent.is_dir():
-        raise UsageError(f"--metrics-out: directory {Path(metrics_out).parent} does not exist")
     return options
 
 
@@ -146,8 +164,8 @@ def execute(
     cfg, data, cfg_path, overrides, total_media_s = prepare_run(
         args.config, input_file=input_file, start=start, until=until, source=source
     )
+    profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
     options = _prepare_outputs(args)
-    profile = resolve_profile_option(getattr(args, "profile", None))
     if profile:
         options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
@@ -238,7 +256,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         config=args.config, profile=args.profile, speed=None, quiet=args.quiet, json=False,
         metrics_out=args.metrics_out, verbose=args.verbose, events_out=args.output, advice_out=None,
-        features_out=args.features_out, progress=True,
+        features_out=args.features_out, asr_model=args.asr_model, progress=True,
     )
     return execute(ns, input_file=args.file, start=args.start, until=args.until)
 
@@ -322,8 +340,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg, _, _, overrides, _ = prepare_run(args.config, input_file=args.input)
     if args.group not in cfg.groups():
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
+    profile = resolve_profile_option(args.profile)  # before any output file is emptied
     options = _prepare_outputs(args)
-    profile = resolve_profile_option(args.profile)
     if profile:
         options["profile"] = profile
     sup = cfg.supervisor

@@ -9,9 +9,11 @@ on the stage's worker thread.  The event loop keeps taking audio meanwhile; segm
 transcribed one at a time, in order, and each result goes out on ``transcripts`` as a
 :class:`copilot.messages.Transcript` stamped with the segment's start.
 
-Without ``model`` (a local CTranslate2 Whisper directory, or ``package:NAME``) the stage
-says so once in the log and passes nothing: a model is never downloaded.  A ``model`` that
-does not exist is a config error (one line, exit code 2).
+The model is ``params.model`` (a local CTranslate2 Whisper directory, or ``package:NAME``),
+else the run option ``asr_model`` (the CLI's ``--asr-model``).  Without either the stage
+says so once in the log and passes nothing, which is how the default pipeline runs it: a
+model is never downloaded.  A model that does not exist is a usage error (one line, exit
+code 2).
 """
 
 from __future__ import annotations
@@ -112,14 +114,15 @@ class AsrStage(Stage):
         self.dropped_segments = 0
 
     async def start(self) -> None:
-        if self.p.model is None:
-            self.log.info("asr: no model configured (params.model); passing nothing")
+        p = self.p
+        model = p.model or self.ctx.options.get("asr_model")
+        if not model:
+            self.log.info("asr: no model configured (params.model or --asr-model); passing nothing")
             return
         from engines.whisper_asr import WhisperAsr
 
-        p = self.p
         self.asr = await self.run_blocking(
-            lambda: WhisperAsr(p.model or "", device=p.device, compute_type=p.compute_type, cpu_threads=p.threads,
+            lambda: WhisperAsr(str(model), device=p.device, compute_type=p.compute_type, cpu_threads=p.threads,
                                beam_size=p.beam_size, language=p.language)
         )
         vad = SileroVad(None, SessionConfig(device="cpu", intra_op_threads=1))

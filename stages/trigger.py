@@ -521,6 +521,12 @@ class TriggerParamsOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     idle_s: float = 1.0  # an input this far behind the newest one no longer holds the others back
 
 
+# streams whose inputs are stamped with a time long past when they come (a transcript with the
+# start of its speech segment, after the segment ended and Whisper ran): waiting for them would
+# hold every event back by seconds, so they never set the watermark and join when they come
+LATE_STREAMS = frozenset({"transcript"})
+
+
 class MediaTimeOrder:
     """Releases inputs from several streams in media-time order (a watermark).
 
@@ -528,7 +534,8 @@ class MediaTimeOrder:
     the detector out of order (at max speed, by hundreds of milliseconds).  Fusion must
     compare like with like, so inputs wait here until every active stream has reached
     their time; a stream that has fallen ``idle_s`` behind the newest (it stopped, or it
-    emits rarely) stops holding the others back.
+    emits rarely) stops holding the others back, and a late stream (:data:`LATE_STREAMS`)
+    never does.
     """
 
     def __init__(self, idle_s: float = 1.0) -> None:
@@ -543,8 +550,9 @@ class MediaTimeOrder:
     def push(self, t: float, name: str, values: dict[str, float], text: dict[str, str]) -> None:
         self._n += 1
         heapq.heappush(self._heap, (t, name, self._n, values, text))
-        self._last[name] = max(self._last.get(name, -math.inf), t)
-        self.newest = max(self.newest, t)
+        if name not in LATE_STREAMS:
+            self._last[name] = max(self._last.get(name, -math.inf), t)
+            self.newest = max(self.newest, t)
 
     @property
     def watermark(self) -> float:

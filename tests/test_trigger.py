@@ -370,3 +370,19 @@ def test_media_time_order_releases_equal_times_in_stream_name_order() -> None:
     for name in ("thumb", "audio", "motion", "hud"):  # arrival order of one frame's features
         o.push(0.5, name, {}, {})
     assert [name for _, name, *_ in o.pop_ready()] == ["audio", "hud", "motion", "thumb"]
+
+
+def test_a_transcript_stamped_in_the_past_never_holds_the_other_streams_back() -> None:
+    """Whisper's text comes after its speech segment ended, stamped with the segment's start:
+    waiting for that stream would delay every event past the causal limit."""
+    from stages.trigger import MediaTimeOrder
+
+    o = MediaTimeOrder(idle_s=1.0)
+    o.push(10.0, "hud", {}, {})
+    o.push(10.0, "audio", {}, {})
+    assert [name for _, name, *_ in o.pop_ready()] == ["audio", "hud"]
+    o.push(9.6, "transcript", {}, {"text": "look out"})  # within idle_s of the newest input
+    o.push(10.1, "hud", {}, {})
+    o.push(10.1, "audio", {}, {})
+    assert o.watermark == 10.1
+    assert [name for _, name, *_ in o.pop_ready()] == ["transcript", "audio", "hud"]
