@@ -32,6 +32,12 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.DEBUG if v >= 2 else logging.INFO if v == 1 else logging.WARNING
 
 
+def _check_asr_stage(args: argparse.Namespace, cfg: Any, where: str) -> None:
+    """``--asr-model`` with a pipeline that has no ``asr`` stage would do nothing: say so."""
+    if getattr(args, "asr_model", None) and not any(s.kind == "asr" for s in cfg.stages):
+        raise UsageError(f"--asr-model: the pipeline {where} has no asr stage to use it")
+
+
 def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
 
@@ -164,6 +170,7 @@ def execute(
     cfg, data, cfg_path, overrides, total_media_s = prepare_run(
         args.config, input_file=input_file, start=start, until=until, source=source
     )
+    _check_asr_stage(args, cfg, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
     options = _prepare_outputs(args)
     if profile:
@@ -340,6 +347,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg, _, _, overrides, _ = prepare_run(args.config, input_file=args.input)
     if args.group not in cfg.groups():
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
+    _check_asr_stage(args, cfg, str(args.config))
     profile = resolve_profile_option(args.profile)  # before any output file is emptied
     options = _prepare_outputs(args)
     if profile:

