@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     grid_keys, grid_vals = list(grid), list(grid.values())
     for combo in itertools.product(*grid_vals):  # every setting checked before anything runs
         with_trigger(profile, base | dict(zip(grid_keys, combo, strict=True)))
+    if args.dump:
+        Path(args.dump).mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     runs = []
     for game, seed in selection(args.pool, args.games, args.seeds):
@@ -252,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         for game, seed, truth, obs in runs:
             pred = replay_detector(obs, prof)
             if args.dump:
-                Path(args.dump).mkdir(parents=True, exist_ok=True)
                 with open(Path(args.dump) / truth.name.replace(".truth.jsonl", ".events.jsonl"), "w") as fh:
                     for e in pred:
                         fh.write(json.dumps(e) + "\n")

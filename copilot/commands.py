@@ -52,7 +52,7 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
             options["asr_model"] = str(resolve_model_path(asr_model))
         except UsageError as exc:
             raise UsageError(f"--asr-model: {exc}") from None
-    outputs: dict[str, Path] = {}
+    outputs: dict[str, tuple[str, Path]] = {}  # option -> (its flag, path)
     for name in OUTPUT_OPTIONS:
         value = getattr(args, name, None)
         if not value:
@@ -63,15 +63,15 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{flag}: directory {path.parent} does not exist")
         if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
             raise UsageError(f"{flag}: cannot write {path}")
-        outputs[name] = path
+        outputs[name] = (flag, path)
     metrics_out = getattr(args, "metrics_out", None)
     if metrics_out and not Path(metrics_out).parent.is_dir():
         raise UsageError(f"--metrics-out: directory {Path(metrics_out).parent} does not exist")
-    for name, path in outputs.items():
+    for name, (flag, path) in outputs.items():
         try:
             path.write_bytes(b"")
         except OSError as exc:
-            raise UsageError(f"--{name.replace('_', '-')}: cannot write {path} ({exc.strerror})") from exc
+            raise UsageError(f"{flag}: cannot write {path} ({exc.strerror})") from exc
         options[name] = str(path.resolve())
     return options
 

@@ -440,17 +440,11 @@ class TriggerDetector:
                 self._wakes.append(ep.onset)
                 if prio == "high" and p.max_high_per_min > 0:  # kept (and pruned) only while that budget is on
                     self._high_wakes.append(ep.onset)
-        if (p.annotate_need_hud and prio not in WAKES and ep.forced is None and not over_budget
-                and ep.families.get("hud", 0.0) <= 0):
-            # an annotation without HUD evidence is not emitted (nor a wake demoted as a repeat of the
-            # previous one; one demoted by the budget is, with its note).  Nothing was emitted, so there
-            # is no event to keep a second one from duplicating: the hysteresis latch is let go and
-            # what comes next may open an episode of its own
+        if prio not in WAKES and not over_budget and self._too_little_evidence(ep):
+            # not emitted (nor a wake demoted as a repeat of the previous one; one demoted by the budget
+            # is, with its note).  Nothing was emitted, so there is no event to keep a second one from
+            # duplicating: the hysteresis latch is let go and what comes next may open an episode of its own
             self._latched = False
-            return None
-        if (p.annotate_need_steps and prio not in WAKES and not over_budget and ep.forced in (None, "low")
-                and set(ep.signals) <= TINY_HUD and all(r == HUD_NEWS for r in ep.reasons)):
-            self._latched = False  # as above: nothing was emitted
             return None
         ranked = sorted(ep.signals, key=lambda k: (-ep.signals[k]["rarity"], k))
         evidence: dict[str, Any] = {
@@ -472,6 +466,15 @@ class TriggerDetector:
         de = DetectorEvent(event=event, decided_at=now)
         self.decided.append(de)
         return de
+
+    def _too_little_evidence(self, ep: _Episode) -> bool:
+        """Whether an annotation (below wake priority) lacks the evidence to be emitted: no HUD
+        evidence and no reason (``annotate_need_hud``), or only a HUD step of a few pixels whose
+        one reason is that step itself (``annotate_need_steps``)."""
+        p = self.p
+        if p.annotate_need_hud and ep.forced is None and ep.families.get("hud", 0.0) <= 0:
+            return True
+        return p.annotate_need_steps and set(ep.signals) <= TINY_HUD and all(r == HUD_NEWS for r in ep.reasons)
 
     def finish(self) -> list[DetectorEvent]:
         """End of stream: decide what the last inputs show, then an open episode now."""
