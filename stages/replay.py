@@ -1,17 +1,18 @@
 """Replay a recording through the pipeline at real-time speed (or faster).
 
-PyAV decodes video and audio on a worker thread, in file order, a few frames ahead; the
-event loop releases each frame when its PTS is due (``speed`` 1 or 2), or at once (``speed``
-``max``, with lossless links so nothing is dropped).  A frame's ``t_capture_ns`` is the moment
-it is released, which is when a live capture would have produced it, so latency figures mean
-the same thing in replay and live runs.
+PyAV decodes video and audio on two worker threads, one per stream, each a few items ahead;
+the event loop merges the two by media time and releases each item when its PTS is due
+(``speed`` 1 or 2), or at once (``speed`` ``max``, with lossless links so nothing is dropped).
+One decoder per stream, because a file's packets need not be interleaved closely: a muxer
+may write a second of video before the audio that plays with it, and a single decoder in
+file order would then hand that audio over (and the pipeline would hear it) a second late.
+A frame's ``t_capture_ns`` is the moment it is released, which is when a live capture would
+have produced it, so latency figures mean the same thing in replay and live runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from copilot.stage import Source
 
 log = logging.getLogger(__name__)
 
-DECODE_AHEAD = 8
+DECODE_AHEAD = 8  # decoded items queued per stream
 
 
 class ReplayParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -111,13 +112,15 @@ def resampled_samples(resampler: Any, frame: Any) -> np.ndarray | None:
 
 
 class _Decoder(threading.Thread):
-    """Decodes on its own thread into a bounded queue, so pacing never waits on decoding."""
+    """Decodes one stream (``kind``) on its own thread into a bounded queue, so pacing never
+    waits on decoding; ``None`` in the queue ends the stream."""
 
-    def __init__(self, params: ReplayParams, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]):
-        super().__init__(name="replay-decode", daemon=True)
+    def __init__(self, params: ReplayParams, kind: str, loop: asyncio.AbstractEventLoop):
+        super().__init__(name=f"replay-decode-{kind}", daemon=True)
         self.params = params
+        self.kind = kind
         self.loop = loop
-        self.queue = queue
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=DECODE_AHEAD)
         self.stop = threading.Event()
         self.error: str | None = None
 
@@ -138,40 +141,28 @@ class _Decoder(threading.Thread):
         p = self.params
         try:
             with av.open(p.path) as c:
-                streams: list[Any] = []
-                if p.video and c.streams.video:
-                    streams.append(c.streams.video[0])
-                if p.audio and c.streams.audio:
-                    streams.append(c.streams.audio[0])
-                for s in streams:
-                    s.thread_type = "AUTO"
+                stream: Any = (c.streams.video if self.kind == "video" else c.streams.audio)[0]
+                stream.thread_type = "AUTO"
                 if p.start > 0:
                     c.seek(int(p.start * 1e6), any_frame=False, backward=True)
                 resampler = None
-                if p.audio and c.streams.audio:
-                    resampler = av.AudioResampler(format="flt", layout=c.streams.audio[0].layout.name)
+                if self.kind == "audio":
+                    resampler = av.AudioResampler(format="flt", layout=stream.layout.name)
                 rate = c.streams.video[0].average_rate if c.streams.video else None
                 frame_dur = 1.0 / float(rate) if rate else 1 / 30
-                finished: set[str] = set()
                 frame: Any
-                for frame in c.decode(*streams):
+                for frame in c.decode(stream):
                     if self.stop.is_set():
                         return
                     t = frame.time
-                    kind = "video" if isinstance(frame, av.VideoFrame) else "audio"
                     if t is None or t < p.start - 1e-6:
                         continue
                     if p.until is not None and t >= p.until - 1e-6:
-                        finished.add(kind)
-                        if len(finished) == len(streams):
-                            break
-                        continue
+                        break
                     item: tuple[Any, ...]
-                    if kind == "video":
-                        img = frame.to_ndarray(format="rgb24")
-                        item = ("video", t, frame_dur, img)
+                    if resampler is None:
+                        item = ("video", t, frame_dur, frame.to_ndarray(format="rgb24"))
                     else:
-                        assert resampler is not None
                         samples = resampled_samples(resampler, frame)
                         if samples is None:
                             continue
@@ -202,63 +193,56 @@ class ReplayStage(Source):
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
-        self._decoder: _Decoder | None = None
-        self._queue: asyncio.Queue[Any] | None = None
-        self._first: Any = None
+        self._decoders: list[_Decoder] = []
+        self._heads: dict[str, Any] = {}  # the next decoded item of each stream not yet ended
 
     async def start(self) -> None:
         """Open the file and decode ahead before the run starts, so pacing begins on time."""
         p: ReplayParams = self.params  # type: ignore[assignment]
         if not p.path:
             raise UsageError("replay: no input file given")
-        self._queue = asyncio.Queue(maxsize=DECODE_AHEAD)
-        self._decoder = _Decoder(p, asyncio.get_running_loop(), self._queue)
-        self._decoder.start()
-        self._first = await self._queue.get()
-        if self._first is None:  # nothing to replay (the decoder ended at once)
-            self._queue = None
+        import av
 
-    async def _next_items(self, heap: list[Any], order: itertools.count[int]) -> None:
-        """Top up the reorder buffer (waiting only when it is empty); at the decoder's end,
-        ``self._queue`` becomes None.
+        try:
+            with av.open(p.path) as c:
+                present = {"video": bool(c.streams.video), "audio": bool(c.streams.audio)}
+        except (av.error.FFmpegError, OSError, ValueError) as exc:  # type: ignore[attr-defined]
+            raise UsageError(f"{p.path}: not a readable media file ({_first_line(exc)})") from exc
+        kinds = [k for k, on in (("video", p.video), ("audio", p.audio)) if on and present[k]]
+        loop = asyncio.get_running_loop()
+        self._decoders = [_Decoder(p, kind, loop) for kind in kinds]
+        for dec in self._decoders:
+            dec.start()
+        for dec in self._decoders:
+            item = await dec.queue.get()
+            if item is not None:
+                self._heads[dec.kind] = item
 
-        PyAV hands packets over in file order, where a video frame can sit behind audio
-        that plays later; releasing the earliest of the buffered items keeps each message
-        on its own due time.
-        """
-        assert self._queue is not None
-        while len(heap) < DECODE_AHEAD:
-            if self._first is not None:
-                item, self._first = self._first, None
-            elif not heap:
-                item = await self._queue.get()
-            else:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-            if item is None:
-                self._queue = None
-                break
-            heapq.heappush(heap, (item[1], next(order), item))
+    async def _pop_earliest(self) -> Any:
+        """The earliest of the streams' next items (None when all have ended); its stream's
+        next item is awaited in its place, so each stream is read in its own order and an
+        item is released only once every stream has shown it holds nothing earlier."""
+        if not self._heads:
+            return None
+        kind = min(self._heads, key=lambda k: (self._heads[k][1], k != "audio"))
+        item = self._heads.pop(kind)
+        dec = next(d for d in self._decoders if d.kind == kind)
+        nxt = await dec.queue.get()
+        if nxt is not None:
+            self._heads[kind] = nxt
+        return item
 
     async def produce(self) -> None:
         p: ReplayParams = self.params  # type: ignore[assignment]
-        if self._decoder is None:
+        if not self._decoders:
             await self.start()
         speed = self.ctx.speed
         t0_ns: int | None = None
         media0 = p.start
         end_media = p.start
         n_video = n_audio = 0
-        heap: list[Any] = []
-        order = itertools.count()
-        while True:
-            if self._queue is not None:
-                await self._next_items(heap, order)
-            if not heap:
-                break
-            _, _, (kind, t, dur, data) = heapq.heappop(heap)
+        while (item := await self._pop_earliest()) is not None:
+            kind, t, dur, data = item
             if t0_ns is None:
                 t0_ns = self.clock.now_ns()
                 media0 = min(t, p.start) if p.start > 0 else t
@@ -277,11 +261,15 @@ class ReplayStage(Source):
             self.record_emit(cap, t)
             end_media = max(end_media, t + dur)
             self.recorder.media_extent_s = end_media - media0
-        if self._decoder is not None and self._decoder.error:
-            log.warning("replay %s: decoding stopped early: %s", p.path, self._decoder.error)
+        for dec in self._decoders:
+            if dec.error:
+                log.warning("replay %s: decoding %s stopped early: %s", p.path, dec.kind, dec.error)
 
     async def close(self) -> None:
-        dec, self._decoder = self._decoder, None
-        if dec is not None:
+        decoders, self._decoders = self._decoders, []
+        self._heads.clear()
+        for dec in decoders:
             dec.stop.set()
-            await asyncio.get_running_loop().run_in_executor(None, dec.join, 2.0)
+        loop = asyncio.get_running_loop()
+        for dec in decoders:
+            await loop.run_in_executor(None, dec.join, 2.0)
