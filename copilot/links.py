@@ -207,7 +207,9 @@ class Publisher:
         return await self._send_ordered(frames, env)
 
     async def _send_ordered(self, frames: list, env: Envelope) -> bool:  # type: ignore[type-arg]
-        block_ms = None if (self.lossless or env.kind == "control") else self.spec.block_ms
+        # the end of stream must get through; a heartbeat is only a hint and may be dropped like data
+        must_arrive = env.kind == "control" and getattr(env.payload, "action", "") != "heartbeat"
+        block_ms = None if (self.lossless or must_arrive) else self.spec.block_ms
         loop = asyncio.get_running_loop()
         deadline = None if block_ms is None else loop.time() + block_ms / 1000
         # Control on a latest link: a plain XPUB drops silently when a consumer's queue is full,

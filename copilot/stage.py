@@ -20,6 +20,13 @@ instead of ``process``.
 ``(name, t_in, t_out)`` stamp to the trace, so capture-to-output latency is known everywhere.
 Blocking work (model inference, OCR) goes through :meth:`run_blocking`, which runs it on the
 stage's own worker thread so the event loop keeps receiving.
+
+Progress: a consumer that orders its inputs by media time (the trigger) must know when an
+input has nothing earlier to say, or it waits.  A stage that emits rarely (state only when
+it changes) but has said all it will about an input once ``process`` returns sets
+``progress_s``: when one of its ports has been quiet that long in media time, the runner
+sends a ``Control(action="heartbeat")`` on it stamped with the input's media time.
+Consumers see heartbeats in :meth:`Stage.on_progress`, never in ``process``.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class Stage:
     Params: ClassVar[type[msgspec.Struct]] = NoParams
     output_ports: ClassVar[tuple[str, ...]] = ()
     min_inputs: ClassVar[int] = 1
+    # > 0: after an input, a port quiet this long (media s) gets a progress heartbeat (see above)
+    progress_s: ClassVar[float] = 0.0
 
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         self.ctx = ctx
@@ -82,6 +91,7 @@ class Stage:
         self._t_in_ns = 0
         self._prev_out_ns: int | None = None
         self._seq = 0
+        self._port_t: dict[str, float] = {}  # media time of the last message or heartbeat per port
 
     # -- lifecycle (override what you need) ---------------------------------------------------
     async def start(self) -> None:
@@ -96,6 +106,9 @@ class Stage:
 
     async def close(self) -> None:
         """Release resources.  Always runs, even after an error."""
+
+    async def on_progress(self, msg: Envelope) -> None:
+        """A producer on an input has nothing more to say before ``msg.t_media`` (a heartbeat)."""
 
     # -- helpers for subclasses --------------------------------------------------------------
     async def emit(
@@ -119,10 +132,23 @@ class Stage:
             tm = 0.0 if t_media is None else t_media
         self._seq += 1
         env = Envelope.wrap(payload, source=self.name, seq=self._seq, t_media=tm, t_capture_ns=cap, trace=trace)
+        self._port_t[port] = max(self._port_t.get(port, tm), tm)
         ok = True
         for pub in self.ctx.outputs.get(port, []):
             ok = await pub.send(env) and ok
         return ok
+
+    async def send_progress(self, t_media: float) -> None:
+        """A heartbeat on every port quiet for ``progress_s`` of media time before ``t_media``."""
+        for port in self.output_ports:
+            last = self._port_t.get(port)
+            if last is not None and t_media - last < self.progress_s - 1e-6:  # media times are rounded to us
+                continue
+            self._port_t[port] = t_media
+            env = Envelope.wrap(Control(action="heartbeat"), source=self.name, seq=0, t_media=t_media,
+                                t_capture_ns=self.clock.now_ns())
+            for pub in self.ctx.outputs.get(port, []):
+                await pub.send(env)
 
     async def run_blocking(self, fn: Callable[..., R], *args: Any) -> R:
         """Run blocking work on this stage's worker thread, off the event loop."""
@@ -243,15 +269,21 @@ class StageRunner:
         while True:
             msg = await sub.recv_latest()
             if msg.kind == "control":
-                if msg.payload.action == "eos":  # type: ignore[union-attr]
+                action = msg.payload.action  # type: ignore[union-attr]
+                if action == "eos":
                     sub.unsubscribe()
                     self._sync_drops()
                     return
+                if action == "heartbeat":
+                    async with self._lock:
+                        await st.on_progress(msg)
                 continue
             async with self._lock:
                 t_in = st.clock.now_ns()
                 st._t_in_ns = t_in
                 await st.process(msg)
+                if st.progress_s > 0:
+                    await st.send_progress(msg.t_media)
                 t_out = st.clock.now_ns()
             prev_out = msg.trace[-1].t_out_ns if msg.trace else msg.t_capture_ns
             st.recorder.observe(

@@ -174,6 +174,7 @@ class CollectingPublisher:
     def __init__(self, port: str) -> None:
         self.port = port
         self.envelopes: list[Envelope] = []
+        self.heartbeats: list[Envelope] = []  # progress heartbeats, kept apart from the messages
         self.drops = DropCounter()
         self.sent = 0
         self.eos = False
@@ -190,8 +191,11 @@ class CollectingPublisher:
                 f"a {env.kind} message emitted on port {self.port!r} encodes but no receiver can decode it "
                 f"(it would be dropped as malformed): {exc}"
             ) from exc
-        if out.kind == "control" and out.payload.action == "eos":  # type: ignore[union-attr]
+        action = getattr(out.payload, "action", None) if out.kind == "control" else None
+        if action == "eos":
             self.eos = True
+        elif action == "heartbeat":
+            self.heartbeats.append(out)
         else:
             self.envelopes.append(out)
         self.sent += 1
@@ -229,6 +233,7 @@ class StageResult:
     outputs: dict[str, list[Envelope]]
     metrics: StageMetrics
     eos: dict[str, bool] = field(default_factory=dict)
+    heartbeats: dict[str, list[Envelope]] = field(default_factory=dict)  # progress heartbeats per port
 
     def envelopes(self, port: str | None = None) -> list[Envelope]:
         return self.outputs[self._port(port)]
@@ -313,18 +318,21 @@ async def arun_stage(
         await _settle_tasks(before, what=f"stage {stage_name!r}", check=check_leaks)
         collected = {p: outputs[p][0].envelopes for p in outputs}
         eos = {p: outputs[p][0].eos for p in outputs}
+        beats = {p: outputs[p][0].heartbeats for p in outputs}
     elif transport == "inproc":
-        inst, collected, eos = await _run_inproc(cls, stage_name, envs, params, clk, options, speed, timeout_s)
+        inst, collected, eos, beats = await _run_inproc(cls, stage_name, envs, params, clk, options, speed,
+                                                        timeout_s)
         await _settle_tasks(before, what=f"stage {stage_name!r}", check=check_leaks)
     else:
         raise ValueError(f"transport must be 'direct' or 'inproc', not {transport!r}")
-    return StageResult(stage=inst, outputs=collected, metrics=inst.recorder.snapshot(clk.now_ns()), eos=eos)
+    return StageResult(stage=inst, outputs=collected, metrics=inst.recorder.snapshot(clk.now_ns()), eos=eos,
+                       heartbeats=beats)
 
 
 async def _run_inproc(
     cls: type[Stage], stage_name: str, envs: list[Envelope], params: Any, clk: Clock,
     options: dict[str, Any] | None, speed: float | None, timeout_s: float,
-) -> tuple[Stage, dict[str, list[Envelope]], dict[str, bool]]:
+) -> tuple[Stage, dict[str, list[Envelope]], dict[str, bool], dict[str, list[Envelope]]]:
     """Real ZeroMQ links over ``inproc://``: one feeding publisher, one collector per port."""
     base = f"inproc://gamecopilot-testing/{uuid.uuid4().hex}"
     specs = {p: LinkSpec(name=p, endpoint=f"{base}/out/{p}", policy="ordered") for p in cls.output_ports}
@@ -338,16 +346,18 @@ async def _run_inproc(
     inst = cls(ctx, _params(cls, params))
     runner = StageRunner(inst, subs)  # type: ignore[arg-type]
     collected: dict[str, list[Envelope]] = {p: [] for p in pubs}
+    beats: dict[str, list[Envelope]] = {p: [] for p in pubs}
     eos = dict.fromkeys(pubs, False)
 
     async def collect(port: str, sub: Subscriber) -> None:
         while True:
             env = await sub.recv()
-            if env.kind == "control" and env.payload.action == "eos":  # type: ignore[union-attr]
+            action = getattr(env.payload, "action", None) if env.kind == "control" else None
+            if action == "eos":
                 eos[port] = True
                 sub.unsubscribe()
                 return
-            collected[port].append(env)
+            (beats if action == "heartbeat" else collected)[port].append(env)
 
     async def feed() -> None:
         assert feed_pub is not None
@@ -372,7 +382,7 @@ async def _run_inproc(
             s.close()
         for p in [*pubs.values(), *([feed_pub] if feed_pub else [])]:
             p.close()
-    return inst, collected, eos
+    return inst, collected, eos, beats
 
 
 def run_stage(

@@ -254,6 +254,9 @@ class HudOcrStage(Stage):
 
     Params = HudOcrParams
     output_ports = ("features",)
+    # state goes out only when it changes: heartbeats tell the trigger that nothing changed, so it
+    # need not wait for this stage (field reads finish within process; keywords are late inputs)
+    progress_s = 0.1
 
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         super().__init__(ctx, params)

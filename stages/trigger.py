@@ -524,10 +524,11 @@ class TriggerParamsOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     idle_s: float = 1.0  # an input this far behind the newest one no longer holds the others back
 
 
-# streams whose inputs are stamped with a time long past when they come (a transcript with the
-# start of its speech segment, after the segment ended and Whisper ran): waiting for them would
-# hold every event back by seconds, so they never set the watermark and join when they come
-LATE_STREAMS = frozenset({"transcript"})
+# inputs stamped with a time long past when they come (a transcript with the start of its speech
+# segment, after the segment ended and Whisper ran; keywords read off a frame by full-frame OCR,
+# up to a second later): waiting for them would hold every event back by seconds, so they never
+# set the watermark and join when they come
+LATE_STREAMS = frozenset({"transcript", "keywords"})
 
 
 class MediaTimeOrder:
@@ -536,9 +537,12 @@ class MediaTimeOrder:
     Encoders run in different processes and at different speeds, so their outputs reach
     the detector out of order (at max speed, by hundreds of milliseconds).  Fusion must
     compare like with like, so inputs wait here until every active stream has reached
-    their time; a stream that has fallen ``idle_s`` behind the newest (it stopped, or it
-    emits rarely) stops holding the others back, and a late stream (:data:`LATE_STREAMS`)
-    never does.
+    their time.  Progress is kept per producer (the stage that sent the input: one stage's
+    outputs come in its own order, whatever names they carry), and a producer that emits
+    rarely reports it with heartbeats (:meth:`advance`); without them it would hold every
+    event back until it fell ``idle_s`` behind the newest.  A producer that has fallen
+    ``idle_s`` behind (it stopped) stops holding the others back, and a late input
+    (:data:`LATE_STREAMS`) never does.
     """
 
     def __init__(self, idle_s: float = 1.0) -> None:
@@ -550,12 +554,18 @@ class MediaTimeOrder:
         self._n = 0
         self.newest = -math.inf
 
-    def push(self, t: float, name: str, values: dict[str, float], text: dict[str, str]) -> None:
+    def push(self, t: float, name: str, values: dict[str, float], text: dict[str, str],
+             source: str | None = None) -> None:
+        """An input ``name`` at media time ``t`` from producer ``source`` (default: ``name``)."""
         self._n += 1
         heapq.heappush(self._heap, (t, name, self._n, values, text))
         if name not in LATE_STREAMS:
-            self._last[name] = max(self._last.get(name, -math.inf), t)
-            self.newest = max(self.newest, t)
+            self.advance(source or name, t)
+
+    def advance(self, source: str, t: float) -> None:
+        """``source`` has nothing to send before ``t`` (it sent an input of that time, or a heartbeat)."""
+        self._last[source] = max(self._last.get(source, -math.inf), t)
+        self.newest = max(self.newest, t)
 
     @property
     def watermark(self) -> float:
@@ -616,12 +626,17 @@ class TriggerStage(Stage):
             return
         p = msg.payload
         if isinstance(p, Features):
-            self.order.push(msg.t_media, p.name, p.values, p.text)
+            self.order.push(msg.t_media, p.name, p.values, p.text, source=msg.source)
         elif isinstance(p, Transcript):
-            self.order.push(msg.t_media, "transcript", {}, {"text": p.text})
+            self.order.push(msg.t_media, "transcript", {}, {"text": p.text}, source=msg.source)
         else:
             return
         await self._feed(msg)
+
+    async def on_progress(self, msg: Envelope) -> None:
+        if self.detector is not None:
+            self.order.advance(msg.source, msg.t_media)
+            await self._feed(msg)
 
     async def flush(self) -> None:
         if self.detector is not None:

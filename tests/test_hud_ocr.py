@@ -259,6 +259,10 @@ def test_stage_reads_hud_state_only_when_it_changes(tmp_path: Path) -> None:
     stage = res.stage
     assert isinstance(stage, HudOcrStage)
     assert stage.reads == 3  # first read + two changes, not one per frame or per interval
+    # in between, heartbeats say the state has not changed (so the trigger need not wait for it)
+    beats = [e.t_media for e in res.heartbeats["features"]]
+    sent = sorted([*beats, *(t for t, _ in states)])
+    assert len(beats) >= 20 and max(np.diff(sent)) <= 0.1 + 1 / 30 + 1e-5
 
 
 def test_a_single_digit_change_is_read(tmp_path: Path) -> None:
@@ -292,8 +296,10 @@ def test_stage_keeps_last_value_when_a_read_fails(tmp_path: Path) -> None:
 
 def test_default_profile_costs_nothing() -> None:
     frames = [VideoFrame(image=hud_frame(1, 2)) for _ in range(10)]
-    res = run_stage("hud_ocr", frames)
+    res = run_stage("hud_ocr", frames, step_s=0.05)
     assert res["features"] == []
+    # nothing to say, but it says it keeps up: heartbeats at 0.0, 0.1, ... 0.4 s
+    assert [e.t_media for e in res.heartbeats["features"]] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     stage = res.stage
     assert isinstance(stage, HudOcrStage)
     assert stage._rec is None and stage._full is None  # no model was even loaded

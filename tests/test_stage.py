@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from copilot.clock import MonotonicClock, VirtualClock
-from copilot.messages import AudioChunk, Envelope, Event, Features, TraceStamp, VideoFrame
+from copilot.messages import AudioChunk, Control, Envelope, Event, Features, TraceStamp, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source, Stage, StageContext
 from copilot.testing import (
@@ -408,3 +409,66 @@ def test_leak_check_sees_sockets_threads_processes_and_tasks() -> None:
 
     lc.wrap_asyncio_run(asyncio.runners.run)(leaves_a_task())  # the real run, not the fixture's
     assert any("forgotten" in p for p in lc.problems())
+
+
+# -- progress heartbeats ------------------------------------------------------------------------
+class OnChange(Stage):
+    """Emits the input's value only when it changed (as HUD OCR sends state)."""
+
+    output_ports = ("features",)
+    progress_s = 0.1
+
+    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+        super().__init__(ctx, params)
+        self.last: float | None = None
+
+    async def process(self, msg: Envelope) -> None:
+        value = msg.payload.values["x"]  # type: ignore[union-attr]
+        if value != self.last:
+            self.last = value
+            await self.emit("features", Features(name="x", values={"x": value}), parent=msg)
+
+
+def test_a_stage_that_emits_rarely_sends_heartbeats_while_it_is_quiet() -> None:
+    values = [0.0] * 30 + [1.0] * 30  # 2 s at 30 Hz, one change at 1 s
+    res = run_stage(OnChange, [Features(name="in", values={"x": v}) for v in values], step_s=1 / 30)
+    assert [e.t_media for e in res.envelopes("features")] == pytest.approx([0.0, 1.0])
+    beats = [e.t_media for e in res.heartbeats["features"]]
+    assert all(isinstance(e.payload, Control) and e.payload.action == "heartbeat" for e in res.heartbeats["features"])
+    # one every progress_s of media time while nothing is emitted, none in the messages
+    assert beats == sorted(beats) and len(beats) == pytest.approx(18, abs=2)
+    sent = sorted([(t, "beat") for t in beats] + [(0.0, "msg"), (1.0, "msg")])
+    since_last = [t - prev for (prev, _), (t, what) in itertools.pairwise(sent) if what == "beat"]
+    assert min(since_last) >= 0.1 - 1e-5 and max(since_last) <= 0.1 + 1 / 30 + 1e-5
+    # a stage without progress_s sends none
+    assert run_stage(Lifecycle, [Features(name="in", values={"x": 1.0})] * 5).heartbeats == {"out": []}
+
+
+def test_heartbeats_travel_over_real_links() -> None:
+    res = run_stage(OnChange, [Features(name="in", values={"x": 0.0})] * 15, step_s=1 / 30, transport="inproc")
+    assert len(res.envelopes("features")) == 1
+    assert [e.t_media for e in res.heartbeats["features"]] == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.04)
+
+
+class Progress(Stage):
+    """Records what reaches process and what reaches on_progress."""
+
+    output_ports = ("out",)
+
+    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+        super().__init__(ctx, params)
+        self.seen: list[tuple[str, float]] = []
+
+    async def process(self, msg: Envelope) -> None:
+        self.seen.append(("process", msg.t_media))
+
+    async def on_progress(self, msg: Envelope) -> None:
+        self.seen.append(("progress", msg.t_media))
+
+
+def test_a_consumer_gets_heartbeats_in_on_progress_not_in_process() -> None:
+    inputs = [make_envelope(Features(name="x"), t_media=0.0, source="a"),
+              make_envelope(Control(action="heartbeat"), t_media=0.5, source="a"),
+              make_envelope(Features(name="x"), t_media=0.6, source="a")]
+    res = run_stage(Progress, inputs)
+    assert res.stage.seen == [("process", 0.0), ("progress", 0.5), ("process", 0.6)]  # type: ignore[attr-defined]

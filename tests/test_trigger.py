@@ -7,10 +7,12 @@ features) and check what it decides and when.  The last test runs the real stage
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
-from copilot.messages import Event, Features
+from copilot.messages import Control, Event, Features
 from copilot.profile import OcrField, Profile, Region, Rule, TriggerParams
 from copilot.testing import make_envelope, run_stage
 from stages.trigger import RarityBaseline, TriggerDetector
@@ -386,3 +388,52 @@ def test_a_transcript_stamped_in_the_past_never_holds_the_other_streams_back() -
     o.push(10.1, "audio", {}, {})
     assert o.watermark == 10.1
     assert [name for _, name, *_ in o.pop_ready()] == ["transcript", "audio", "hud"]
+
+
+def test_a_producer_is_one_stream_whatever_names_its_inputs_carry() -> None:
+    """The VAD stage sends per-window ``vad`` features and, rarely, ``speech`` edges stamped
+    a little in the past: progress is the stage's, so an old edge holds nothing back."""
+    from stages.trigger import MediaTimeOrder
+
+    o = MediaTimeOrder(idle_s=1.0)
+    o.push(5.0, "hud", {}, {}, source="hud")
+    o.push(5.0, "vad", {}, {}, source="vad")
+    o.push(4.6, "speech", {"t_start": 3.0, "t_end": 4.6}, {"edge": "end"}, source="vad")
+    o.push(5.5, "hud", {}, {}, source="hud")
+    o.push(5.5, "vad", {}, {}, source="vad")
+    assert o.watermark == 5.5
+    keyed_by_name = MediaTimeOrder(idle_s=1.0)  # what keying by name did: the edge held everything at 4.6
+    for t, name in ((5.0, "hud"), (5.0, "vad"), (4.6, "speech"), (5.5, "hud"), (5.5, "vad")):
+        keyed_by_name.push(t, name, {}, {})
+    assert keyed_by_name.watermark == 4.6
+
+
+def trigger_run_with_a_sparse_producer(*, heartbeats: bool) -> Any:
+    """12 s of per-frame HUD features with one revert at 9 s, and an OCR stage that says
+    something only when the score changes (at 2 s and just before the revert), with or
+    without its heartbeats."""
+    envs = []
+    for i in range(12 * FPS):
+        t = i / FPS
+        hud = {"steps": 0.0, "small": 0.0, "revert": 0.0}
+        if i == 9 * FPS:
+            hud = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
+        envs.append(make_envelope(Features(name="hud", values=hud), t_media=t, source="hud"))
+        if i in (2 * FPS, 9 * FPS - 3):
+            envs.append(make_envelope(Features(name="hud_ocr", values={"score": float(i)}), t_media=t,
+                                      source="hud_ocr"))
+        elif heartbeats and i % 3 == 0:
+            envs.append(make_envelope(Control(action="heartbeat"), t_media=t, source="hud_ocr"))
+    return run_stage("trigger", envs)
+
+
+def test_heartbeats_of_a_producer_that_emits_rarely_keep_events_on_time() -> None:
+    """Without heartbeats the trigger cannot tell a quiet OCR stage from a slow one: it waits
+    until the stage falls ``idle_s`` behind, and every event goes out a second late."""
+    late = trigger_run_with_a_sparse_producer(heartbeats=False)
+    on_time = trigger_run_with_a_sparse_producer(heartbeats=True)
+    for res in (late, on_time):
+        assert [(e.priority, round(e.t, 1)) for e in res["events"]] == [("critical", 9.0)]
+    # emit lag: media time already seen on the newest input when the event went out, minus its t
+    assert on_time.metrics.extra_ms["emit_lag_ms"].p99 <= 500
+    assert late.metrics.extra_ms["emit_lag_ms"].p99 >= 800
