@@ -51,6 +51,10 @@ class RunOptions:
     stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_options: dict[str, Any] = field(default_factory=dict)
     incarnation: int = 0
+    # set by the supervisor when it restarts a group: when the run's media clock began (monotonic
+    # ns, the same in every process of this host) and how far each source had got (media s)
+    session_start_ns: int | None = None
+    resume_media_s: dict[str, float] = field(default_factory=dict)
     supervisor_pid: int | None = None  # a spawned group stops when this process is gone
     wait_for_start: bool = True
     log_level: int = logging.WARNING
@@ -99,6 +103,9 @@ class GroupRunner:
                 outputs={port: [self.publishers[link]] for port, link in sc.outputs.items()},
                 speed=self.opts.speed,
                 options=self.opts.stage_options,
+                incarnation=self.opts.incarnation,
+                session_start_ns=self.opts.session_start_ns,
+                resume_media_s=self.opts.resume_media_s.get(sc.name),
             )
             subs = [
                 Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock) for link in sc.inputs

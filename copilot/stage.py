@@ -68,6 +68,12 @@ class StageContext:
     outputs: dict[str, list[Publisher]] = field(default_factory=dict)
     speed: float | None = 1.0  # None = as fast as possible
     options: dict[str, Any] = field(default_factory=dict)
+    # After a restart (see :class:`copilot.group.RunOptions`): this stage runs again in a run that
+    # began at ``session_start_ns`` (monotonic ns); a source continues the run's media time from
+    # there instead of starting over at 0, and ``resume_media_s`` is how far it had got before.
+    incarnation: int = 0
+    session_start_ns: int | None = None
+    resume_media_s: float | None = None
 
 
 class Stage:

@@ -112,6 +112,8 @@ class Supervisor:
             incarnation=st.incarnation,
             supervisor_pid=os.getpid(),
         )
+        if st.incarnation > 0 and self._started:  # a restart: the run's media time goes on
+            opts = replace(opts, session_start_ns=self._t_start_ns, resume_media_s=self._media_reached(st.name))
         saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
         os.environ.update(self._group_env(st.name))
         try:
@@ -131,6 +133,15 @@ class Supervisor:
         st.process = proc
         st.ready = False
         st.last_seen = asyncio.get_running_loop().time()
+
+    def _media_reached(self, group: str) -> dict[str, float]:
+        """How far (media s) each stage of ``group`` had got by its last metrics report."""
+        reached: dict[str, float] = {}
+        for (name, _inc), snap in self._snapshots.items():
+            if name == group:
+                for sm in snap.stages:
+                    reached[sm.stage] = max(reached.get(sm.stage, 0.0), sm.media_s)
+        return reached
 
     def kill_group(self, name: str) -> None:
         """Hard-kill a group (used by tests and by the heartbeat watchdog)."""

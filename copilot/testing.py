@@ -298,6 +298,7 @@ async def arun_stage(
     transport: str = "direct",
     timeout_s: float = 60.0,
     check_leaks: bool = True,
+    restart: dict[str, Any] | None = None,
 ) -> StageResult:
     """Coroutine form of :func:`run_stage`, for tests that already run an event loop."""
     cls = _stage_class(stage)
@@ -307,7 +308,8 @@ async def arun_stage(
     before = set(asyncio.all_tasks())
     if transport == "direct":
         outputs = _Outputs(stage_name, cls.output_ports)
-        ctx = StageContext(name=stage_name, clock=clk, outputs=outputs, speed=speed, options=dict(options or {}))
+        ctx = StageContext(name=stage_name, clock=clk, outputs=outputs, speed=speed, options=dict(options or {}),
+                           **(restart or {}))
         inst = cls(ctx, _params(cls, params))
         subs: list[Any] = [] if issubclass(cls, Source) else [FeedSubscriber(envs, clk)]
         runner = StageRunner(inst, subs)
@@ -398,6 +400,7 @@ def run_stage(
     transport: str = "direct",
     timeout_s: float = 60.0,
     check_leaks: bool = True,
+    restart: dict[str, Any] | None = None,
 ) -> StageResult:
     """Run one stage (a class or a registered kind) over ``inputs`` and return its outputs.
 
@@ -405,14 +408,16 @@ def run_stage(
     order on one input.  ``params`` is a dict (validated as the config would be) or a Params
     instance.  ``options`` are the run options a stage reads (e.g. ``events_out``).  A source
     stage takes no inputs and runs its ``produce``.  The stage must finish within
-    ``timeout_s``; tasks it leaves running raise :class:`LeakError`.
+    ``timeout_s``; tasks it leaves running raise :class:`LeakError`.  ``restart`` runs it as a
+    group restart would (the :class:`StageContext` fields ``incarnation``,
+    ``session_start_ns``, ``resume_media_s``).
 
     >>> res = run_stage("audio_level", [audio_chunk(amplitude=0.5)])      # doctest: +SKIP
     >>> res["features"][0].values["rms_db"]                               # doctest: +SKIP
     """
     return asyncio.run(
         arun_stage(stage, inputs, params=params, clock=clock, options=options, speed=speed, step_s=step_s,
-                   name=name, transport=transport, timeout_s=timeout_s, check_leaks=check_leaks)
+                   name=name, transport=transport, timeout_s=timeout_s, check_leaks=check_leaks, restart=restart)
     )
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -175,11 +176,15 @@ class AtariLiveStage(Source):
                 "time_rule": "t = frame / fps; frame = emu_frame // frame_step",
             }
             self._truth_path = _writable(path)
+            # a restarted group appends to what its first incarnation wrote (a new game, the same timeline)
+            resume = self.ctx.session_start_ns is not None and self._truth_path.is_file()
             try:
-                self._truth_fh = open(self._truth_path, "w", encoding="utf-8", newline="\n", buffering=1)  # noqa: SIM115
+                self._truth_fh = open(self._truth_path, "a" if resume else "w", encoding="utf-8", newline="\n",  # noqa: SIM115
+                                      buffering=1)
             except OSError as exc:
                 raise UsageError(f"atari: truth_out: cannot write {path} ({exc.strerror})") from exc
-            self._truth_fh.write(json.dumps(self._meta) + "\n")
+            if not resume:
+                self._truth_fh.write(json.dumps(self._meta) + "\n")
 
     @staticmethod
     def _length(frames: int, fps: int) -> dict[str, Any]:
@@ -199,8 +204,7 @@ class AtariLiveStage(Source):
         n_audio = step * game.audio_samples
         raw = np.empty(n_audio, np.uint8)
         clock = self.clock
-        t0 = clock.now_ns()
-        k = 0
+        t0, k = self._timeline(fps)
         while n_frames is None or k < n_frames:
             events: list[tuple[dict[str, Any], AtariStep]] = []
             last: AtariStep | None = None
@@ -250,6 +254,17 @@ class AtariLiveStage(Source):
             self.record_emit(cap, t_media)
             k += 1
             self.recorder.media_extent_s = k / fps
+
+    def _timeline(self, fps: int) -> tuple[int, int]:
+        """The clock origin and the first output frame: 0 at the run's start; after a restart the
+        run's origin and the frame due now (a new game, but the media time goes on)."""
+        ctx = self.ctx
+        if ctx.session_start_ns is None:
+            return self.clock.now_ns(), 0
+        if ctx.speed is None:
+            return ctx.session_start_ns, round((ctx.resume_media_s or 0.0) * fps)
+        elapsed_s = (self.clock.now_ns() - ctx.session_start_ns) / 1e9
+        return ctx.session_start_ns, max(0, math.ceil(elapsed_s * fps * ctx.speed))
 
     @staticmethod
     def _event(rec: dict[str, Any], s: AtariStep) -> Event:

@@ -2,7 +2,8 @@
 
 One source stage with the same output ports as ``replay`` (``video``, ``audio``), so a
 pipeline runs unchanged on a recording or beside a live game.  Media time is session time:
-seconds since the capture started, on the same monotonic clock for both streams.
+seconds since the capture started, on the same monotonic clock for both streams (after a
+restart of its group, seconds since the run's capture first started: the timeline goes on).
 
 Video: mss grabs the monitor, a region or a window's rectangle at ``fps``; frames go out
 as BGRA views of the grab buffer (``pixel_format="bgra"``), never converted per frame.
@@ -82,6 +83,14 @@ def capture_area(params: CaptureParams, monitors: list[dict[str, int]]) -> dict[
     return {"left": m["left"], "top": m["top"], "width": m["width"], "height": m["height"]}
 
 
+def screen_grabber() -> Any:
+    """An mss screen grabber (``mss.MSS`` from mss 10 on, where ``mss.mss`` is deprecated)."""
+    import mss
+
+    factory = getattr(mss, "MSS", None) or mss.mss
+    return factory()
+
+
 class _AudioReader(threading.Thread):
     """Records loopback audio on its own thread into a bounded, ordered queue."""
 
@@ -139,24 +148,23 @@ class CaptureStage(Source):
         except ImportError:
             raise UsageError("live capture needs mss and soundcard: pip install 'gameplay-copilot[capture]'") from None
         try:
-            with mss.mss() as grabber:
+            with screen_grabber() as grabber:
                 capture_area(params, grabber.monitors)
         except mss.exception.ScreenShotError as exc:
             raise UsageError(f"cannot open the screen for capture ({exc})") from None
 
     async def produce(self) -> None:
-        import mss
-
         p: CaptureParams = self.params  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
-        t0 = self.clock.now_ns()
+        now = self.clock.now_ns()
+        t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else now
         reader = _AudioReader(p, loop) if p.audio else None
         tasks: list[asyncio.Task[None]] = []
         if reader is not None:
             reader.start()
-            tasks.append(asyncio.create_task(self._audio_loop(reader, t0)))
+            tasks.append(asyncio.create_task(self._audio_loop(reader, (now - t0) / 1e9)))
         try:
-            with mss.mss() as grabber:
+            with screen_grabber() as grabber:
                 area = capture_area(p, grabber.monitors)
                 await self._video_loop(grabber, area, t0)
         finally:
@@ -174,8 +182,9 @@ class CaptureStage(Source):
         p: CaptureParams = self.params  # type: ignore[assignment]
         period = int(1e9 / p.fps)
         end = None if p.seconds is None else t0 + int(p.seconds * 1e9)
-        due = t0
-        index = 0
+        # a restart goes on at the next frame slot of the run's grid
+        index = 0 if self.ctx.session_start_ns is None else max(0, -(-(self.clock.now_ns() - t0) // period))
+        due = t0 + index * period
         while end is None or due < end:
             await self.clock.sleep_until_ns(due)
             shot = await self.run_blocking(grabber.grab, area)
@@ -194,13 +203,13 @@ class CaptureStage(Source):
                 self.recorder.drop("late", int(missed))
                 due += missed * period
 
-    async def _audio_loop(self, reader: _AudioReader, t0: int) -> None:
+    async def _audio_loop(self, reader: _AudioReader, offset_s: float) -> None:
         p: CaptureParams = self.params  # type: ignore[assignment]
         index = 0
         while True:
             start_frame, samples = await reader.queue.get()
             cap = self.clock.now_ns()
-            t_media = start_frame / p.audio_rate
+            t_media = offset_s + start_frame / p.audio_rate
             await self.emit("audio", AudioChunk(samples=samples, sample_rate=p.audio_rate, chunk_index=index),
                             t_media=t_media, t_capture_ns=cap)
             index += 1

@@ -6,6 +6,10 @@ keyframe, the index up front), so if the run dies mid-way everything up to the l
 fragment still plays: nothing already written is lost.  Encoding runs on the stage's
 worker thread, off the event loop.  Timestamps are the messages' media times, so what is
 replayed lines up with the events of the live run.
+
+If the group restarts, the file of the first run is kept and the recording goes on in a
+second file beside it (``F.restart1.mp4``, then ``restart2``...): an MP4 cannot be reopened
+for appending, and rewriting it would lose what was recorded.
 """
 
 from __future__ import annotations
@@ -107,6 +111,16 @@ class _Writer:
         self.container.close()
 
 
+def continuation_path(path: Path, incarnation: int) -> Path:
+    """Where a restarted recorder writes: ``F.mp4`` -> ``F.restart1.mp4`` (never an existing file)."""
+    n = incarnation
+    while True:
+        candidate = path.with_name(f"{path.stem}.restart{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
 @register_stage("recorder")
 class RecorderStage(Stage):
     """Records VideoFrame and AudioChunk messages to an MP4 file."""
@@ -130,6 +144,9 @@ class RecorderStage(Stage):
             return
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"--record: directory {Path(path).parent} does not exist")
+        if self.ctx.incarnation > 0 and Path(path).exists():
+            path = str(continuation_path(Path(path), self.ctx.incarnation))
+            log.warning("recorder: restarted; the recording goes on in %s", path)
         self._writer = await self.run_blocking(_Writer, path, self.params)
 
     async def process(self, msg: Envelope) -> None:

@@ -8,6 +8,10 @@ may write a second of video before the audio that plays with it, and a single de
 file order would then hand that audio over (and the pipeline would hear it) a second late.
 A frame's ``t_capture_ns`` is the moment it is released, which is when a live capture would
 have produced it, so latency figures mean the same thing in replay and live runs.
+
+After a restart of its group the replay goes on as a live source would: at real-time speed
+from where the run's clock says the media is now, at ``max`` speed from as far as it had got
+(``StageContext.resume_media_s``), never from the start again.
 """
 
 from __future__ import annotations
@@ -195,6 +199,16 @@ class ReplayStage(Source):
         super().__init__(ctx, params)
         self._decoders: list[_Decoder] = []
         self._heads: dict[str, Any] = {}  # the next decoded item of each stream not yet ended
+        self.resumed_at: float | None = None  # media time a restarted replay went on from
+
+    def _resume_point(self, p: ReplayParams) -> float | None:
+        """Where a restarted replay goes on (None: this is the run's first incarnation)."""
+        ctx = self.ctx
+        if ctx.session_start_ns is None:
+            return None
+        if ctx.speed is not None:
+            return p.start + max(0.0, (self.clock.now_ns() - ctx.session_start_ns) / 1e9 * ctx.speed)
+        return p.start + (ctx.resume_media_s or 0.0)
 
     async def start(self) -> None:
         """Open the file and decode ahead before the run starts, so pacing begins on time."""
@@ -209,8 +223,12 @@ class ReplayStage(Source):
         except (av.error.FFmpegError, OSError, ValueError) as exc:  # type: ignore[attr-defined]
             raise UsageError(f"{p.path}: not a readable media file ({_first_line(exc)})") from exc
         kinds = [k for k, on in (("video", p.video), ("audio", p.audio)) if on and present[k]]
+        self.resumed_at = self._resume_point(p)
+        if self.resumed_at is not None:
+            log.warning("replay %s: restarted; going on from %.2f s", p.path, self.resumed_at)
+        decode = p if self.resumed_at is None else msgspec.structs.replace(p, start=self.resumed_at)
         loop = asyncio.get_running_loop()
-        self._decoders = [_Decoder(p, kind, loop) for kind in kinds]
+        self._decoders = [_Decoder(decode, kind, loop) for kind in kinds]
         for dec in self._decoders:
             dec.start()
         for dec in self._decoders:
@@ -243,7 +261,9 @@ class ReplayStage(Source):
         n_video = n_audio = 0
         while (item := await self._pop_earliest()) is not None:
             kind, t, dur, data = item
-            if t0_ns is None:
+            if t0_ns is None and self.resumed_at is not None and self.ctx.session_start_ns is not None:
+                t0_ns = self.ctx.session_start_ns  # paced on the run's clock, as before the restart
+            elif t0_ns is None:
                 t0_ns = self.clock.now_ns()
                 media0 = min(t, p.start) if p.start > 0 else t
             if speed is not None:

@@ -129,3 +129,19 @@ def test_live_atari_game_writes_its_truth(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["stages"]["atari"]["count"] > 0
     assert 3.5 <= m["media_s"] <= 4.5
+
+
+@needs_xvfb
+def test_a_restarted_capture_goes_on_with_the_run_s_media_time(display: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its group restarts, capture's media time is still seconds since the run began."""
+    from copilot.clock import SYSTEM_CLOCK
+    from copilot.testing import run_stage
+
+    monkeypatch.setenv("DISPLAY", display)
+    session_start = SYSTEM_CLOCK.now_ns() - 5_000_000_000  # the run began 5 s ago
+    res = run_stage("capture", params={"region": [0, 0, 64, 48], "audio": None, "fps": 30, "seconds": 6.0},
+                    clock=SYSTEM_CLOCK, restart={"incarnation": 1, "session_start_ns": session_start})
+    times = [e.t_media for e in res.envelopes("video")]
+    assert times and 5.0 <= times[0] < 5.3 and times[-1] < 6.1
+    assert len(times) == pytest.approx((6.0 - times[0]) * 30, abs=3)  # on the run's 30 fps grid, none counted late
+    assert res.metrics.dropped_by_reason.get("late", 0) <= 2

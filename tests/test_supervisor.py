@@ -63,6 +63,10 @@ def lines(path: Path) -> int:
         return 0
 
 
+def media_times(path: Path) -> list[float]:
+    return [json.loads(line)["t"] for line in path.read_text().splitlines()]
+
+
 async def wait_for(cond: Any, timeout_s: float, what: str) -> float:
     """Poll ``cond`` until true; return the time it became true (monotonic seconds)."""
     deadline = time.monotonic() + timeout_s
@@ -94,6 +98,7 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
             t_spawn = await wait_for(lambda: st.incarnation == 1 and st.process.pid != old_pid, 10, "a restart")
             t_ready = await wait_for(lambda: st.ready, 30, "the new group to be ready")
             count_after_kill = lines(sink)
+            times_before = media_times(sink)[:before]
             t_flow = await wait_for(lambda: lines(sink) >= count_after_kill + 20, 30, "messages after the restart")
             after = lines(sink) - before
             sup.request_stop()
@@ -103,7 +108,8 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
                 sup.request_stop()
                 await asyncio.wait_for(run, 30)
         times = {"spawned": t_spawn - t_kill, "ready": t_ready - t_kill, "flowing": t_flow - t_kill,
-                 "messages_after": after}
+                 "messages_after": after, "media_before": max(times_before),
+                 "media_after": min(media_times(sink)[count_after_kill:])}
         return result, times
 
     result, times = asyncio.run(main())
@@ -111,6 +117,8 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
           f"messages again after {times['flowing']:.2f} s ({times['messages_after']} since the kill)")
     assert times["spawned"] < 2.0
     assert times["messages_after"] >= 20
+    # the run's media time goes on: a restarted replay does not start the file over at 0
+    assert times["media_after"] >= times["media_before"], times
     assert result.restarts[victim] == 1
     assert sum(result.restarts.values()) == 1
     assert result.interrupted
