@@ -13,7 +13,11 @@ When a grab is late the next deadline is re-anchored instead of bursting to catc
 Audio: soundcard records the default output's monitor (PulseAudio/PipeWire loopback, or
 WASAPI loopback on Windows) on its own thread in blocks of ``audio_block_ms``; blocks are
 handed to the event loop through a bounded queue, in order; if the pipeline stalls long
-enough to fill it, the oldest blocks are dropped and counted (``audio_overflow``).
+enough to fill it, the oldest blocks are dropped and counted (``audio_overflow``).  A block's
+media time comes from its sample count, anchored to when blocks arrive
+(:class:`AudioTimeline`): a loopback stream may deliver nothing for a second after it opens,
+and counting samples from the opening would stamp all audio that much early, so the trigger
+would wait for it (every event late) and see sounds before the pictures they go with.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import logging
 import shutil
 import subprocess
 import threading
+from collections import deque
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from copilot.clock import Clock
 from copilot.errors import UsageError
 from copilot.messages import AudioChunk, VideoFrame
 from copilot.registry import register_stage
@@ -91,14 +97,48 @@ def screen_grabber() -> Any:
     return factory()
 
 
+class AudioTimeline:
+    """Media times of audio blocks from their sample counts, anchored to their arrival.
+
+    The first block anchors the count (its last sample is taken to have been heard when the
+    block arrived).  Sample clocks drift against the monotonic clock and blocks arrive with
+    jitter, so the lag of arrival behind the stamp is watched over ``window`` blocks: when
+    even the smallest lag in that window is off by more than ``tolerance_s`` either way, the
+    anchor moves by it (counted in ``reanchored``).
+    """
+
+    def __init__(self, rate: int, *, window: int = 100, tolerance_s: float = 0.04) -> None:
+        self.rate = rate
+        self.tolerance_s = tolerance_s
+        self.offset_s: float | None = None
+        self.reanchored = 0
+        self._lags: deque[float] = deque(maxlen=window)
+
+    def stamp(self, start_frame: int, frames: int, arrival_s: float) -> float:
+        """Media time of the block of ``frames`` samples from ``start_frame``, which arrived at
+        ``arrival_s`` (media seconds on the capture's clock)."""
+        end_s = (start_frame + frames) / self.rate
+        if self.offset_s is None:
+            self.offset_s = arrival_s - end_s
+        self._lags.append(arrival_s - (self.offset_s + end_s))
+        if len(self._lags) == self._lags.maxlen:
+            least = min(self._lags)
+            if abs(least) > self.tolerance_s:
+                self.offset_s += least
+                self._lags.clear()
+                self.reanchored += 1
+        return self.offset_s + start_frame / self.rate
+
+
 class _AudioReader(threading.Thread):
     """Records loopback audio on its own thread into a bounded, ordered queue."""
 
-    def __init__(self, params: CaptureParams, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, params: CaptureParams, loop: asyncio.AbstractEventLoop, clock: Clock) -> None:
         super().__init__(name="capture-audio", daemon=True)
         self.params = params
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[int, np.ndarray]] = asyncio.Queue(AUDIO_QUEUE_BLOCKS)
+        self.clock = clock
+        self.queue: asyncio.Queue[tuple[int, np.ndarray, int]] = asyncio.Queue(AUDIO_QUEUE_BLOCKS)
         self.stop = threading.Event()
         self.overflow = 0
         self.error: str | None = None
@@ -112,7 +152,7 @@ class _AudioReader(threading.Thread):
             return sc.get_microphone(id=str(sc.default_speaker().name), include_loopback=True)
         return sc.get_microphone(id=name, include_loopback=True)
 
-    def _deliver(self, item: tuple[int, np.ndarray]) -> None:
+    def _deliver(self, item: tuple[int, np.ndarray, int]) -> None:
         if self.queue.full():
             self.queue.get_nowait()
             self.overflow += 1
@@ -126,7 +166,8 @@ class _AudioReader(threading.Thread):
             with mic.recorder(samplerate=p.audio_rate, channels=p.audio_channels, blocksize=block) as rec:
                 while not self.stop.is_set():
                     data = np.ascontiguousarray(rec.record(numframes=block), dtype=np.float32)
-                    self.loop.call_soon_threadsafe(self._deliver, (self.frames_read, data))
+                    arrival_ns = self.clock.now_ns()
+                    self.loop.call_soon_threadsafe(self._deliver, (self.frames_read, data, arrival_ns))
                     self.frames_read += data.shape[0]
         except Exception as exc:
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -158,11 +199,11 @@ class CaptureStage(Source):
         loop = asyncio.get_running_loop()
         now = self.clock.now_ns()
         t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else now
-        reader = _AudioReader(p, loop) if p.audio else None
+        reader = _AudioReader(p, loop, self.clock) if p.audio else None
         tasks: list[asyncio.Task[None]] = []
         if reader is not None:
             reader.start()
-            tasks.append(asyncio.create_task(self._audio_loop(reader, (now - t0) / 1e9)))
+            tasks.append(asyncio.create_task(self._audio_loop(reader, t0)))
         try:
             with screen_grabber() as grabber:
                 area = capture_area(p, grabber.monitors)
@@ -203,13 +244,18 @@ class CaptureStage(Source):
                 self.recorder.drop("late", int(missed))
                 due += missed * period
 
-    async def _audio_loop(self, reader: _AudioReader, offset_s: float) -> None:
+    async def _audio_loop(self, reader: _AudioReader, t0: int) -> None:
         p: CaptureParams = self.params  # type: ignore[assignment]
         index = 0
+        timeline = AudioTimeline(p.audio_rate)
         while True:
-            start_frame, samples = await reader.queue.get()
+            start_frame, samples, arrival_ns = await reader.queue.get()
             cap = self.clock.now_ns()
-            t_media = offset_s + start_frame / p.audio_rate
+            moves = timeline.reanchored
+            t_media = timeline.stamp(start_frame, samples.shape[0], (arrival_ns - t0) / 1e9)
+            if timeline.reanchored > moves:
+                log.info("capture: audio clock re-anchored (sample clock drift or lost samples), now %+.3f s",
+                         timeline.offset_s)
             await self.emit("audio", AudioChunk(samples=samples, sample_rate=p.audio_rate, chunk_index=index),
                             t_media=t_media, t_capture_ns=cap)
             index += 1

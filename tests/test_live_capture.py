@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_window_game import ROOT, _start_game, _stop, _wait_ready, display, needs_pulse, needs_xvfb, pulse
@@ -145,3 +146,33 @@ def test_a_restarted_capture_goes_on_with_the_run_s_media_time(display: str, mon
     assert times and 5.0 <= times[0] < 5.3 and times[-1] < 6.1
     assert len(times) == pytest.approx((6.0 - times[0]) * 30, abs=3)  # on the run's 30 fps grid, none counted late
     assert res.metrics.dropped_by_reason.get("late", 0) <= 2
+
+
+def test_audio_is_stamped_from_when_it_arrives_not_from_when_the_stream_opened() -> None:
+    """A loopback stream delivered nothing for 1.2 s after it opened (measured with PulseAudio's
+    null sink); counting samples from the opening stamped all audio 1.2 s early."""
+    from stages.capture import AudioTimeline
+
+    rate, block = 48000, 2400
+    tl = AudioTimeline(rate)
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        heard_s = 1.2 + (i + 1) * block / rate  # the block's last sample, on the capture clock
+        arrival = heard_s + rng.uniform(0.0, 0.02)  # the thread hands it over a little later
+        t = tl.stamp(i * block, block, arrival)
+        assert t == pytest.approx(heard_s - block / rate, abs=0.045)
+    assert tl.reanchored == 0  # jitter alone never moves the anchor
+
+
+def test_audio_stamps_follow_a_drifting_sample_clock() -> None:
+    from stages.capture import AudioTimeline
+
+    rate, block = 48000, 2400
+    for drift in (+200e-6, -200e-6):  # a sound card 200 ppm slow or fast: 12 ms a minute
+        tl = AudioTimeline(rate)
+        worst = 0.0
+        for i in range(12_000):  # 10 minutes of 50 ms blocks
+            heard_s = (i + 1) * block / rate * (1 + drift)
+            t = tl.stamp(i * block, block, heard_s)
+            worst = max(worst, abs(t - (heard_s - block / rate * (1 + drift))))
+        assert worst <= 0.05 and tl.reanchored >= 2  # plain sample counting would be 0.12 s off by now
