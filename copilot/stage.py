@@ -144,15 +144,17 @@ class Stage:
             ok = await pub.send(env) and ok
         return ok
 
-    async def send_progress(self, t_media: float) -> None:
-        """A heartbeat on every port quiet for ``progress_s`` of media time before ``t_media``."""
+    async def send_progress(self, t_media: float, t_capture_ns: int | None = None) -> None:
+        """A heartbeat on every port quiet for ``progress_s`` of media time before ``t_media``
+        (stamped with the input's capture time, so latency downstream still counts from it)."""
         for port in self.output_ports:
             last = self._port_t.get(port)
             if last is not None and t_media - last < self.progress_s - 1e-6:  # media times are rounded to us
                 continue
             self._port_t[port] = t_media
+            cap = self.clock.now_ns() if t_capture_ns is None else t_capture_ns
             env = Envelope.wrap(Control(action="heartbeat"), source=self.name, seq=0, t_media=t_media,
-                                t_capture_ns=self.clock.now_ns())
+                                t_capture_ns=cap)
             for pub in self.ctx.outputs.get(port, []):
                 await pub.send(env)
 
@@ -289,7 +291,7 @@ class StageRunner:
                 st._t_in_ns = t_in
                 await st.process(msg)
                 if st.progress_s > 0:
-                    await st.send_progress(msg.t_media)
+                    await st.send_progress(msg.t_media, msg.t_capture_ns)
                 t_out = st.clock.now_ns()
             prev_out = msg.trace[-1].t_out_ns if msg.trace else msg.t_capture_ns
             st.recorder.observe(

@@ -323,7 +323,7 @@ async def arun_stage(
         beats = {p: outputs[p][0].heartbeats for p in outputs}
     elif transport == "inproc":
         inst, collected, eos, beats = await _run_inproc(cls, stage_name, envs, params, clk, options, speed,
-                                                        timeout_s)
+                                                        timeout_s, restart)
         await _settle_tasks(before, what=f"stage {stage_name!r}", check=check_leaks)
     else:
         raise ValueError(f"transport must be 'direct' or 'inproc', not {transport!r}")
@@ -333,7 +333,7 @@ async def arun_stage(
 
 async def _run_inproc(
     cls: type[Stage], stage_name: str, envs: list[Envelope], params: Any, clk: Clock,
-    options: dict[str, Any] | None, speed: float | None, timeout_s: float,
+    options: dict[str, Any] | None, speed: float | None, timeout_s: float, restart: dict[str, Any] | None = None,
 ) -> tuple[Stage, dict[str, list[Envelope]], dict[str, bool], dict[str, list[Envelope]]]:
     """Real ZeroMQ links over ``inproc://``: one feeding publisher, one collector per port."""
     base = f"inproc://gamecopilot-testing/{uuid.uuid4().hex}"
@@ -344,7 +344,7 @@ async def _run_inproc(
     feed_pub = None if issubclass(cls, Source) else Publisher(in_spec, lossless=True, clock=clk)
     subs = [] if feed_pub is None else [Subscriber(in_spec, lossless=True, clock=clk)]
     ctx = StageContext(name=stage_name, clock=clk, outputs={p: [pub] for p, pub in pubs.items()}, speed=speed,
-                       options=dict(options or {}))
+                       options=dict(options or {}), **(restart or {}))
     inst = cls(ctx, _params(cls, params))
     runner = StageRunner(inst, subs)  # type: ignore[arg-type]
     collected: dict[str, list[Envelope]] = {p: [] for p in pubs}

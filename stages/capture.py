@@ -197,8 +197,7 @@ class CaptureStage(Source):
     async def produce(self) -> None:
         p: CaptureParams = self.params  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
-        now = self.clock.now_ns()
-        t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else now
+        t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else self.clock.now_ns()
         reader = _AudioReader(p, loop, self.clock) if p.audio else None
         tasks: list[asyncio.Task[None]] = []
         if reader is not None:
