@@ -11,11 +11,23 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
+def stage_timings(stages: list[StageMetrics]) -> list[str]:
+    """One line per stage-specific timing (a detector's decision delay, Whisper per segment...)."""
+    return [
+        f"{m.stage} {name.removesuffix('_ms').replace('_', ' ')}: p50 {_fmt(x.p50)}, p95 {_fmt(x.p95)}, "
+        f"p99 {_fmt(x.p99)} ms"
+        for m in stages
+        for name, x in sorted(m.extra_ms.items())
+    ]
+
+
 def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") -> Any:
+    """The per-stage table; its caption says what the columns mean and lists the stages' own timings."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", caption="latency: capture to stage output, ms; "
-                  "queue: wait before the stage, ms; busy: the stage's own work, ms", caption_justify="left")
+    caption = "\n".join(["latency: capture to stage output, ms; queue: wait before the stage, ms; "
+                         "busy: the stage's own work, ms", *stage_timings(stages)])
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for col in ("stage", "msgs", "fps", "drops", "p50", "p95", "p99", "queue p50", "busy p50", ""):
         table.add_column(col, justify="left" if col in ("stage", "") else "right", no_wrap=col == "stage")
     for m in stages:

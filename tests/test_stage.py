@@ -472,3 +472,18 @@ def test_a_consumer_gets_heartbeats_in_on_progress_not_in_process() -> None:
               make_envelope(Features(name="x"), t_media=0.6, source="a")]
     res = run_stage(Progress, inputs)
     assert res.stage.seen == [("process", 0.0), ("progress", 0.5), ("process", 0.6)]  # type: ignore[attr-defined]
+
+
+def test_the_metrics_table_lists_each_stage_s_own_timings() -> None:
+    from copilot.messages import LatencySummary, StageMetrics
+    from copilot.report import metrics_table, stage_timings
+
+    trig = StageMetrics(stage="trigger", count=10, fps=30.0, dropped=0, extra_ms={
+        "emit_lag_ms": LatencySummary(p50=310.0, p95=360.0, p99=365.5),
+        "decision_delay_ms": LatencySummary(p50=253.0, p95=265.0, p99=266.0)})
+    plain = StageMetrics(stage="motion", count=10, fps=30.0, dropped=0)
+    assert stage_timings([plain, trig]) == [
+        "trigger decision delay: p50 253, p95 265, p99 266 ms",
+        "trigger emit lag: p50 310, p95 360, p99 366 ms",
+    ]
+    assert "trigger emit lag" in str(metrics_table([plain, trig]).caption)
