@@ -301,14 +301,16 @@ def test_every_event_is_decided_within_half_a_second_of_its_time() -> None:
 
 
 # -- the stage --------------------------------------------------------------------------------
+def hud_with_a_revert_at_9s(i: int) -> dict[str, float]:
+    """Frame ``i`` (30 fps) of a HUD stream that is quiet but for a counter going back at 9 s."""
+    if i == 9 * FPS:
+        return {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
+    return {"steps": 0.0, "small": 0.0, "revert": 0.0}
+
+
 def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
-    envs = []
-    for i in range(12 * FPS):
-        t = i / FPS
-        hud = {"steps": 0.0, "small": 0.0, "revert": 0.0}
-        if i == 9 * FPS:
-            hud = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
-        envs.append(make_envelope(Features(name="hud", values=hud), t_media=t, seq=i + 1))
+    envs = [make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=i / FPS, seq=i + 1)
+            for i in range(12 * FPS)]
     res = run_stage("trigger", envs)
     events = res["events"]
     assert len(events) == 1 and isinstance(events[0], Event)
@@ -415,10 +417,7 @@ def trigger_run_with_a_sparse_producer(*, heartbeats: bool) -> Any:
     envs = []
     for i in range(12 * FPS):
         t = i / FPS
-        hud = {"steps": 0.0, "small": 0.0, "revert": 0.0}
-        if i == 9 * FPS:
-            hud = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
-        envs.append(make_envelope(Features(name="hud", values=hud), t_media=t, source="hud"))
+        envs.append(make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=t, source="hud"))
         if i in (2 * FPS, 9 * FPS - 3):
             envs.append(make_envelope(Features(name="hud_ocr", values={"score": float(i)}), t_media=t,
                                       source="hud_ocr"))
