@@ -255,8 +255,10 @@ class HudOcrStage(Stage):
     Params = HudOcrParams
     output_ports = ("features",)
     # state goes out only when it changes: heartbeats tell the trigger that nothing changed, so it
-    # need not wait for this stage (field reads finish within process; keywords are late inputs)
-    progress_s = 0.1
+    # need not wait for this stage (field reads finish within process; keywords are late inputs).
+    # One per frame: the trigger's watermark moves only as fast as the heartbeats (0.1 s steps
+    # cost 40 ms of emit lag at p99)
+    progress_s = 0.02
 
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         super().__init__(ctx, params)
