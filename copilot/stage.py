@@ -181,6 +181,17 @@ class Source(Stage):
     async def process(self, msg: Envelope) -> None:  # sources take no input
         return None
 
+    def resume_media_s(self) -> float | None:
+        """After a group restart, the media time (s from the run's start) to go on from: where the
+        run's clock says the media is now, or at max speed as far as this source had got.  None
+        on the run's first incarnation, which starts at the beginning."""
+        ctx = self.ctx
+        if ctx.session_start_ns is None:
+            return None
+        if ctx.speed is None:
+            return ctx.resume_media_s or 0.0
+        return max(0.0, (self.clock.now_ns() - ctx.session_start_ns) / 1e9 * ctx.speed)
+
     def record_emit(self, t_capture_ns: int, t_media: float) -> None:
         now = self.clock.now_ns()
         self.recorder.observe(

@@ -258,13 +258,12 @@ class AtariLiveStage(Source):
     def _timeline(self, fps: int) -> tuple[int, int]:
         """The clock origin and the first output frame: 0 at the run's start; after a restart the
         run's origin and the frame due now (a new game, but the media time goes on)."""
-        ctx = self.ctx
-        if ctx.session_start_ns is None:
+        resumed = self.resume_media_s()
+        if resumed is None or self.ctx.session_start_ns is None:
             return self.clock.now_ns(), 0
-        if ctx.speed is None:
-            return ctx.session_start_ns, round((ctx.resume_media_s or 0.0) * fps)
-        elapsed_s = (self.clock.now_ns() - ctx.session_start_ns) / 1e9
-        return ctx.session_start_ns, max(0, math.ceil(elapsed_s * fps * ctx.speed))
+        # at max speed the frame it had got to; at real time the next frame due
+        frame = round(resumed * fps) if self.ctx.speed is None else math.ceil(resumed * fps)
+        return self.ctx.session_start_ns, frame
 
     @staticmethod
     def _event(rec: dict[str, Any], s: AtariStep) -> Event:

@@ -145,7 +145,10 @@ class _Decoder(threading.Thread):
         p = self.params
         try:
             with av.open(p.path) as c:
-                stream: Any = (c.streams.video if self.kind == "video" else c.streams.audio)[0]
+                streams = c.streams.video if self.kind == "video" else c.streams.audio
+                if not streams:  # the file has no such stream: it ends at once
+                    return
+                stream: Any = streams[0]
                 stream.thread_type = "AUTO"
                 if p.start > 0:
                     c.seek(int(p.start * 1e6), any_frame=False, backward=True)
@@ -197,41 +200,26 @@ class ReplayStage(Source):
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
-        self._decoders: list[_Decoder] = []
+        self._decoders: dict[str, _Decoder] = {}  # by stream kind
         self._heads: dict[str, Any] = {}  # the next decoded item of each stream not yet ended
         self.resumed_at: float | None = None  # media time a restarted replay went on from
-
-    def _resume_point(self, p: ReplayParams) -> float | None:
-        """Where a restarted replay goes on (None: this is the run's first incarnation)."""
-        ctx = self.ctx
-        if ctx.session_start_ns is None:
-            return None
-        if ctx.speed is not None:
-            return p.start + max(0.0, (self.clock.now_ns() - ctx.session_start_ns) / 1e9 * ctx.speed)
-        return p.start + (ctx.resume_media_s or 0.0)
 
     async def start(self) -> None:
         """Open the file and decode ahead before the run starts, so pacing begins on time."""
         p: ReplayParams = self.params  # type: ignore[assignment]
         if not p.path:
             raise UsageError("replay: no input file given")
-        import av
-
-        try:
-            with av.open(p.path) as c:
-                present = {"video": bool(c.streams.video), "audio": bool(c.streams.audio)}
-        except (av.error.FFmpegError, OSError, ValueError) as exc:  # type: ignore[attr-defined]
-            raise UsageError(f"{p.path}: not a readable media file ({_first_line(exc)})") from exc
-        kinds = [k for k, on in (("video", p.video), ("audio", p.audio)) if on and present[k]]
-        self.resumed_at = self._resume_point(p)
-        if self.resumed_at is not None:
+        resumed = self.resume_media_s()
+        if resumed is not None:
+            self.resumed_at = p.start + resumed
             log.warning("replay %s: restarted; going on from %.2f s", p.path, self.resumed_at)
         decode = p if self.resumed_at is None else msgspec.structs.replace(p, start=self.resumed_at)
         loop = asyncio.get_running_loop()
-        self._decoders = [_Decoder(decode, kind, loop) for kind in kinds]
-        for dec in self._decoders:
+        kinds = [k for k, on in (("video", p.video), ("audio", p.audio)) if on]
+        self._decoders = {kind: _Decoder(decode, kind, loop) for kind in kinds}
+        for dec in self._decoders.values():
             dec.start()
-        for dec in self._decoders:
+        for dec in self._decoders.values():
             item = await dec.queue.get()
             if item is not None:
                 self._heads[dec.kind] = item
@@ -244,8 +232,7 @@ class ReplayStage(Source):
             return None
         kind = min(self._heads, key=lambda k: (self._heads[k][1], k != "audio"))
         item = self._heads.pop(kind)
-        dec = next(d for d in self._decoders if d.kind == kind)
-        nxt = await dec.queue.get()
+        nxt = await self._decoders[kind].queue.get()
         if nxt is not None:
             self._heads[kind] = nxt
         return item
@@ -255,15 +242,14 @@ class ReplayStage(Source):
         if not self._decoders:
             await self.start()
         speed = self.ctx.speed
-        t0_ns: int | None = None
+        # a restarted replay is paced on the run's clock, as before the restart
+        t0_ns = self.ctx.session_start_ns if self.resumed_at is not None else None
         media0 = p.start
         end_media = p.start
         n_video = n_audio = 0
         while (item := await self._pop_earliest()) is not None:
             kind, t, dur, data = item
-            if t0_ns is None and self.resumed_at is not None and self.ctx.session_start_ns is not None:
-                t0_ns = self.ctx.session_start_ns  # paced on the run's clock, as before the restart
-            elif t0_ns is None:
+            if t0_ns is None:
                 t0_ns = self.clock.now_ns()
                 media0 = min(t, p.start) if p.start > 0 else t
             if speed is not None:
@@ -281,12 +267,12 @@ class ReplayStage(Source):
             self.record_emit(cap, t)
             end_media = max(end_media, t + dur)
             self.recorder.media_extent_s = end_media - media0
-        for dec in self._decoders:
+        for dec in self._decoders.values():
             if dec.error:
                 log.warning("replay %s: decoding %s stopped early: %s", p.path, dec.kind, dec.error)
 
     async def close(self) -> None:
-        decoders, self._decoders = self._decoders, []
+        decoders, self._decoders = list(self._decoders.values()), {}
         self._heads.clear()
         for dec in decoders:
             dec.stop.set()
