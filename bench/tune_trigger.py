@@ -43,9 +43,9 @@ MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
 HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "revert_states", "areas", "small",
             "quiet", "quiet_cells", "quiet_area", "revert_clock", "quiet_lost", "clock", "fresh")
 THUMB_KEYS = ("novelty", "novelty_long")
-AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset")
+AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset", "novelty")
 # bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 31
+SIGNALS_VERSION = 33
 
 
 def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:

@@ -107,7 +107,7 @@ class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_delay_s: float = 0.45  # an event is decided at most this long after its t
     # priorities from the fused score (rules and keywords set theirs directly)
     critical_score: float = 2.5
-    high_score: float = 1.1
+    high_score: float = 1.15
     normal_score: float = 0.55
     annotate_hud: bool = True  # a step in a small HUD area is at least a low-priority event
     annotate_min_novel_s: float = 0.5  # ... when its cell had not stepped for this long (a gauge ticking is not)
@@ -215,7 +215,14 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
             raise UsageError(f"{where}.field: no OCR field named {rule.field!r} (fields: {known})")
         if rule.op == "drop_pct" and not 0 < rule.value <= 100:
             raise UsageError(f"{where}.value: drop_pct expects a percentage in (0, 100], got {rule.value}")
+    from stages.trigger import SIGNALS  # the detector owns the signal names (pure Python, no heavy import)
+
+    families = {fam for fam, _ in SIGNALS.values()}
     for key, w in prof.weights.items():
+        if key not in families and key not in SIGNALS:
+            known = ", ".join(sorted(families))
+            raise UsageError(f"{source}: weights.{key}: no signal family or signal named {key!r}"
+                             f" (families: {known}; or a signal such as audio.onset)")
         if w < 0:
             raise UsageError(f"{source}: weights.{key}: expected a weight >= 0, got {w}")
     t = prof.trigger

@@ -9,9 +9,16 @@ near silence never counts), which gives ``onset``: how far above its baseline th
 (0 when under it).  Loudness is the RMS and peak in dBFS, and ``rise`` is the RMS against
 the median of the last ``baseline_s`` (a sound starting out of silence rises a lot).
 
+``novelty`` says whether the sound is new rather than loud: how unlike anything heard in the
+last ``novelty_s`` the shape of a loud hop's spectrum is (:class:`TimbreMemory`).  A game
+repeats its shots and footsteps all the time; a death tune or a bonus jingle is heard
+rarely.  On the training pool this signal, as a family of its own in the TriggerDetector,
+found deaths that only sound announces.
+
 One ``Features(name="audio")`` per input chunk carries the strongest hop of the chunk:
 ``rms_db``, ``peak_db``, ``flux``, ``onset``, ``rise`` and ``offset`` (seconds from the
-chunk's start to that hop, so the detector can place the onset precisely).  The numeric
+chunk's start to that hop, so the detector can place the onset precisely), and the chunk's
+highest ``novelty``.  The numeric
 core is :class:`AudioAnalyzer`; the old ``audio_level`` stage is folded into it (same dB
 rule, :func:`stages.audio_level.loudness_db`).
 """
@@ -36,18 +43,73 @@ class AudioFeaturesParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     baseline_s: float = 2.0
     k_mad: float = 3.0  # onset threshold: median + k_mad * MAD of the recent flux
     flux_floor: float = 0.02  # flux under this is never an onset (near silence, codec hiss)
+    novelty_s: float = 30.0  # how far back a sound's timbre is remembered for ``novelty`` (0: off)
 
 
 def _db(v: float) -> float:
     return max(SILENCE_DB, 20.0 * math.log10(v)) if v > 0 else SILENCE_DB
 
 
+NOVELTY_MIN_DB = -50.0  # hops quieter than this are neither judged nor remembered by the timbre memory
+NOVELTY_BANDS = 24
+
+
+class TimbreMemory:
+    """How unlike anything heard in the last ``memory_s`` a hop's spectrum is.
+
+    Why: loudness and onsets say *that* a sound started, not whether it is the shot heard
+    every second or the jingle of a lost life.  Each loud hop's spectrum is pooled into
+    ``NOVELTY_BANDS`` log-spaced bands and normalised to unit length (its shape, not its
+    level); its novelty is 1 minus the best cosine similarity to the remembered hops, the last
+    ``skip_s`` excluded so a held note does not match its own start.
+    """
+
+    def __init__(self, memory_s: float = 30.0, hop_s: float = 0.02, skip_s: float = 0.3) -> None:
+        self.size = max(1, round(memory_s / hop_s))
+        self.skip = max(1, round(skip_s / hop_s))
+        self._pool: np.ndarray | None = None
+        self._mem = np.zeros((0, NOVELTY_BANDS), np.float32)  # a ring of remembered vectors
+        self._mem_hop = np.zeros(0, np.int64)  # ... and the hop each was heard at
+        self._n = 0  # vectors written so far; the ring holds the last self.size of them
+        self._recent: deque[tuple[int, np.ndarray]] = deque()  # (hop, vector) not yet remembered
+
+    def _pooling(self, bins: int) -> np.ndarray:
+        edges = np.unique(np.geomspace(2, bins, NOVELTY_BANDS + 1).astype(int))
+        pool = np.zeros((bins, len(edges) - 1), np.float32)
+        for j in range(len(edges) - 1):
+            pool[edges[j]:max(edges[j + 1], edges[j] + 1), j] = 1.0 / max(1, edges[j + 1] - edges[j])
+        return pool
+
+    def update(self, spec: np.ndarray, hop: int) -> float:
+        """Novelty of ``spec``, the spectrum of hop number ``hop`` (hops count silence too)."""
+        if self._pool is None or self._pool.shape[0] != spec.shape[0]:
+            self._pool = self._pooling(spec.shape[0])
+            self._mem = np.zeros((self.size, self._pool.shape[1]), np.float32)
+            self._mem_hop = np.zeros(self.size, np.int64)
+            self._n = 0
+            self._recent.clear()
+        while self._recent and self._recent[0][0] <= hop - self.skip:  # old enough to be remembered
+            when, vec = self._recent.popleft()
+            self._mem[self._n % self.size] = vec
+            self._mem_hop[self._n % self.size] = when
+            self._n += 1
+        v = spec.astype(np.float32) @ self._pool
+        v /= float(np.linalg.norm(v)) + 1e-9
+        filled = min(self._n, self.size)
+        sims = self._mem[:filled] @ v
+        sims = sims[self._mem_hop[:filled] > hop - self.size]  # heard within memory_s
+        nov = 1.0 - float(np.max(sims)) if sims.size else 1.0
+        self._recent.append((hop, v))
+        return max(0.0, nov)
+
+
 class AudioAnalyzer:
     """Spectral-flux onsets and loudness with adaptive baselines (see the module docstring)."""
 
     def __init__(self, *, hop_s: float = 0.02, baseline_s: float = 2.0, k_mad: float = 3.0,
-                 flux_floor: float = 0.02) -> None:
+                 flux_floor: float = 0.02, novelty_s: float = 30.0) -> None:
         self.hop_s = hop_s
+        self.novelty = TimbreMemory(novelty_s, hop_s) if novelty_s > 0 else None
         self.baseline_s = baseline_s
         self.k_mad = k_mad
         self.flux_floor = flux_floor
@@ -61,6 +123,7 @@ class AudioAnalyzer:
         self._flux_hist: deque[float] = deque()
         self._rms_hist: deque[float] = deque()
         self._hist_len = 1
+        self._hops = 0  # hops analysed so far: the timbre memory's clock
 
     def _setup(self, rate: int) -> None:
         self._rate = rate
@@ -79,7 +142,8 @@ class AudioAnalyzer:
             self._setup(sample_rate)
         x = samples.astype(np.float32, copy=False)
         mono = x.mean(axis=1) if x.ndim == 2 else x
-        out = {"rms_db": SILENCE_DB, "peak_db": SILENCE_DB, "flux": 0.0, "onset": 0.0, "rise": 0.0, "offset": 0.0}
+        out = {"rms_db": SILENCE_DB, "peak_db": SILENCE_DB, "flux": 0.0, "onset": 0.0, "rise": 0.0, "offset": 0.0,
+               "novelty": 0.0}
         if mono.size:
             out["rms_db"] = round(_db(float(np.sqrt(np.mean(np.square(mono))))), 2)
             out["peak_db"] = round(_db(float(np.max(np.abs(mono)))), 2)
@@ -100,6 +164,7 @@ class AudioAnalyzer:
                 flux = float(np.maximum(0.0, spec - self._prev_spec).mean())
             self._prev_spec = spec
             self._prev_rms = hop_rms
+            self._hops += 1
             hop_db = _db(hop_rms)
             hist = self._flux_hist
             if len(hist) >= 5:
@@ -115,6 +180,8 @@ class AudioAnalyzer:
                 rise = max(0.0, hop_db - float(np.median(np.fromiter(self._rms_hist, np.float32))))
             hist.append(flux)
             self._rms_hist.append(hop_db)
+            if self.novelty is not None and hop_db >= NOVELTY_MIN_DB:
+                out["novelty"] = max(out["novelty"], round(self.novelty.update(spec, self._hops), 4))
             score = onset * 10 + flux
             if score > best:
                 best = score
@@ -137,7 +204,8 @@ class AudioFeaturesStage(Stage):
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
         p: AudioFeaturesParams = params
-        self.analyzer = AudioAnalyzer(hop_s=p.hop_s, baseline_s=p.baseline_s, k_mad=p.k_mad, flux_floor=p.flux_floor)
+        self.analyzer = AudioAnalyzer(hop_s=p.hop_s, baseline_s=p.baseline_s, k_mad=p.k_mad, flux_floor=p.flux_floor,
+                                      novelty_s=p.novelty_s)
 
     async def process(self, msg: Envelope) -> None:
         chunk = msg.payload

@@ -14,7 +14,7 @@ Why it is built this way:
   rarity is about 0.3 and it stops firing; a change never seen in 20 s scores ~1.6.
   Values under a per-signal floor (codec noise, near silence) score 0.
 * **Agreement counts more than loudness.**  Signals are grouped in independent families
-  (picture, HUD, audio, OCR, keywords, speech).  A family's score is its best signal,
+  (picture, HUD, audio loudness, timbre, OCR, keywords, speech).  A family's score is its best signal,
   capped at 1, times the profile weight; the fused score adds the best family and
   ``agreement_bonus`` times each further family that is itself notable, so a HUD step
   that comes with a sound beats any single signal however loud.
@@ -96,6 +96,9 @@ SIGNALS: dict[str, tuple[str, float]] = {
     "hud.areas": ("hud", 1.5),
     "audio.onset": ("audio", 0.5),
     "audio.rise": ("audio", 6.0),
+    # a timbre not heard lately (a jingle, a death tune, not the usual shot): its own family, so a
+    # new sound agreeing with a picture or HUD change adds to it rather than competing with the onset
+    "audio.novelty": ("timbre", 0.005),
     "vad.speech_prob": ("speech", 0.5),
 }
 # signals judged by how often they happen, not how big they are (a digit flip is a few pixels
@@ -104,7 +107,7 @@ BINARY = frozenset({"hud.small"})
 # tuned on the development games (bench/tune_trigger.py): routine motion alone says little,
 # a big picture change (flash, cut, redraw) says a lot, HUD and audio in between
 # speech (VAD) is kept under agree_min: no tuning data has speech, so it is evidence only
-DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.2, "hud": 0.85, "speech": 0.3}
+DEFAULT_WEIGHTS = {"motion": 0.02, "scene": 1.6, "audio": 1.2, "timbre": 0.4, "hud": 0.85, "speech": 0.3}
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
 HUD_NEWS = "a HUD area changed"  # the reason of an annotate_hud annotation

@@ -67,6 +67,34 @@ def test_baseline_adapts_to_a_steady_noise_bed() -> None:
     assert max(s[2] for s in at_beep) > 10.0, "and its loudness rises over the running median"
 
 
+def novelty_at(a: AudioAnalyzer, signal: np.ndarray, times: list[float]) -> list[float]:
+    """The strongest ``novelty`` within 0.1 s after each of ``times``."""
+    seen = [(t, a.update(c, RATE)["novelty"]) for t, c in chunks(signal)]
+    return [max(v for t, v in seen if t0 - 0.03 <= t <= t0 + 0.1) for t0 in times]
+
+
+def test_a_sound_heard_before_is_not_novel_a_new_timbre_is() -> None:
+    """The same shot every second stops being novel; a different tune stands out even at equal
+    loudness and equal onset strength."""
+    shots = [0.5 + i for i in range(8)]
+    signal = beeps(shots, 10.0, freq=880.0) + beeps([9.0], 10.0, freq=2500.0)
+    first, *again, new = novelty_at(AudioAnalyzer(), signal, [*shots, 9.0])
+    assert first > 0.5, "nothing was heard before the first shot"
+    assert max(again) < 0.01, again
+    assert new > 20 * max(again), (new, again)
+    # silence is neither judged nor remembered
+    assert AudioAnalyzer().update(np.zeros(CHUNK, np.float32), RATE)["novelty"] == 0.0
+
+
+def test_the_timbre_memory_forgets_after_novelty_s() -> None:
+    signal = beeps([0.5, 4.0], 5.0)
+    short = novelty_at(AudioAnalyzer(novelty_s=2.0), signal, [0.5, 4.0])
+    long_ = novelty_at(AudioAnalyzer(novelty_s=30.0), signal, [0.5, 4.0])
+    assert short[1] > 0.5 and long_[1] < 0.01, (short, long_)
+    off = AudioAnalyzer(novelty_s=0.0)
+    assert max(off.update(c, RATE)["novelty"] for _, c in chunks(signal)) == 0.0
+
+
 def test_loudness_matches_the_signal() -> None:
     a = AudioAnalyzer()
     v = a.update(np.full(CHUNK, 0.5, np.float32), RATE)

@@ -61,6 +61,7 @@ def test_unknown_bare_name_lists_the_known_ones() -> None:
         ("trigger: {refractory_s: soon}\n", r"trigger\.refractory_s: expected `?float"),
         ("trigger: {max_delay_s: 2.0}\n", r"trigger\.max_delay_s: expected seconds in \[0, 0\.5\]"),
         ("weights: {hud: -1}\n", r"weights\.hud: expected a weight >= 0"),
+        ("weights: {sound: 2}\n", r"weights\.sound: no signal family or signal named 'sound' \(families: audio,"),
         ("- just\n- a list\n", r"expected a mapping"),
     ],
 )
