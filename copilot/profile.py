@@ -5,7 +5,7 @@ A profile is a YAML file under ``configs/profiles/`` (or anywhere, given by path
 finds by itself (motion, HUD changes found from pixels that rarely change, audio onsets).
 A game profile adds knowledge the pixels cannot give: where the HUD regions are, which OCR
 fields to read there and how to parse them, rules on those values (a health drop of more
-than 30% is critical), keywords to spot on screen, signal weights and detector settings.
+than 30% is critical), keywords to spot on screen or in speech, signal weights and detector settings.
 
 Validation is strict, like the pipeline config: an unknown key, a wrong type, a box outside
 the screen or a rule on a field that is not read ends in one :class:`UsageError` line that
@@ -140,7 +140,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     regions: list[Region] = []
     ocr_fields: list[OcrField] = []
     rules: list[Rule] = []
-    keywords: dict[str, Priority] = {}
+    keywords: dict[str, Priority] = {}  # text on screen (full-frame OCR) or in speech (ASR) -> priority
     weights: dict[str, float] = {}
     trigger: TriggerParams = msgspec.field(default_factory=TriggerParams)
     auto_hud: bool = True  # find static HUD areas from pixels (besides the profile regions)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import difflib
 import os
 import re
 import time
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
+from copilot.keywords import match_keywords
 from copilot.messages import PRIORITIES, Envelope, Features, VideoFrame
 from copilot.profile import OcrField, Profile, Region, profile_from_options
 from copilot.registry import register_stage
@@ -168,41 +168,6 @@ def field_values(name: str, parsed: Parsed) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Keyword spotting
 # --------------------------------------------------------------------------------------------
-
-
-def _norm_words(text: str) -> str:
-    return " ".join(re.sub(r"[^0-9A-Z]+", " ", text.upper()).split())
-
-
-def match_keywords(lines: list[str], keywords: dict[str, str], similarity: float = 0.85) -> list[str]:
-    """Keywords found in the OCR ``lines``: whole words exactly, or (5+ letters) nearly.
-
-    Near matches (``difflib`` ratio >= ``similarity`` against a same-length stretch of the
-    text with spaces removed) forgive one misread letter in "GAME OVER" without letting
-    "WIN" match inside "WINDOW".
-    """
-    hay = _norm_words(" ".join(lines))
-    spaced = f" {hay} "
-    packed = hay.replace(" ", "")
-    found = []
-    for kw in keywords:
-        k = _norm_words(kw)
-        if not k:
-            continue
-        if f" {k} " in spaced:
-            found.append(kw)
-            continue
-        kp = k.replace(" ", "")
-        if len(kp) >= 5 and len(packed) >= len(kp):
-            n = len(kp)
-            sm = difflib.SequenceMatcher(autojunk=False)
-            sm.set_seq2(kp)
-            for i in range(len(packed) - n + 1):
-                sm.set_seq1(packed[i : i + n])
-                if sm.ratio() >= similarity:
-                    found.append(kw)
-                    break
-    return found
 
 
 # --------------------------------------------------------------------------------------------

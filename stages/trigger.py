@@ -27,7 +27,9 @@ Why it is built this way:
   normal and say so in their evidence.  ``max_high_per_min`` (off by default) is a budget for
   high wakes alone, for a game that scores all the time: critical ones still get through.
 * **Rules and keywords from the profile** (OCR values such as a health drop of more than
-  30%, or a keyword on screen) open an episode with their own priority.
+  30%, or a keyword on screen or in speech) open an episode with their own priority.  A
+  keyword heard in an ASR transcript is placed at the start of its speech segment and is
+  decided when the transcript arrives, so its decision delay includes the segment and Whisper.
 * **HUD semantics without OCR.**  A small HUD area that goes back to a content it showed
   before (``hud.revert``: a lives counter after a game over, a score reset) is a
   ``revert_priority`` (critical) event, but only when the area has shown few contents
@@ -67,13 +69,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from copilot.keywords import match_keywords
 from copilot.messages import PRIORITIES, Envelope, Event, Features, Transcript
 from copilot.profile import Profile, Rule, profile_from_options
 from copilot.registry import register_stage
@@ -209,6 +212,7 @@ class TriggerDetector:
         self._baselines: dict[str, RarityBaseline] = {}
         self._recent: deque[tuple[float, str, float, float]] = deque()  # (t, signal, rarity, value)
         self._episode: _Episode | None = None
+        self._late: deque[_Episode] = deque()  # forced events that came too late to join an episode
         self._latched = False
         self._last_event: tuple[float, str] | None = None  # (t, priority)
         self._wakes: deque[float] = deque()
@@ -248,6 +252,8 @@ class TriggerDetector:
             self._observe_ocr(t, values, text or {})
         elif name == "keywords":
             self._observe_keywords(t, values, text or {})
+        elif name == "transcript":
+            self._observe_transcript(t, text or {})
         else:
             t_sig = t - float(values.get("age", 0.0)) + float(values.get("offset", 0.0))
             warm = t_sig - self._t0 >= self.p.warmup_s
@@ -319,7 +325,26 @@ class TriggerDetector:
         if best is not None:
             self._force(t, best, "keyword", f"keyword {text.get('matched', '')!r}")
 
+    def _observe_transcript(self, t: float, text: dict[str, str]) -> None:
+        """Speech (an ASR transcript starting at ``t``) that says a profile keyword."""
+        said = text.get("text", "")
+        found = match_keywords([said], self.profile.keywords) if self.profile.keywords and said else []
+        if found:
+            best = min(found, key=lambda kw: PRIORITY_RANK[self.profile.keywords[kw]])
+            self._force(t, self.profile.keywords[best], "spoken_keyword", f"heard {best!r}: {said.strip()!r}")
+
     def _force(self, t: float, priority: str, kind: str, reason: str) -> None:
+        if t < self._now - self.p.max_delay_s:
+            # late (a keyword read by full-frame OCR or heard in a transcript, seconds after its
+            # moment): an event of its own, decided at the next step with the evidence still kept
+            # from around its time, never merged into the episode open now
+            late = _Episode(onset=t, opened_at=t, forced=priority, kind=kind, reasons=[reason])
+            fam, best = self._family_scores(t - self.p.window_s, until=t + self.p.coalesce_s)
+            late.score, late.families = self.fused(fam), fam
+            late.signals = {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)}
+                            for s, b in best.items()}
+            self._late.append(late)
+            return
         ep = self._episode
         if ep is None:
             ep = self._episode = _Episode(onset=t, opened_at=t)
@@ -329,12 +354,13 @@ class TriggerDetector:
             ep.kind = kind
 
     # -- fusion --------------------------------------------------------------------------------
-    def _family_scores(self, since: float) -> tuple[dict[str, float], dict[str, tuple[float, str, float, float]]]:
+    def _family_scores(self, since: float, until: float = math.inf
+                       ) -> tuple[dict[str, float], dict[str, tuple[float, str, float, float]]]:
         fam: dict[str, float] = {}
         best: dict[str, tuple[float, str, float, float]] = {}
         for item in self._recent:
             ts, sig, r, _v = item
-            if ts < since:
+            if ts < since or ts > until:
                 continue
             family = SIGNALS[sig][0]
             s = min(1.0, r / self.p.rarity_ref) * self._weight(sig)
@@ -365,6 +391,10 @@ class TriggerDetector:
     def _step(self, out: list[DetectorEvent]) -> None:
         p = self.p
         now = self._now
+        while self._late:
+            ev = self._decide(self._late.popleft(), now)
+            if ev is not None:
+                out.append(ev)
         horizon = now - max(p.coalesce_s, p.window_s) - 1.0
         while self._recent and self._recent[0][0] < horizon:
             self._recent.popleft()
@@ -417,13 +447,15 @@ class TriggerDetector:
         over_budget = False
         if self._last_event is not None:
             t_last, prio_last = self._last_event
-            if ep.onset - t_last < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
+            if abs(ep.onset - t_last) < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
                 return None
-        if prio == "critical" and self._wakes and ep.onset - self._wakes[-1] < p.critical_gap_s:
-            notes.append(f"demoted from critical: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
+        # the nearest wake, before or after: a late event (a keyword) may come after later wakes
+        gap = min((abs(ep.onset - w) for w in self._wakes), default=math.inf)
+        if prio == "critical" and gap < p.critical_gap_s:
+            notes.append(f"demoted from critical: {gap:.2f} s from another wake")
             prio = "normal"
-        if prio == "high" and self._wakes and ep.onset - self._wakes[-1] < p.wake_gap_s:
-            notes.append(f"demoted from high: {ep.onset - self._wakes[-1]:.2f} s after the previous wake")
+        if prio == "high" and gap < p.wake_gap_s:
+            notes.append(f"demoted from high: {gap:.2f} s from another wake")
             prio = "normal"
         if prio == "high" and p.max_high_per_min > 0:
             while self._high_wakes and self._high_wakes[0] <= ep.onset - p.budget_window_s:
@@ -440,9 +472,9 @@ class TriggerDetector:
                 prio = "normal"
                 over_budget = True
             else:
-                self._wakes.append(ep.onset)
+                self._wakes.insert(bisect_right(self._wakes, ep.onset), ep.onset)  # in media-time order
                 if prio == "high" and p.max_high_per_min > 0:  # kept (and pruned) only while that budget is on
-                    self._high_wakes.append(ep.onset)
+                    self._high_wakes.insert(bisect_right(self._high_wakes, ep.onset), ep.onset)
         if prio not in WAKES and not over_budget and self._too_little_evidence(ep):
             # not emitted (nor a wake demoted as a repeat of the previous one; one demoted by the budget
             # is, with its note).  Nothing was emitted, so there is no event to keep a second one from
@@ -465,7 +497,8 @@ class TriggerDetector:
             evidence["state_before"] = {k: self._state_before.get(k, v) for k, v in self._state.items()}
         event = Event(t=round(ep.onset, 4), event_kind=kind, priority=prio,  # type: ignore[arg-type]
                       score=round(ep.score, 3), evidence=evidence)
-        self._last_event = (ep.onset, prio)
+        if self._last_event is None or ep.onset >= self._last_event[0]:
+            self._last_event = (ep.onset, prio)
         de = DetectorEvent(event=event, decided_at=now)
         self.decided.append(de)
         return de
@@ -482,7 +515,7 @@ class TriggerDetector:
     def finish(self) -> list[DetectorEvent]:
         """End of stream: decide what the last inputs show, then an open episode now."""
         out: list[DetectorEvent] = []
-        if self._unstepped:
+        if self._unstepped or self._late:
             self._step(out)
             self._unstepped = False
         ep = self._episode

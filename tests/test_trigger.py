@@ -227,6 +227,48 @@ def test_keywords_set_their_priority() -> None:
     assert [(e.event.priority, e.event.event_kind) for e in out] == [("high", "keyword")]
 
 
+def test_a_keyword_heard_in_speech_opens_an_event_at_the_start_of_the_speech() -> None:
+    det = TriggerDetector(Profile(keywords={"GAME OVER": "critical", "bonus": "normal"}))
+    out = det.observe(5.0, "audio", {"onset": 0.0})
+    out += det.observe(3.2, "transcript", {}, {"text": " Bonus! And... that is game over."})
+    out += det.observe(5.1, "audio", {"onset": 0.0})
+    out += det.finish()
+    assert [(e.event.priority, e.event.event_kind, e.event.t) for e in out] == [("critical", "spoken_keyword", 3.2)]
+    assert out[0].event.evidence["reasons"] == ["heard 'GAME OVER': 'Bonus! And... that is game over.'"]
+    assert out[0].delay_s == pytest.approx(1.8)  # decided at 5.0, when the transcript came, and says so
+
+
+def test_a_late_keyword_is_judged_against_the_wakes_near_its_own_time() -> None:
+    """A transcript decided after later wakes: the wake gap and refractory time compare it with
+    the wakes nearest its moment, so a later wake neither demotes nor drops it."""
+    revert = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
+    det = TriggerDetector(Profile(keywords={"you died": "critical"}))
+    out = []
+    for i in range(14 * FPS):
+        t = i / FPS
+        out += det.observe(t, "hud", revert if i == 10 * FPS else {"steps": 0.0, "small": 0.0, "revert": 0.0})
+        if i == 12 * FPS:
+            out += det.observe(3.0, "transcript", {}, {"text": "You died."})
+        if i == 13 * FPS:  # said at the revert: the same moment has its event (refractory time) ...
+            out += det.observe(10.2, "transcript", {}, {"text": "you died"})
+            # ... and a second after it: one wake per death, so an annotation
+            out += det.observe(11.0, "transcript", {}, {"text": "you died"})
+    out += det.finish()
+    got = [(e.event.t, e.event.event_kind, e.event.priority) for e in out]
+    assert got == [(10.0, "hud_revert", "critical"), (3.0, "spoken_keyword", "critical"),
+                   (11.0, "spoken_keyword", "normal")], got
+    assert out[2].event.evidence["notes"] == ["demoted from critical: 1.00 s from another wake"]
+
+
+def test_speech_without_a_keyword_or_without_keywords_is_no_event() -> None:
+    for prof, text in ((Profile(keywords={"GAME OVER": "critical"}), "the gamer is over there"),
+                       (Profile(), "game over")):
+        det = TriggerDetector(prof)
+        out = det.observe(3.0, "transcript", {}, {"text": text})
+        out += det.observe(4.0, "audio", {"onset": 0.0})
+        assert out + det.finish() == []
+
+
 # -- refractory time and wake budget ---------------------------------------------------------
 def test_refractory_time_drops_a_second_event_of_the_same_priority() -> None:
     sig = {"hud": {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0}}
@@ -318,6 +360,25 @@ def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
     assert res.envelopes("events")[0].t_media == pytest.approx(9.0, abs=0.05)
     delay = res.metrics.extra_ms["decision_delay_ms"]
     assert 0 <= delay.p99 <= 500
+
+
+def test_trigger_stage_turns_a_late_transcript_with_a_keyword_into_an_event(tmp_path: Any) -> None:
+    """A transcript comes well after its speech (the segment, then Whisper): it does not hold
+    back the picture and HUD events, and its keyword still becomes an event at the speech."""
+    from copilot.messages import Transcript
+
+    prof = tmp_path / "kw.yaml"
+    prof.write_text("name: kw\nkeywords: {mission failed: critical}\n")
+    envs = []
+    for i in range(12 * FPS):
+        envs.append(make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=i / FPS,
+                                  source="hud"))
+        if i == 6 * FPS:  # said from 2.5 s to 4 s, transcribed by 6 s
+            envs.append(make_envelope(Transcript(text="Mission failed.", t_start=2.5, t_end=4.0), t_media=2.5,
+                                      source="asr"))
+    res = run_stage("trigger", envs, options={"profile": str(prof)})
+    got = [(e.event_kind, e.priority, e.t) for e in res["events"]]
+    assert got == [("spoken_keyword", "critical", 2.5), ("hud_revert", "critical", pytest.approx(9.0, abs=0.05))]
 
 
 def test_stage_overrides_validate_against_trigger_params() -> None:
