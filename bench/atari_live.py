@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import resource
 import shutil
@@ -286,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run the bench; ``argv`` is a command line or the namespace ``add_arguments`` filled."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    if not args.seconds > 0:
-        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    if not 0 < args.seconds < math.inf:
+        raise UsageError(f"--seconds must be a positive number of seconds, got {args.seconds}")
     if args.stall_ms < 0 or not args.stall_every > 0:
         raise UsageError("--stall-ms must be >= 0 and --stall-every positive")
     check_output_path(args.output)

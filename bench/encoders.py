@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import sys
@@ -327,16 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed messages at the start of each run")
     ap.add_argument("-o", "--output", help="also write the JSON report to this file")
     args = ap.parse_args(argv)
-    from copilot.errors import UsageError
+    from bench.output import check_output_path
+    from copilot.errors import UsageError, write_output
 
-    if args.frames < 1 or args.audio_seconds <= 0 or args.warmup < 0:
+    if args.frames < 1 or not 0 < args.audio_seconds < math.inf or args.warmup < 0:
         raise UsageError("--frames and --audio-seconds must be positive, --warmup >= 0")
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    known = {name for enc in (*VIDEO_ENCODERS, *AUDIO_ENCODERS) for name in (enc.label, enc.kind)}
+    unknown = sorted((only or set()) - known)
+    if unknown:
+        raise UsageError(f"--only: no encoder {', '.join(map(repr, unknown))} (encoders: {', '.join(sorted(known))})")
+    check_output_path(args.output)
     progress = None if args.json else (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
     report = run_bench(n_frames=args.frames, audio_s=args.audio_seconds, game=args.game, only=only,
                        warmup=args.warmup, progress=progress)
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_output(args.output, json.dumps(report, indent=2) + "\n", "-o")
     print(json.dumps(report) if args.json else format_table(report))
     return 0
 

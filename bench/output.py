@@ -5,23 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from copilot.errors import UsageError
+from copilot.errors import UsageError, check_writable, write_output
 
 
 def check_output_path(output: str | None) -> None:
     """Fail before the (long) benchmark runs if ``-o`` cannot be written."""
-    if output and not Path(output).resolve().parent.is_dir():
-        raise UsageError(f"-o: directory {Path(output).parent} does not exist")
+    if output:
+        check_writable(output, "-o")
 
 
 def emit_result(result: dict[str, Any], *, as_json: bool, output: str | None, table: Callable[[Any], Any]) -> None:
     """Write ``result`` to ``output`` (JSON), then print it as JSON or as ``table(result)``."""
     text = json.dumps(result)
     if output:
-        Path(output).write_text(text + "\n")
+        write_output(output, text + "\n", "-o")
     if as_json:
         print(text)
     else:

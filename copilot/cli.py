@@ -8,6 +8,7 @@ equivalent OS errors) ends as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -33,7 +34,7 @@ def _speed(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"speed must be {SPEEDS}, got {text!r}") from None
-    if value <= 0:
+    if not 0 < value < math.inf:  # also rejects nan
         raise argparse.ArgumentTypeError(f"speed must be {SPEEDS}, got {text!r}")
     return value
 
@@ -43,7 +44,7 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 

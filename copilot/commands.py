@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import msgspec
 
 from copilot.config import default_config_path, load_yaml, parse_pipeline
-from copilot.errors import UsageError
+from copilot.errors import UsageError, check_writable, write_output
 from copilot.group import RunOptions
 from copilot.registry import resolve_stage
 
@@ -38,7 +37,7 @@ def _check_asr_stage(args: argparse.Namespace, cfg: Any, where: str) -> None:
         raise UsageError(f"--asr-model: the pipeline {where} has no asr stage to use it")
 
 
-def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
+def _prepare_outputs(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
     """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
 
     Every check that can fail on a bad argument comes before any file is emptied.
@@ -58,15 +57,20 @@ def _prepare_outputs(args: argparse.Namespace) -> dict[str, Any]:
         if not value:
             continue
         path = Path(value)
-        flag = f"--{name.replace('_', '-')}"
-        if not path.parent.is_dir():
-            raise UsageError(f"{flag}: directory {path.parent} does not exist")
-        if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
-            raise UsageError(f"{flag}: cannot write {path}")
+        flag = getattr(args, "flags", {}).get(name, f"--{name.replace('_', '-')}")
+        check_writable(path, flag)
         outputs[name] = (flag, path)
     metrics_out = getattr(args, "metrics_out", None)
-    if metrics_out and not Path(metrics_out).parent.is_dir():
-        raise UsageError(f"--metrics-out: directory {Path(metrics_out).parent} does not exist")
+    metrics_flag = getattr(args, "metrics_flag", "--metrics-out")
+    if metrics_out:
+        check_writable(metrics_out, metrics_flag)
+    # two outputs in one file would overwrite each other, and an output over the input destroys it
+    taken: dict[Path, str] = {Path(f).resolve(): "the input" for f in inputs if f}
+    for flag, path in [*outputs.values(), *([(metrics_flag, Path(metrics_out))] if metrics_out else [])]:
+        other = taken.get(path.resolve())
+        if other is not None:
+            raise UsageError(f"{flag}: {path} is also {other}")
+        taken[path.resolve()] = flag
     for name, (flag, path) in outputs.items():
         try:
             path.write_bytes(b"")
@@ -172,7 +176,7 @@ def execute(
     )
     _check_asr_stage(args, cfg, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
-    options = _prepare_outputs(args)
+    options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None))
     if profile:
         options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
@@ -215,7 +219,8 @@ def execute(
                "restarts": result.restarts, "interrupted": result.interrupted},
     )
     if args.metrics_out:
-        Path(args.metrics_out).write_text(json.dumps(report, indent=2) + "\n")
+        flag = getattr(args, "metrics_flag", "--metrics-out")
+        write_output(args.metrics_out, json.dumps(report, indent=2) + "\n", flag)
     if result.usage_error:
         raise UsageError(result.usage_error)
     if result.failed:
@@ -263,7 +268,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         config=args.config, profile=args.profile, speed=None, quiet=args.quiet, json=False,
         metrics_out=args.metrics_out, verbose=args.verbose, events_out=args.output, advice_out=None,
-        features_out=args.features_out, asr_model=args.asr_model, progress=True,
+        features_out=args.features_out, asr_model=args.asr_model, progress=True, flags={"events_out": "-o"},
     )
     return execute(ns, input_file=args.file, start=args.start, until=args.until)
 
@@ -349,7 +354,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
     _check_asr_stage(args, cfg, str(args.config))
     profile = resolve_profile_option(args.profile)  # before any output file is emptied
-    options = _prepare_outputs(args)
+    options = _prepare_outputs(args, args.input)
     if profile:
         options["profile"] = profile
     sup = cfg.supervisor
@@ -372,6 +377,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         config=args.config, speed=args.speed, quiet=True, json=args.json, metrics_out=args.output,
-        verbose=0, events_out=None, advice_out=None, features_out=None, profile=None,
+        verbose=0, events_out=None, advice_out=None, features_out=None, profile=None, metrics_flag="-o",
     )
     return execute(ns, input_file=args.file, until=args.until)

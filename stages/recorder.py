@@ -39,6 +39,10 @@ class RecorderParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audio_bitrate: int = 96_000
 
 
+AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
+AAC_FALLBACK_RATE = 48000
+
+
 class _Writer:
     """The PyAV container; every method runs on the recorder's worker thread."""
 
@@ -55,6 +59,7 @@ class _Writer:
         self.last_pts = -1
         self.audio_samples = 0
         self.audio_t0: float | None = None
+        self.resampler: Any = None  # to an AAC rate, when the source's rate is not one
 
     def _open_video(self, width: int, height: int) -> None:
         from fractions import Fraction
@@ -90,20 +95,31 @@ class _Writer:
         import av
 
         channels = samples.shape[1] if samples.ndim == 2 else 1
+        layout = "mono" if channels == 1 else "stereo"
         if self.audio is None:
-            self.audio = self.container.add_stream("aac", rate=rate, layout="mono" if channels == 1 else "stereo")
+            # AAC has a fixed set of rates: the Atari console's 30720 Hz is resampled to 48 kHz
+            out_rate = rate if rate in AAC_RATES else AAC_FALLBACK_RATE
+            self.audio = self.container.add_stream("aac", rate=out_rate, layout=layout)
             self.audio.bit_rate = self.params.audio_bitrate
             self.audio_t0 = t_media
+            if out_rate != rate:
+                self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=out_rate)
         data = samples.reshape(-1, channels)[:, : min(channels, 2)].T.astype(np.float32)
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format="fltp",
                                            layout="mono" if data.shape[0] == 1 else "stereo")
         frame.sample_rate = rate
-        frame.pts = self.audio_samples
-        self.audio_samples += data.shape[1]
-        for packet in self.audio.encode(frame):
-            self.container.mux(packet)
+        self._encode_audio(self.resampler.resample(frame) if self.resampler is not None else [frame])
+
+    def _encode_audio(self, frames: list[Any]) -> None:
+        for frame in frames:
+            frame.pts = self.audio_samples  # in samples of the stream's rate
+            self.audio_samples += frame.samples
+            for packet in self.audio.encode(frame):
+                self.container.mux(packet)
 
     def close(self) -> None:
+        if self.resampler is not None:
+            self._encode_audio(self.resampler.resample(None))  # what the resampler still holds
         for stream in (self.video, self.audio):
             if stream is not None:
                 for packet in stream.encode(None):

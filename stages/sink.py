@@ -73,7 +73,12 @@ class JsonlSinkStage(Stage):
         if kinds and msg.kind not in kinds:
             return
         if self._fh is not None:
-            self._fh.write(self._enc.encode(message_record(msg)) + b"\n")
+            try:
+                self._fh.write(self._enc.encode(message_record(msg)) + b"\n")
+            except OSError as exc:
+                # a full disk is not cured by a restart: the run ends with one line, and the
+                # lines written so far stay in the file
+                raise UsageError(f"{self.name}: cannot write {self.output_path()} ({exc.strerror or exc})") from None
 
     async def close(self) -> None:
         if self._fh is not None:

@@ -123,13 +123,46 @@ def test_metrics_out_in_a_missing_directory(media: dict[str, Path], tmp_path: Pa
 
 @pytest.mark.parametrize(("bad", "needle"), [(["--profile", "no_such_profile"], "unknown profile"),
                                              (["--features-out", "/no/such/dir/f.jsonl"], "--features-out"),
-                                             (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out")])
+                                             (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out"),
+                                             (["--metrics-out", "{tmp}"], "--metrics-out: {tmp} is a directory"),
+                                             (["--metrics-out", "{events}"], "--metrics-out: {events} is also -o"),
+                                             (["--features-out", "{clip}"], "is also the input")])
 def test_a_bad_argument_empties_no_output_file(bad: list[str], needle: str, media: dict[str, Path],
                                                tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
     events.write_text('{"t": 1.0, "kind": "earlier run"}\n')
-    assert_one_line_error(gamecopilot("annotate", str(media["clip"]), "-o", str(events), *bad), needle)
+    names = {"tmp": str(tmp_path), "events": str(events), "clip": str(media["clip"])}
+    res = gamecopilot("annotate", str(media["clip"]), "-o", str(events), *(b.format(**names) for b in bad))
+    assert_one_line_error(res, needle.format(**names))
     assert events.read_text() == '{"t": 1.0, "kind": "earlier run"}\n', "nothing already written is lost"
+
+
+def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str, Path], tmp_path: Path) -> None:
+    clip = tmp_path / "mine.mp4"
+    clip.write_bytes(media["clip"].read_bytes())
+    size = clip.stat().st_size
+    assert_one_line_error(gamecopilot("annotate", str(clip), "-o", str(clip)), f"-o: {clip} is also the input")
+    assert_one_line_error(gamecopilot("replay", str(clip), "--metrics-out", str(clip)), "--metrics-out")
+    assert clip.stat().st_size == size
+
+
+@pytest.mark.parametrize("speed", ["nan", "inf", "-inf"])
+def test_a_speed_that_is_not_a_positive_number_is_one_line(speed: str, media: dict[str, Path]) -> None:
+    res = gamecopilot("replay", str(media["clip"]), f"--speed={speed}", "-q")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("gamecopilot replay: error: argument --speed: speed must be"), res.stderr
+
+
+def test_an_output_that_fails_while_written_ends_the_run_with_one_error(media: dict[str, Path]) -> None:
+    """A full disk: the sink's write fails mid-run.  No restart loop, no traceback: exit 2 and
+    the error names the file (link warnings of the stopping pipeline may come before it)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    res = gamecopilot("annotate", str(media["clip"]), "-o", "/dev/full", timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "restarting" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == "gamecopilot: error: events: cannot write /dev/full (No space left on device)", res.stderr
 
 
 def test_until_before_start(media: dict[str, Path]) -> None:

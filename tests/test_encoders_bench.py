@@ -75,3 +75,9 @@ def test_bad_arguments_are_usage_errors() -> None:
 
     with pytest.raises(UsageError):
         encoders.main(["--frames", "0"])
+    with pytest.raises(UsageError, match="--audio-seconds"):
+        encoders.main(["--audio-seconds", "nan"])
+    with pytest.raises(UsageError, match=r"--only: no encoder 'nonsense' \(encoders: .*audio_features"):
+        encoders.main(["--only", "motion,nonsense"])  # an empty table would look like success
+    with pytest.raises(UsageError, match="-o: directory"):
+        encoders.main(["--only", "motion", "-o", "/no/such/dir/r.json"])
