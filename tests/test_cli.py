@@ -146,6 +146,14 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str,
     assert clip.stat().st_size == size
 
 
+@pytest.mark.parametrize(("option", "needle"), [(["--reasoner", "qwen3-vl"], "--reasoner: the reasoning core is not"),
+                                               (["--overlay", "web"], "--overlay web: the overlay is not built"),
+                                               (["--session", "s1"], "--session: the session timeline is not")])
+def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[str], needle: str,
+                                                                   media: dict[str, Path]) -> None:
+    assert_one_line_error(gamecopilot("replay", str(media["clip"]), *option, "-q"), needle)
+
+
 @pytest.mark.parametrize("speed", ["nan", "inf", "-inf"])
 def test_a_speed_that_is_not_a_positive_number_is_one_line(speed: str, media: dict[str, Path]) -> None:
     res = gamecopilot("replay", str(media["clip"]), f"--speed={speed}", "-q")
