@@ -220,14 +220,21 @@ def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_c
 
 
 def test_a_group_that_keeps_failing_is_given_up_and_reported(atari_clip: Path, tmp_path: Path) -> None:
-    data = two_groups(Path("/dev/full"))  # the sink opens its file, then every write fails (ENOSPC)
+    """A stage that fails at every start (a corrupt Whisper model: ctranslate2 raises
+    RuntimeError, not bad input we could name up front) is restarted, then given up."""
+    bad = tmp_path / "whisper"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(b"not a model")
+    data = two_groups(tmp_path / "sink.jsonl")
+    data["stages"].append({"name": "asr", "kind": "asr", "params": {"model": str(bad)}, "inputs": ["audio"],
+                           "placement": {"group": "work"}})
     data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=1)
     cfg = parse_pipeline(data, "failing")
     sup = Supervisor(cfg, data, "failing", RunOptions(speed=None, lossless=True,
                                                       stage_overrides={"replay": {"path": str(atari_clip)}}))
     result = asyncio.run(asyncio.wait_for(sup.run(), 60))
     assert set(result.failed) == {"work"}
-    assert "OSError" in result.failed["work"]
+    assert "RuntimeError" in result.failed["work"]
     assert result.restarts["work"] == 1
     assert result.usage_error is None
     replay = next(m for m in result.stages if m.stage == "replay")
