@@ -54,6 +54,12 @@ def _check_not_built(args: argparse.Namespace) -> None:
         raise UsageError(f"--overlay {overlay}: the overlay is not built yet (events print on the console)")
 
 
+def _flag(args: argparse.Namespace, option: str) -> str:
+    """The flag the user typed for an output option: ``--events-out``, or what the command
+    that filled ``args`` names it (``annotate -o``) in ``args.flags``."""
+    return getattr(args, "flags", {}).get(option, f"--{option.replace('_', '-')}")
+
+
 def _prepare_outputs(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
     """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
 
@@ -74,11 +80,11 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None) -> dict[str,
         if not value:
             continue
         path = Path(value)
-        flag = getattr(args, "flags", {}).get(name, f"--{name.replace('_', '-')}")
+        flag = _flag(args, name)
         check_writable(path, flag)
         outputs[name] = (flag, path)
     metrics_out = getattr(args, "metrics_out", None)
-    metrics_flag = getattr(args, "metrics_flag", "--metrics-out")
+    metrics_flag = _flag(args, "metrics_out")
     if metrics_out:
         check_writable(metrics_out, metrics_flag)
     # two outputs in one file would overwrite each other, and an output over the input destroys it
@@ -237,8 +243,7 @@ def execute(
                "restarts": result.restarts, "interrupted": result.interrupted},
     )
     if args.metrics_out:
-        flag = getattr(args, "metrics_flag", "--metrics-out")
-        write_output(args.metrics_out, json.dumps(report, indent=2) + "\n", flag)
+        write_output(args.metrics_out, json.dumps(report, indent=2) + "\n", _flag(args, "metrics_out"))
     if result.usage_error:
         raise UsageError(result.usage_error)
     if result.failed:
@@ -396,6 +401,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         config=args.config, speed=args.speed, quiet=True, json=args.json, metrics_out=args.output,
-        verbose=0, events_out=None, advice_out=None, features_out=None, profile=None, metrics_flag="-o",
+        verbose=0, events_out=None, advice_out=None, features_out=None, profile=None, flags={"metrics_out": "-o"},
     )
     return execute(ns, input_file=args.file, until=args.until)

@@ -341,8 +341,7 @@ class TriggerDetector:
             late = _Episode(onset=t, opened_at=t, forced=priority, kind=kind, reasons=[reason])
             fam, best = self._family_scores(t - self.p.window_s, until=t + self.p.coalesce_s)
             late.score, late.families = self.fused(fam), fam
-            late.signals = {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)}
-                            for s, b in best.items()}
+            late.signals = _signal_evidence(best)
             self._late.append(late)
             return
         ep = self._episode
@@ -416,8 +415,7 @@ class TriggerDetector:
         if ep_score >= ep.score:
             ep.score = ep_score
             ep.families = dict(fam_ep)
-            ep.signals = {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)}
-                          for s, b in best_ep.items()}
+            ep.signals = _signal_evidence(best_ep)
         deadline = min(ep.onset + p.coalesce_s, ep.onset + p.max_delay_s)
         if now >= deadline:
             ev = self._decide(ep, now)
@@ -525,6 +523,11 @@ class TriggerDetector:
             if ev is not None:
                 out.append(ev)
         return out
+
+
+def _signal_evidence(best: dict[str, tuple[float, str, float, float]]) -> dict[str, dict[str, float]]:
+    """Each signal's strongest ``(t, signal, rarity, value)`` as an event's evidence."""
+    return {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)} for s, b in best.items()}
 
 
 def _rule_fires(rule: Rule, prev: float, value: float) -> bool:
