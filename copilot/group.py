@@ -203,7 +203,7 @@ class GroupRunner:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
             sources = [r for r in self.runners if isinstance(r.stage, Source)]
-            await asyncio.gather(self._wait_consumers(), *(r.prepare() for r in sources))
+            await self._until_stopped(asyncio.gather(self._wait_consumers(), *(r.prepare() for r in sources)))
             await self._send_ctrl("ready")
             if self._ctrl is not None and self.opts.wait_for_start:
                 await self._start.wait()
@@ -231,21 +231,44 @@ class GroupRunner:
             await asyncio.gather(*tasks, *aux, return_exceptions=True)
             self.close()
 
+    async def _until_stopped(self, work: asyncio.Future[Any]) -> None:
+        """Await ``work`` (connecting, preparing sources) unless a stop comes first: a Ctrl-C during
+        start-up must not wait out the subscribe timeout for consumers that will never come."""
+        stopped = asyncio.ensure_future(self._stop.wait())
+        abandoned = False
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not work.done():
+                abandoned = work.cancel()
+            await asyncio.gather(work, stopped, return_exceptions=True)
+        if not abandoned:  # (a cancelled gather may end with a CancelledError set, not as cancelled)
+            work.result()  # a source that failed to prepare raises here
+
     async def _wait_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
         """Wait for every stage; after a stop, give consumers a bounded time to drain."""
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            if self._stop.is_set() and pending:
-                timeout = self.cfg.supervisor.shutdown_timeout_s / 2
-                done, pending = await asyncio.wait(pending, timeout=timeout)
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                return
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        # the stop itself wakes this wait: a group without a source whose upstream is gone (stopped
+        # while starting) has no task that would ever finish to start the drain countdown
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stopped)
+                for t in done:
+                    if t is not stopped and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                if self._stop.is_set() and pending:
+                    timeout = self.cfg.supervisor.shutdown_timeout_s / 2
+                    done, pending = await asyncio.wait(pending, timeout=timeout)
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    return
+        finally:
+            stopped.cancel()
+            await asyncio.gather(stopped, return_exceptions=True)
 
     def close(self) -> None:
         for pub in self.publishers.values():

@@ -248,7 +248,9 @@ class StageRunner:
             if not self._prepared:
                 self._prepared = True
                 await st.start()
-            if isinstance(st, Source):
+            if isinstance(st, Source) and self._stopping:
+                pass  # stopped before it started (a Ctrl-C during start-up): nothing to produce
+            elif isinstance(st, Source):
                 self._produce_task = asyncio.ensure_future(st.produce())
                 try:
                     await self._produce_task

@@ -116,6 +116,10 @@ class Supervisor:
             opts = replace(opts, session_start_ns=self._t_start_ns, resume_media_s=self._media_reached(st.name))
         saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
         os.environ.update(self._group_env(st.name))
+        # The child inherits an ignored SIGINT: a Ctrl-C (sent to the whole process group) while it
+        # is still importing would otherwise end it with a KeyboardInterrupt traceback.  The
+        # supervisor alone handles Ctrl-C; it stops the groups over the control socket.
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             proc = self._ctx.Process(
                 target=group_process_main,
@@ -125,6 +129,7 @@ class Supervisor:
             )
             proc.start()
         finally:
+            signal.signal(signal.SIGINT, sigint)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -323,14 +328,20 @@ class Supervisor:
                 self._stop_sent = True
                 stop_deadline = now + sup.shutdown_timeout_s
                 for g in self.groups.values():
-                    self._send(g, "stop")
+                    if g.ready:
+                        self._send(g, "stop")
+                    elif g.process is not None and self._alive(g):
+                        # still starting: it cannot hear "stop" yet and holds nothing to flush
+                        g.process.terminate()
             if self.on_metrics is not None and now >= next_report:
                 next_report = now + sup.metrics_interval_s
                 self.on_metrics(self.stage_metrics())
             if all(g.done or (self._stopping and not self._alive(g)) for g in self.groups.values()):
                 break
             if stop_deadline is not None and now > stop_deadline:
-                log.warning("groups did not stop within %.1f s; terminating", sup.shutdown_timeout_s)
+                late = [g.name for g in self.groups.values() if not g.done and self._alive(g)]
+                log.warning("groups did not stop within %.1f s (%s); terminating", sup.shutdown_timeout_s,
+                            ", ".join(late))
                 break
         self._t_end_ns = self.clock.now_ns()
 

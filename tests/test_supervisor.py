@@ -219,6 +219,32 @@ def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_c
     assert report["stages"]["replay"]["count"] > 0
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_the_groups_start_stops_at_once_without_tracebacks(atari_clip: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the whole process group, the spawned groups included, and can
+    come while they are still importing or connecting.  It used to print KeyboardInterrupt
+    tracebacks from the children, wait out the 5 s stop timeout for groups that were not ready
+    yet, and play the whole clip in a source stopped before it started."""
+    metrics = tmp_path / "m.json"
+    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+            "--metrics-out", str(metrics)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_children(proc, 2)  # the default pipeline's groups exist: they are starting now
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 130, (proc.returncode, text)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "did not stop within" not in text, text  # every group stopped by itself
+    report = json.loads(metrics.read_text())
+    assert report["interrupted"] is True and report["media_s"] < 5, report
+
+
 def test_a_group_that_keeps_failing_is_given_up_and_reported(atari_clip: Path, tmp_path: Path) -> None:
     """A stage that fails at every start (a corrupt Whisper model: ctranslate2 raises
     RuntimeError, not bad input we could name up front) is restarted, then given up."""
