@@ -76,9 +76,11 @@ def _check_event(obj: Any, where: str) -> dict[str, Any]:
     if "t" not in obj:
         raise UsageError(f'{where}: missing "t" (the event time in seconds)')
     t = obj["t"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise UsageError(f'{where}: "t" must be a finite number of seconds, got {t!r}')
-    kind = obj.get("kind", "")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise UsageError(f'{where}: "t" must be a finite number of seconds, zero or more, got {t!r}')
+    if "kind" not in obj:
+        raise UsageError(f'{where}: missing "kind" (what happened, e.g. "life_lost")')
+    kind = obj["kind"]
     if not isinstance(kind, str):
         raise UsageError(f'{where}: "kind" must be a string, got {kind!r}')
     priority = obj.get("priority")

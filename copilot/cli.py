@@ -65,8 +65,8 @@ def _window(text: str) -> tuple[float, float]:
         before, after = (float(x) for x in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected BEFORE,AFTER in seconds (e.g. 4,1.5), got {text!r}") from None
-    if before < 0 or after < 0:
-        raise argparse.ArgumentTypeError(f"window bounds must be zero or more, got {text!r}")
+    if not (math.isfinite(before) and math.isfinite(after)) or before < 0 or after < 0:
+        raise argparse.ArgumentTypeError(f"window bounds must be finite and zero or more, got {text!r}")
     return before, after
 
 

@@ -28,14 +28,18 @@ def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") 
     caption = "\n".join(["latency: capture to stage output, ms; queue: wait before the stage, ms; "
                          "busy: the stage's own work, ms", *stage_timings(stages)])
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for col in ("stage", "msgs", "fps", "drops", "p50", "p95", "p99", "queue p50", "busy p50", ""):
-        table.add_column(col, justify="left" if col in ("stage", "") else "right", no_wrap=col == "stage")
+    # a "note" column only when a stage ran slower than real time (otherwise it would be empty)
+    any_slow = any(m.slow for m in stages)
+    cols: tuple[str, ...] = ("stage", "msgs", "fps", "drops", "p50", "p95", "p99", "queue p50", "busy p50")
+    cols += ("note",) if any_slow else ()
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("stage", "note") else "right", no_wrap=col == "stage")
     for m in stages:
         lat = m.latency_ms
         drops = str(m.dropped)
         if m.dropped_by_reason:
             drops += " (" + ", ".join(f"{k} {v}" for k, v in sorted(m.dropped_by_reason.items()) if v) + ")"
-        table.add_row(
+        row = [
             m.stage,
             str(m.count),
             f"{m.fps:.1f}",
@@ -45,6 +49,8 @@ def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") 
             _fmt(lat.p99 if lat else None),
             _fmt(m.queue_age_ms.p50 if m.queue_age_ms else None),
             _fmt(m.busy_ms.p50 if m.busy_ms else None),
-            "[yellow]slow[/]" if m.slow else "",
-        )
+        ]
+        if any_slow:
+            row.append("[yellow]slow[/]" if m.slow else "")
+        table.add_row(*row)
     return table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def parse_time(text: str) -> float:
     """Seconds from ``text``; ``ValueError`` with a readable message if it is not a time."""
@@ -9,7 +11,8 @@ def parse_time(text: str) -> float:
     try:
         if ":" in raw:
             parts = [float(p) for p in raw.split(":")]
-            if len(parts) > 3 or any(p < 0 for p in parts):
+            # minutes and seconds after the first field are under 60 (1:70 is a typo, not 2:10)
+            if len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or any(p >= 60 for p in parts[1:]):
                 raise ValueError
             seconds = 0.0
             for p in parts:
@@ -18,7 +21,7 @@ def parse_time(text: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"not a time: {text!r} (use seconds or MM:SS)") from None
-    if value < 0 or value != value:
+    if value < 0 or not math.isfinite(value):
         raise ValueError(f"not a time: {text!r} (must be zero or more)")
     return value
 

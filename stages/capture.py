@@ -173,6 +173,24 @@ class _AudioReader(threading.Thread):
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def _check_audio_device(name: str) -> None:
+    """A device the user named must exist: a typo would otherwise record nothing, with one warning.
+
+    (The default device is not checked: without a sound server the run goes on without audio.)
+    """
+    import soundcard as sc
+
+    try:
+        sc.get_microphone(id=name, include_loopback=True)
+    except Exception:
+        try:
+            names = [m.name for m in sc.all_microphones(include_loopback=True)]
+        except Exception:
+            names = []
+        found = "; ".join(names) if names else "none found"
+        raise UsageError(f"--audio: no audio device {name!r} (devices: {found}; or --audio none)") from None
+
+
 @register_stage("capture")
 class CaptureStage(Source):
     """Screen and loopback-audio capture as a source of VideoFrame and AudioChunk."""
@@ -193,6 +211,8 @@ class CaptureStage(Source):
                 capture_area(params, grabber.monitors)
         except mss.exception.ScreenShotError as exc:
             raise UsageError(f"cannot open the screen for capture ({exc})") from None
+        if params.audio not in (None, "", "default"):
+            _check_audio_device(params.audio)
 
     async def produce(self) -> None:
         p: CaptureParams = self.params  # type: ignore[assignment]

@@ -191,6 +191,9 @@ class ReplayStage(Source):
 
     @classmethod
     def check(cls, params: ReplayParams) -> MediaInfo:
+        if not params.path:
+            raise UsageError("the replay stage has no file to read: give one with -i FILE "
+                             "(or its path: in the pipeline)")
         info = probe_media(params.path)
         if params.until is not None and params.until <= params.start:
             raise UsageError(f"--until ({params.until}) must be after --start ({params.start})")

@@ -173,6 +173,22 @@ def test_an_output_that_fails_while_written_ends_the_run_with_one_error(media: d
     assert last == "gamecopilot: error: events: cannot write /dev/full (No space left on device)", res.stderr
 
 
+SAMPLE_TRUTH = str(ROOT / "bench" / "data" / "breakout_s0.truth.jsonl")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["demo", "--until", "1:70"], "argument --until: not a time: '1:70'"),  # a typo, not 2:10
+    (["demo", "--until", "inf"], "argument --until: not a time"),
+    (["demo", "--until", "nan:10"], "argument --until: not a time"),
+    (["eval", SAMPLE_TRUTH, SAMPLE_TRUTH, "--critical-window", "nan,1"], "argument --critical-window: window bounds"),
+    (["run", "-c", "configs/default.yaml", "-q"], "the replay stage has no file to read: give one with -i FILE"),
+])
+def test_a_bad_time_window_or_missing_input_is_one_line(args: list[str], needle: str) -> None:
+    res = gamecopilot(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+
+
 def test_until_before_start(media: dict[str, Path]) -> None:
     res = gamecopilot("replay", str(media["clip"]), "--start", "5", "--until", "3", "-q")
     assert_one_line_error(res, "--until")

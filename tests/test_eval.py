@@ -182,11 +182,13 @@ def test_files_round_trip_and_empty_files(tmp_path: Path) -> None:
     ("content", "needle"),
     [
         ('{"t": 1.0, "kind": "a"}\n{"t": 2.0, "kind": \n', ":2:"),
-        ('{"t": 1.0}\n[1, 2]\n', ":2:"),
+        ('{"t": 1.0, "kind": "a"}\n[1, 2]\n', ":2:"),
+        ('{"t": 1.0}\n', ":1:"),  # no kind
+        ('{"t": -0.5, "kind": "a"}\n', ":1:"),  # before the recording starts
         ('{"kind": "a"}\n', ":1:"),
         ('{"t": "soon"}\n', ":1:"),
         ('{"t": NaN}\n', ":1:"),
-        ('{"t": 1, "priority": "urgent"}\n', ":1:"),
+        ('{"t": 1, "kind": "a", "priority": "urgent"}\n', ":1:"),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path: Path, content: str, needle: str) -> None:

@@ -176,3 +176,17 @@ def test_audio_stamps_follow_a_drifting_sample_clock() -> None:
             t = tl.stamp(i * block, block, heard_s)
             worst = max(worst, abs(t - (heard_s - block / rate * (1 + drift))))
         assert worst <= 0.05 and tl.reanchored >= 2  # plain sample counting would be 0.12 s off by now
+
+
+@needs_xvfb
+@needs_pulse
+def test_live_with_an_unknown_audio_device_is_one_line(display: str, pulse: dict[str, str]) -> None:
+    """A typo in --audio is refused before the run, naming the devices there are (it used to run
+    without sound, with one warning at the end)."""
+    env = dict(pulse, DISPLAY=display)
+    proc = subprocess.run([sys.executable, "-m", "copilot", "live", "--audio", "no_such_device", "--until", "1", "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--audio: no audio device 'no_such_device'" in lines[0], proc.stderr
+    assert "Null Output" in lines[0], lines[0]  # the private server's sink monitor is listed

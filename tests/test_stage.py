@@ -486,4 +486,12 @@ def test_the_metrics_table_lists_each_stage_s_own_timings() -> None:
         "trigger decision delay: p50 253, p95 265, p99 266 ms",
         "trigger emit lag: p50 310, p95 360, p99 366 ms",
     ]
-    assert "trigger emit lag" in str(metrics_table([plain, trig]).caption)
+    table = metrics_table([plain, trig])
+    assert "trigger emit lag" in str(table.caption)
+    # every column is labelled; the "note" column is there only when a stage is slow
+    headers = [str(c.header) for c in table.columns]
+    assert all(headers) and "note" not in headers
+    slow = StageMetrics(stage="hud", count=10, fps=20.0, dropped=0, slow=True)
+    table = metrics_table([plain, slow])
+    assert [str(c.header) for c in table.columns][-1] == "note"
+    assert list(table.columns[-1].cells) == ["", "[yellow]slow[/]"]
