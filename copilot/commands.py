@@ -271,7 +271,8 @@ class _MediaProgress:
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(),
             TextColumn("{task.completed:.0f}/{task.total:.0f} s"), TimeRemainingColumn(),
-            console=console, transient=True,
+            # off when stderr is not a terminal: a log or a pipe gets no bar (and no blank line where it was)
+            console=console, transient=True, disable=not console.is_terminal,
         )
         self._task = self._progress.add_task(label, total=total_s or None)
 

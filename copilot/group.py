@@ -187,6 +187,8 @@ class GroupRunner:
     def request_stop(self) -> None:
         self._stop.set()
         self._start.set()
+        for pub in self.publishers.values():
+            pub.stopping = True
         for r in self.runners:
             r.request_stop()
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 Policy = Literal["latest", "ordered"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+# a link warns that consumers are missing once they have been gone this long (they are counted at once)
+MISSING_WARN_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class Publisher:
         # message is counted as dropped for every missing one: ZeroMQ would lose it silently.
         self.expected_consumers: int | None = None
         self._missing_warned = False
+        self._missing_since_ns: int | None = None
+        # set when the run is stopping: consumers leaving then is expected, so missing ones are
+        # still counted but no longer warned about (the warnings buried the line saying why it stopped)
+        self.stopping = False
         self._seq = 0
         sync_ctx, _ = contexts()
         sock = sync_ctx.socket(zmq.XPUB)
@@ -181,13 +187,21 @@ class Publisher:
         missing = self.expected_consumers - self.subscriptions
         if missing > 0:
             self.drops.add("no_consumer", missing)
-            if not self._missing_warned:
+            now = self.clock.now_ns()
+            if self._missing_since_ns is None:
+                self._missing_since_ns = now
+            # warned only once consumers have been gone a while: when a group fails, the others
+            # see its consumers leave a moment before the supervisor's stop reaches them
+            gone_long = now - self._missing_since_ns >= MISSING_WARN_AFTER_S * 1e9
+            if gone_long and not self._missing_warned and not self.stopping:
                 self._missing_warned = True
                 log.warning("link %s: %d of %d consumers not connected; their messages are dropped and counted",
                             self.spec.name, missing, self.expected_consumers)
-        elif self._missing_warned:
-            self._missing_warned = False
-            log.warning("link %s: all %d consumers connected again", self.spec.name, self.expected_consumers)
+        else:
+            self._missing_since_ns = None
+            if self._missing_warned and not self.stopping:
+                self._missing_warned = False
+                log.warning("link %s: all %d consumers connected again", self.spec.name, self.expected_consumers)
 
     async def send(self, env: Envelope) -> bool:
         """Send ``env`` (its ``seq`` is assigned here).  False if it was dropped and counted."""
@@ -263,6 +277,7 @@ class Publisher:
         env.seq = self.next_seq()
         frames = self.codec.encode(env)
         await self._send_ordered(frames, env)
+        self.stopping = True  # consumers now leave as they take it
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:

@@ -346,3 +346,46 @@ def test_publisher_binds_loopback_tcp_and_reports_its_port(host: str) -> None:
         assert int(pub.endpoint.rsplit(":", 1)[1]) > 0
     finally:
         pub.close()
+
+
+def test_missing_consumers_are_counted_at_once_and_warned_about_only_when_gone_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When a group fails, the others see its consumers leave a moment before the supervisor's
+    stop reaches them: a warning then only buried the line saying why the run stopped.  Every
+    message is still counted as dropped from the first one; the warning waits a second, and
+    none comes once the run is stopping."""
+
+    async def main() -> None:
+        clock = VirtualClock()
+        spec = LinkSpec(name="l", endpoint=f"inproc://test-links/{uuid.uuid4().hex}", policy="latest")
+        pub = Publisher(spec, clock=clock)
+        pub.expected_consumers = 1  # nobody subscribes
+        try:
+            with caplog.at_level(logging.WARNING, logger="copilot.links"):
+                await pub.send(feature(0))
+                clock.advance(500_000_000)
+                await pub.send(feature(1))
+                assert pub.drops.by_reason["no_consumer"] == 2
+                assert not caplog.records
+                clock.advance(600_000_000)  # gone 1.1 s
+                await pub.send(feature(2))
+                assert [r.getMessage() for r in caplog.records] == [
+                    "link l: 1 of 1 consumers not connected; their messages are dropped and counted"]
+            caplog.clear()
+            quiet = Publisher(LinkSpec(name="q", endpoint=f"inproc://test-links/{uuid.uuid4().hex}",
+                                       policy="latest"), clock=clock)
+            quiet.expected_consumers = 1
+            quiet.stopping = True
+            try:
+                with caplog.at_level(logging.WARNING, logger="copilot.links"):
+                    for i in range(3):
+                        await quiet.send(feature(i))
+                        clock.advance(1_000_000_000)
+                assert quiet.drops.by_reason["no_consumer"] == 3 and not caplog.records
+            finally:
+                quiet.close()
+        finally:
+            pub.close()
+
+    asyncio.run(main())
