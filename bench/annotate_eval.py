@@ -27,7 +27,6 @@ Runs are sequential so the realtime factor is not shared with another run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
+from copilot.args import OneLineParser, seed_number
 
 DEV_GAMES = ["Breakout", "SpaceInvaders", "DemonAttack", "Pong"]
 
@@ -96,10 +96,10 @@ def verdicts(per_game: dict[str, dict[str, float]], runs: list[dict[str, Any]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.annotate_eval", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m bench.annotate_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings (bench.pools): " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=DEV_GAMES)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds", nargs="+", type=seed_number, default=[0])
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--data", default="/tmp/copilot_trigger_data", help="recordings are cached here")
     ap.add_argument("--out", default=None, help="events and metrics go here (default: DATA/annotate)")

@@ -39,6 +39,7 @@ import msgspec
 import numpy as np
 
 from bench.output import check_output_path, emit_result
+from copilot.args import OneLineParser, seed_number
 from copilot.clock import SYSTEM_CLOCK
 from copilot.config import parse_pipeline
 from copilot.errors import UsageError
@@ -261,12 +262,15 @@ def _table(res: dict[str, Any]) -> Any:
     return table
 
 
+MIN_SECONDS = 1.0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench's options, for ``gamecopilot bench atari`` to reuse."""
     p.add_argument("--game", default="Breakout", help="Atari game (default Breakout)")
     p.add_argument("--seconds", type=float, default=20.0, help="game time to run (default 20)")
     p.add_argument("--fps", type=int, default=60, help="output video fps, divides 60 (default 60)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--policy", choices=("random", "sticky"), default="random")
     p.add_argument("--width", type=int, default=640, help="0 with --height 0: native 160x210")
     p.add_argument("--height", type=int, default=480)
@@ -279,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gamecopilot bench atari", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="gamecopilot bench atari", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return p
 
@@ -287,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run the bench; ``argv`` is a command line or the namespace ``add_arguments`` filled."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    if not 0 < args.seconds < math.inf:
-        raise UsageError(f"--seconds must be a positive number of seconds, got {args.seconds}")
+    if not MIN_SECONDS <= args.seconds < math.inf:  # shorter measures a handful of frames, or none
+        raise UsageError(f"--seconds must be at least {MIN_SECONDS:g} s of game time, got {args.seconds}")
     if args.stall_ms < 0 or not args.stall_every > 0:
         raise UsageError("--stall-ms must be >= 0 and --stall-every positive")
     check_output_path(args.output)

@@ -22,7 +22,6 @@ detection on its own thread, so ``process`` returns at once; its time shows as
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -39,6 +38,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from copilot.args import OneLineParser
 from copilot.clock import SYSTEM_CLOCK
 from copilot.links import DropCounter
 from copilot.messages import AudioChunk, Envelope, Payload, VideoFrame
@@ -319,7 +319,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gamecopilot bench encoders", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="gamecopilot bench encoders", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--frames", type=int, default=150, help="timed frames per resolution (default 150)")
     ap.add_argument("--audio-seconds", type=float, default=10.0, help="seconds of audio (default 10)")

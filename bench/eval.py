@@ -126,14 +126,30 @@ def read_truth(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, lis
     """The meta line (or None) and the events of a ground-truth JSONL file."""
     meta: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
-    for where, obj in _read_jsonl(path):
+    lines = _read_jsonl(path)
+    if not lines:
+        # a truth file with nothing to find still says so with its meta line; an empty file is a
+        # failed or unfinished recording, and scoring against it would report a perfect recall
+        raise UsageError(f"{path}: empty ground truth (expected a meta line, then the events)")
+    for where, obj in lines:
         if obj.get("kind") == "meta":
-            meta = meta if meta is not None else obj
+            if meta is None:
+                _check_seconds(obj, where)
+                meta = obj
             continue
         if not obj.get("kind"):
             raise UsageError(f'{where}: a truth event needs a "kind"')
         events.append(obj)
     return meta, events
+
+
+def _check_seconds(meta: dict[str, Any], where: str) -> None:
+    """The meta line's footage length, when given, is what wakes per minute are divided by."""
+    seconds = meta.get("seconds")
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise UsageError(f'{where}: "seconds" must be the footage length, a positive number, got {seconds!r}')
 
 
 def load_truth(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

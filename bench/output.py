@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +18,11 @@ def check_output_path(output: str | None) -> None:
 
 
 def emit_result(result: dict[str, Any], *, as_json: bool, output: str | None, table: Callable[[Any], Any]) -> None:
-    """Write ``result`` to ``output`` (JSON), then print it as JSON or as ``table(result)``."""
-    text = json.dumps(result)
+    """Write ``result`` to ``output`` (JSON), then print it as JSON or as ``table(result)``.
+
+    A figure that could not be measured (NaN, infinite) is written as null: strict JSON readers
+    refuse NaN."""
+    text = json.dumps(_finite(result), allow_nan=False)
     if output:
         write_output(output, text + "\n", "-o")
     if as_json:
@@ -27,6 +31,16 @@ def emit_result(result: dict[str, Any], *, as_json: bool, output: str | None, ta
         from rich.console import Console
 
         Console().print(table(result))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def run_tool(main: Callable[[], int], prog: str) -> None:

@@ -21,7 +21,6 @@ the chosen settings, never the other way round (:mod:`bench.pools`).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -35,8 +34,9 @@ import numpy as np
 from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
+from copilot.args import OneLineParser, seed_number
 from copilot.errors import UsageError
-from copilot.profile import Profile, load_profile, resolve_profile
+from copilot.profile import Profile, check_trigger, load_profile, resolve_profile
 from stages.replay import resampled_samples
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
@@ -176,6 +176,7 @@ def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:
         trig = msgspec.convert(msgspec.to_builtins(profile.trigger) | changes, type(profile.trigger))
     except msgspec.ValidationError as exc:
         raise UsageError(f"trigger setting: {exc}") from None
+    check_trigger(trig, "trigger setting")
     return msgspec.structs.replace(profile, trigger=trig)
 
 
@@ -217,10 +218,10 @@ def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.tune_trigger", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m bench.tune_trigger", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings: " + ", ".join(POOLS))
     ap.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "DemonAttack", "Pong"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds", nargs="+", type=seed_number, default=[0])
     ap.add_argument("--data", default="/tmp/copilot_trigger_data")
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--profile", default=None)

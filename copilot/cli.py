@@ -11,8 +11,8 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
+from copilot.args import OneLineParser, seed_number
 from copilot.errors import UsageError
 
 SPEEDS = "1|2|max or any positive factor"
@@ -101,20 +101,13 @@ def _add_asr_option(p: argparse.ArgumentParser) -> None:
                    "nothing is downloaded)")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``gamecopilot: error: ...`` and exit code 2, no usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="gamecopilot",
         description="Gameplay Copilot: watches a game (live or a recording), runs cheap perception, "
         "wakes a reasoning model only on significant moments.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("demo", help="replay the bundled sample clip at real time through the default pipeline")
     _add_run_options(p)
@@ -136,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive, default=30.0, help="capture rate (default 30)")
     p.add_argument("--audio", default="default", metavar="DEVICE|none",
                    help="loopback device to record (default: the default output's monitor; none: no audio)")
-    p.add_argument("--seed", type=int, default=0, help="with --game: emulator and policy seed")
+    p.add_argument("--seed", type=seed_number, default=0, help="with --game: emulator and policy seed")
     p.add_argument("--truth-out", help="with --game: write the game's ground truth JSONL here as it happens")
     p.add_argument("--record", metavar="FILE.mp4", help="also record what is captured (H.264 + AAC) to replay later")
     p.add_argument("--until", type=_time, help="stop after this long (seconds or MM:SS)")
@@ -184,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--game", required=True, help="game name, e.g. Breakout, SpaceInvaders, DemonAttack, Pong")
     d.add_argument("--seconds", type=_positive, required=True, help="length of the footage")
     d.add_argument("--fps", type=int, default=30, choices=[30, 60], help="output video fps (default 30)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=seed_number, default=0)
     d.add_argument("--policy", choices=["random", "sticky"], default="random")
     d.add_argument("-o", "--output", required=True, help="output directory")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ option ``profile`` (a str) and call :func:`profile_from_options`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,6 +190,8 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
     names: set[str] = set()
     for i, r in enumerate(prof.regions):
         where = f"{source}: regions[{i}]"
+        if not r.name.strip():
+            raise UsageError(f"{where}.name: expected a name, got an empty one")
         if r.name in names:
             raise UsageError(f"{where}.name: duplicate region name {r.name!r}")
         names.add(r.name)
@@ -200,11 +203,15 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         if x + w > 1 + 1e-6 or y + h > 1 + 1e-6:
             raise UsageError(f"{where}.box: the region runs past the frame (x + w and y + h must be <= 1)")
     fields: set[str] = set()
+    types: dict[str, str] = {}
     for i, f in enumerate(prof.ocr_fields):
         where = f"{source}: ocr_fields[{i}]"
+        if not f.name.strip():
+            raise UsageError(f"{where}.name: expected a name, got an empty one")
         if f.name in fields:
             raise UsageError(f"{where}.name: duplicate OCR field {f.name!r}")
         fields.add(f.name)
+        types[f.name] = f.type
         if f.region not in names:
             known = ", ".join(sorted(names)) or "none"
             raise UsageError(f"{where}.region: no region named {f.region!r} (regions: {known})")
@@ -213,8 +220,17 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
         if rule.field not in fields:
             known = ", ".join(sorted(fields)) or "none"
             raise UsageError(f"{where}.field: no OCR field named {rule.field!r} (fields: {known})")
+        if not math.isfinite(rule.value):
+            raise UsageError(f"{where}.value: expected a finite number, got {rule.value}")
+        if types[rule.field] == "text" and rule.op != "change":
+            raise UsageError(f"{where}.op: {rule.field!r} is read as text, so only op change applies, got {rule.op}")
         if rule.op == "drop_pct" and not 0 < rule.value <= 100:
             raise UsageError(f"{where}.value: drop_pct expects a percentage in (0, 100], got {rule.value}")
+        if rule.op in ("drop", "rise", "change") and rule.value < 0:
+            raise UsageError(f"{where}.value: {rule.op} expects an amount >= 0, got {rule.value}")
+    for word in prof.keywords:
+        if not word.strip():
+            raise UsageError(f"{source}: keywords: expected words or phrases, got an empty one")
     from stages.trigger import SIGNALS  # the detector owns the signal names (pure Python, no heavy import)
 
     families = {fam for fam, _ in SIGNALS.values()}
@@ -223,22 +239,42 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
             known = ", ".join(sorted(families))
             raise UsageError(f"{source}: weights.{key}: no signal family or signal named {key!r}"
                              f" (families: {known}; or a signal such as audio.onset)")
-        if w < 0:
-            raise UsageError(f"{source}: weights.{key}: expected a weight >= 0, got {w}")
-    t = prof.trigger
+        if not (math.isfinite(w) and w >= 0):
+            raise UsageError(f"{source}: weights.{key}: expected a finite weight >= 0, got {w}")
+    check_trigger(prof.trigger, source)
+    return prof
+
+
+# trigger settings that must be over 0 (a history, a block or a budget window of 0 s divides by
+# zero; a rarity margin or reference of 0 makes every value count fully); every other number is >= 0
+_POSITIVE = frozenset({"history_s", "block_s", "rarity_margin", "rarity_ref", "max_wakes_per_min", "budget_window_s"})
+_FRACTIONS = frozenset({"quiet_min_lost", "quiet_icon_lost"})
+
+
+def check_trigger(t: TriggerParams, source: str) -> None:
+    """:class:`UsageError` naming ``source`` and the key for a trigger setting out of its range."""
+    for f in msgspec.structs.fields(TriggerParams):
+        value = getattr(t, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            what = "a finite number"
+        elif f.name in _POSITIVE and value <= 0:
+            what = "a number > 0"
+        elif value < 0:
+            what = "a number >= 0"
+        elif f.name in _FRACTIONS and value > 1:
+            what = "a share in [0, 1]"
+        else:
+            continue
+        raise UsageError(f"{source}: trigger.{f.name}: expected {what}, got {value}")
     checks = [
-        ("history_s", t.history_s > 0, "a positive number of seconds"),
-        ("coalesce_s", t.coalesce_s >= 0, "seconds >= 0"),
-        ("refractory_s", t.refractory_s >= 0, "seconds >= 0"),
-        ("max_wakes_per_min", t.max_wakes_per_min > 0, "a positive number"),
-        ("budget_window_s", t.budget_window_s > 0, "a positive number of seconds"),
-        ("max_delay_s", 0 <= t.max_delay_s <= 0.5, "seconds in [0, 0.5] (events must be causal)"),
+        ("max_delay_s", t.max_delay_s <= 0.5, "seconds in [0, 0.5] (events must be causal)"),
         ("release_threshold", t.release_threshold <= t.fire_threshold, "a value <= fire_threshold"),
     ]
     for key, ok, what in checks:
         if not ok:
             raise UsageError(f"{source}: trigger.{key}: expected {what}, got {getattr(t, key)}")
-    return prof
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

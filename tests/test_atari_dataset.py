@@ -192,6 +192,17 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_directory_that_cannot_be_used_is_refused_before_recording(tmp_path: Path) -> None:
+    """These were tracebacks; the last one came after the whole recording had been made."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match=r"cannot create output directory .*afile/sub \(Not a directory\)"):
+        make_atari_recording("Breakout", 1, tmp_path / "afile" / "sub", progress=False)
+    (tmp_path / "taken" / "breakout_s0.mp4").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"cannot write .*breakout_s0\.mp4: it is a directory"):
+        make_atari_recording("Breakout", 1, tmp_path / "taken", progress=False)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["breakout_s0.mp4"]  # nothing begun
+
+
 def test_sixty_fps(tmp_path: Path) -> None:
     rec = make_atari_recording("SpaceInvaders", 2, tmp_path, fps=60, seed=1, progress=False)
     frames, audio, rate = _decode(rec.video)

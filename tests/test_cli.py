@@ -180,6 +180,12 @@ SAMPLE_TRUTH = str(ROOT / "bench" / "data" / "breakout_s0.truth.jsonl")
     (["demo", "--until", "nan:10"], "argument --until: not a time"),
     (["eval", SAMPLE_TRUTH, SAMPLE_TRUTH, "--critical-window", "nan,1"], "argument --critical-window: window bounds"),
     (["run", "-c", "configs/default.yaml", "-q"], "the replay stage has no file to read: give one with -i FILE"),
+    # numpy and the emulator refused a negative seed with a traceback, deep inside the run
+    (["dataset", "atari", "--game", "Breakout", "--seconds", "1", "--seed", "-5", "-o", "/tmp/never"],
+     "argument --seed: expected a whole number >= 0, got '-5'"),
+    # the bench tools' own parsers printed the whole usage block too
+    (["bench", "encoders", "--frames", "abc"], "gamecopilot bench encoders: error: argument --frames"),
+    (["bench", "atari", "--seconds", "0.01"], "--seconds must be at least 1 s of game time"),
 ])
 def test_a_bad_time_window_or_missing_input_is_one_line(args: list[str], needle: str) -> None:
     res = gamecopilot(*args)

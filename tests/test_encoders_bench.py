@@ -4,6 +4,7 @@ and audio, and reports p50/p95/p99 per encoder and input (no timing asserts: fig
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,3 +82,17 @@ def test_bad_arguments_are_usage_errors() -> None:
         encoders.main(["--only", "motion,nonsense"])  # an empty table would look like success
     with pytest.raises(UsageError, match="-o: directory"):
         encoders.main(["--only", "motion", "-o", "/no/such/dir/r.json"])
+
+
+def test_a_figure_that_could_not_be_measured_is_null_in_the_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN is not JSON: strict readers refused ``bench atari --json`` when nothing was measured."""
+    from bench.output import emit_result
+
+    out = tmp_path / "r.json"
+    emit_result({"fps": 30.0, "interval_ms": {"p50": float("nan"), "max": float("inf")}, "n": [1, float("nan")]},
+                as_json=True, output=str(out), table=lambda r: r)
+    expected = {"fps": 30.0, "interval_ms": {"p50": None, "max": None}, "n": [1, None]}
+    assert json.loads(capsys.readouterr().out) == expected
+    assert json.loads(out.read_text()) == expected

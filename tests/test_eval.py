@@ -170,7 +170,7 @@ def test_files_round_trip_and_empty_files(tmp_path: Path) -> None:
     assert r["duration_s"] == 60.0 and r["per_kind"]["all"]["f1"] == 1.0
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert load_events(empty) == [] and load_truth(empty) == []
+    assert load_events(empty) == []  # no events predicted (an empty truth file is refused: see below)
     r = evaluate_files(empty, truth_path)
     assert r["per_kind"]["all"]["recall"] == 0.0
     blank_lines = tmp_path / "blank.jsonl"
@@ -222,3 +222,19 @@ def test_report_and_rules() -> None:
         assert word in text
     assert "one-to-one" in MATCHING_RULES and "tolerance" in MATCHING_RULES
     assert format_report(evaluate([], []))  # Nones render too
+
+
+def test_an_empty_truth_file_or_a_bad_footage_length_is_refused(tmp_path: Path) -> None:
+    """An empty truth file (a failed recording) used to score a perfect recall; a meta line's
+    "seconds" of NaN or -45 gave NaN in --json or 0 wakes a minute for 28 wakes."""
+    empty = tmp_path / "empty.truth.jsonl"
+    empty.write_text("")
+    with pytest.raises(UsageError, match="empty ground truth"):
+        load_truth(empty)
+    for seconds in ("NaN", "-45", "0", '"90"'):
+        bad = tmp_path / "bad.truth.jsonl"
+        bad.write_text(f'{{"kind": "meta", "seconds": {seconds}}}\n{{"t": 1.0, "kind": "reward"}}\n')
+        with pytest.raises(UsageError, match=r'bad\.truth\.jsonl:1: "seconds" must be the footage length'):
+            load_truth(bad)
+    nothing_to_find = write_jsonl(tmp_path / "quiet.truth.jsonl", [META])  # a game where nothing happened
+    assert load_truth(nothing_to_find) == []

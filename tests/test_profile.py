@@ -60,7 +60,23 @@ def test_unknown_bare_name_lists_the_known_ones() -> None:
         ("keywords: {GAME OVER: loud}\n", r"keywords"),
         ("trigger: {refractory_s: soon}\n", r"trigger\.refractory_s: expected `?float"),
         ("trigger: {max_delay_s: 2.0}\n", r"trigger\.max_delay_s: expected seconds in \[0, 0\.5\]"),
-        ("weights: {hud: -1}\n", r"weights\.hud: expected a weight >= 0"),
+        ("weights: {hud: -1}\n", r"weights\.hud: expected a finite weight >= 0"),
+        ("weights: {audio: .inf}\n", r"weights\.audio: expected a finite weight >= 0, got inf"),
+        ("weights: {audio: .nan}\n", r"weights\.audio: expected a finite weight"),
+        # a 0 s block divided by zero in the detector (the run hung); any negative setting is a typo
+        ("trigger: {block_s: 0}\n", r"trigger\.block_s: expected a number > 0, got 0"),
+        ("trigger: {window_s: -1}\n", r"trigger\.window_s: expected a number >= 0, got -1"),
+        ("trigger: {quiet_max_cells: -3}\n", r"trigger\.quiet_max_cells: expected a number >= 0"),
+        ("trigger: {fire_threshold: .nan}\n", r"trigger\.fire_threshold: expected a finite number"),
+        ("trigger: {quiet_icon_lost: 2}\n", r"trigger\.quiet_icon_lost: expected a share in \[0, 1\]"),
+        ("regions: [{name: '', box: [0, 0, 0.2, 0.1]}]\n", r"regions\[0\]\.name: expected a name"),
+        ("keywords: {'': critical}\n", r"keywords: expected words or phrases, got an empty one"),
+        ("regions: [{name: hp, box: [0, 0, 0.2, 0.1]}]\nocr_fields: [{name: who, region: hp, type: text}]\n"
+         "rules: [{field: who, op: drop, value: 1}]\n", r"rules\[0\]\.op: 'who' is read as text"),
+        ("regions: [{name: hp, box: [0, 0, 0.2, 0.1]}]\nocr_fields: [{name: health, region: hp}]\n"
+         "rules: [{field: health, op: drop, value: -5}]\n", r"rules\[0\]\.value: drop expects an amount >= 0"),
+        ("regions: [{name: hp, box: [0, 0, 0.2, 0.1]}]\nocr_fields: [{name: health, region: hp}]\n"
+         "rules: [{field: health, op: below, value: .nan}]\n", r"rules\[0\]\.value: expected a finite number"),
         ("weights: {sound: 2}\n", r"weights\.sound: no signal family or signal named 'sound' \(families: audio,"),
         ("- just\n- a list\n", r"expected a mapping"),
     ],

@@ -28,6 +28,7 @@ def test_settings_parse_to_typed_values_and_sweeps_to_lists() -> None:
         (["--grid", "fire_threshold"], "expected KEY=V1,V2"),
         (["--set", "fire_threshold=high"], "Expected `float`"),
         (["--grid", "quiet_s=10,often"], "Expected `float`"),
+        (["--set", "block_s=0"], r"trigger\.block_s: expected a number > 0"),  # divided by zero in the detector
     ],
 )
 def test_a_bad_setting_is_a_usage_error_before_any_recording_is_made(

@@ -320,9 +320,17 @@ def make_atari_recording(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, a read-only or virtual file system
+        raise UsageError(f"cannot create output directory {out} ({exc.strerror})") from None
     stem = f"{atari.rom_id}_s{seed}"
     video_path, truth_path = out / f"{stem}.mp4", out / f"{stem}.truth.jsonl"
+    for path in (video_path, truth_path):  # checked now, not after the whole recording was made
+        if path.is_dir():
+            raise UsageError(f"cannot write {path}: it is a directory")
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"cannot write into output directory {out} (permission denied)")
     tmp_video, tmp_truth = out / f".{stem}.mp4.partial", out / f".{stem}.truth.partial"
 
     step = EMULATOR_FPS // fps
