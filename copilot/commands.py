@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,23 @@ def _flag(args: argparse.Namespace, option: str) -> str:
     return getattr(args, "flags", {}).get(option, f"--{option.replace('_', '-')}")
 
 
-def _prepare_outputs(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
+def _file_key(path: str | os.PathLike[str]) -> tuple[Any, ...]:
+    """What makes two paths the same file: its inode when it exists (a hard link, a symlink, ``..``),
+    else the resolved path."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return ("path", p.resolve())
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
+                     kept: Sequence[tuple[str | os.PathLike[str] | None, str]] = ()) -> dict[str, Any]:
     """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
 
-    Every check that can fail on a bad argument comes before any file is emptied.
+    Every check that can fail on a bad argument comes before any file is emptied.  No output may be
+    an input, another output, or a file the run reads (``kept``: the pipeline config, the profile).
     """
     options: dict[str, Any] = {}
     asr_model = getattr(args, "asr_model", None)
@@ -88,12 +103,13 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None) -> dict[str,
     if metrics_out:
         check_writable(metrics_out, metrics_flag)
     # two outputs in one file would overwrite each other, and an output over the input destroys it
-    taken: dict[Path, str] = {Path(f).resolve(): "the input" for f in inputs if f}
+    taken: dict[tuple[Any, ...], str] = {_file_key(f): "the input" for f in inputs if f}
+    taken.update({_file_key(f): what for f, what in kept if f})
     for flag, path in [*outputs.values(), *([(metrics_flag, Path(metrics_out))] if metrics_out else [])]:
-        other = taken.get(path.resolve())
+        other = taken.get(_file_key(path))
         if other is not None:
             raise UsageError(f"{flag}: {path} is also {other}")
-        taken[path.resolve()] = flag
+        taken[_file_key(path)] = flag
     for name, (flag, path) in outputs.items():
         try:
             path.write_bytes(b"")
@@ -200,7 +216,8 @@ def execute(
     )
     _check_asr_stage(args, cfg, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
-    options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None))
+    options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
+                               kept=[(cfg_path, "the pipeline config"), (profile, "the profile")])
     if profile:
         options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
@@ -379,7 +396,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
     _check_asr_stage(args, cfg, str(args.config))
     profile = resolve_profile_option(args.profile)  # before any output file is emptied
-    options = _prepare_outputs(args, args.input)
+    options = _prepare_outputs(args, args.input, kept=[(args.config, "the pipeline config"), (profile, "the profile")])
     if profile:
         options["profile"] = profile
     sup = cfg.supervisor

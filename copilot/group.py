@@ -84,6 +84,7 @@ class GroupRunner:
         # Set in a spawned group: when this parent (the supervisor) dies, the group stops
         # instead of running on as an orphan (SIGKILL gives the supervisor no chance to stop it).
         self.parent_pid: int | None = None
+        self.error_reported = False  # the supervisor was told why this group failed
 
     def build(self) -> None:
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
@@ -226,6 +227,7 @@ class GroupRunner:
                 await asyncio.wait_for(
                     self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
                 )
+                self.error_reported = True
             raise
         finally:
             for t in [*tasks, *aux]:
@@ -306,8 +308,11 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = parse_pipeline(cfg_data, source)
 
+    runners: list[GroupRunner] = []
+
     async def main() -> None:
         runner = GroupRunner(cfg, group, opts)
+        runners.append(runner)
         runner.parent_pid = parent
         runner.build()
         loop = asyncio.get_running_loop()
@@ -319,3 +324,12 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
     except UsageError:
         # Already reported to the supervisor, which prints it once: no traceback here.
         sys.exit(2)
+    except Exception as exc:
+        # A crash is restarted by the supervisor, which logs each one in a line: a traceback per
+        # restart buried that (it is still there with -v).  One that came before the run could
+        # report it is logged here, in a line.
+        log.debug("group %s crashed", group, exc_info=True)
+        if not (runners and runners[0].error_reported):
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.error("group %s failed: %s", group, f"{type(exc).__name__}: {text}".rstrip(": "))
+        sys.exit(1)

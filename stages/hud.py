@@ -415,6 +415,13 @@ class HudAnalyzer:
 
     def _cell_sums(self, mask: np.ndarray) -> np.ndarray:
         assert self._cell_of_row is not None and self._cell_of_col is not None
+        h, w = mask.shape
+        if h < self.gy or w < self.gx:
+            # a frame smaller than the grid (a tiny window): some cells hold no pixel, which
+            # reduceat cannot express; slower, but such frames are tiny
+            sums = np.zeros((self.gy, self.gx), np.int64)
+            np.add.at(sums, (self._cell_of_row[:, None], self._cell_of_col[None, :]), mask)
+            return sums
         rows = np.add.reduceat(mask, np.searchsorted(self._cell_of_row, np.arange(self.gy)), axis=0)
         return np.add.reduceat(rows, np.searchsorted(self._cell_of_col, np.arange(self.gx)), axis=1)
 

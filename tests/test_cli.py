@@ -6,6 +6,7 @@ Every run is a real ``python -m copilot`` subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,22 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str,
     size = clip.stat().st_size
     assert_one_line_error(gamecopilot("annotate", str(clip), "-o", str(clip)), f"-o: {clip} is also the input")
     assert_one_line_error(gamecopilot("replay", str(clip), "--metrics-out", str(clip)), "--metrics-out")
+    hard = tmp_path / "same.mp4"  # a hard link is the same file under another name
+    os.link(clip, hard)
+    assert_one_line_error(gamecopilot("annotate", str(clip), "-o", str(hard)), f"-o: {hard} is also the input")
     assert clip.stat().st_size == size
+    # nor may an output be a file the run reads: its pipeline config or its profile
+    config = tmp_path / "pipeline.yaml"
+    config.write_text((ROOT / "configs" / "default.yaml").read_text())
+    profile = tmp_path / "game.yaml"
+    profile.write_text((ROOT / "configs" / "profiles" / "default.yaml").read_text())
+    kept = {config: config.read_text(), profile: profile.read_text()}
+    res = gamecopilot("annotate", str(clip), "-c", str(config), "-o", str(tmp_path / "e.jsonl"), "--metrics-out",
+                      str(config))
+    assert_one_line_error(res, f"--metrics-out: {config} is also the pipeline config")
+    assert_one_line_error(gamecopilot("annotate", str(clip), "--profile", str(profile), "-o", str(profile)),
+                          f"-o: {profile} is also the profile")
+    assert {p: p.read_text() for p in kept} == kept
 
 
 @pytest.mark.parametrize(("option", "needle"), [(["--reasoner", "qwen3-vl"], "--reasoner: the reasoning core is not"),

@@ -291,3 +291,18 @@ def test_the_area_memory_is_bounded_and_forgets_the_area_that_stepped_longest_ag
     assert any(key[0] == last[0] and key[2] == last[1] for key in mem._states), "the newest area is kept"
     first = cells[0]
     assert not any(key[0] == first[0] and key[2] == first[1] for key in mem._states), "the oldest is gone"
+
+
+@pytest.mark.parametrize(("w", "h"), [(32, 24), (17, 9), (2, 2), (16, 48)])
+def test_a_frame_smaller_than_the_cell_grid_is_handled(w: int, h: int) -> None:
+    """Frames under ~48 px (a tiny window) left cells without pixels: an IndexError in every
+    frame crashed the group, and the run hung after its restart."""
+    hud = HudAnalyzer()
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    for i in range(90):
+        img = base.copy()
+        if i >= 45:
+            img[: max(1, h // 4), : max(1, w // 4)] = 255  # a corner steps and stays
+        values, _ = hud.update(img, i / 30)
+        assert all(np.isfinite(v) for v in values.values()), values
