@@ -221,8 +221,7 @@ class GroupRunner:
         except Exception as exc:
             # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
             # restart; anything else is restarted with backoff.
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            message = text if isinstance(exc, UsageError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+            message = describe_failure(exc)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
@@ -296,6 +295,12 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
     return runner
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A failure in one line: a UsageError's own message, else the exception's type and first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, UsageError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
 def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions) -> None:
     """Spawn target: one process per placement group."""
     from copilot.logs import setup_logging
@@ -330,6 +335,5 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         # report it is logged here, in a line.
         log.debug("group %s crashed", group, exc_info=True)
         if not (runners and runners[0].error_reported):
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.error("group %s failed: %s", group, f"{type(exc).__name__}: {text}".rstrip(": "))
+            log.error("group %s failed: %s", group, describe_failure(exc))
         sys.exit(1)
