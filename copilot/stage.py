@@ -248,15 +248,14 @@ class StageRunner:
             if not self._prepared:
                 self._prepared = True
                 await st.start()
-            if isinstance(st, Source) and self._stopping:
-                pass  # stopped before it started (a Ctrl-C during start-up): nothing to produce
-            elif isinstance(st, Source):
-                self._produce_task = asyncio.ensure_future(st.produce())
-                try:
-                    await self._produce_task
-                except asyncio.CancelledError:
-                    if not self._stopping:
-                        raise
+            if isinstance(st, Source):
+                if not self._stopping:  # (one stopped before it started, at Ctrl-C during start-up, makes nothing)
+                    self._produce_task = asyncio.ensure_future(st.produce())
+                    try:
+                        await self._produce_task
+                    except asyncio.CancelledError:
+                        if not self._stopping:
+                            raise
                 self._sync_drops()
             else:
                 await asyncio.gather(*(self._read(sub) for sub in self.inputs))
