@@ -8,7 +8,9 @@ Protocol with the supervisor (a DEALER to the supervisor's ROUTER, separate from
 ``ready`` once every output link sees its consumers, then wait for ``start`` (sources only
 begin then), ``heartbeat`` every ``heartbeat_s``, ``stop`` from the supervisor asks for a
 graceful end (sources stop, end of stream flows, stages flush), ``done`` when every stage of
-the group has finished.  Metrics go on their own PUSH link, latest-wins.
+the group has finished.  ``inputs_ended`` from the supervisor names links whose producing
+group is done: a group restarted after their end of stream went out would otherwise wait
+for it forever.  Metrics go on their own PUSH link, latest-wins.
 """
 
 from __future__ import annotations
@@ -168,6 +170,8 @@ class GroupRunner:
                     self._start.set()
                 elif action == "stop":
                     self.request_stop()
+                elif action == "inputs_ended":
+                    self.inputs_ended(env.payload.detail.get("links", ()))  # type: ignore[union-attr]
 
     async def _heartbeat_loop(self) -> None:
         sup = self.cfg.supervisor
@@ -184,6 +188,14 @@ class GroupRunner:
                 self._push_metrics()
                 next_metrics = loop.time() + sup.metrics_interval_s
             await asyncio.sleep(sup.heartbeat_s)
+
+    def inputs_ended(self, links: Any) -> None:
+        """Their producers have finished: a consumer still waiting on one (this group was
+        restarted after the end of stream went out) reads what is queued, then ends."""
+        ended = {str(link) for link in links}
+        for sub in self.subscribers:
+            if sub.spec.name in ended:
+                sub.producer_gone()
 
     def request_stop(self) -> None:
         self._stop.set()

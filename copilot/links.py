@@ -294,6 +294,10 @@ class Publisher:
         self._sock.close(linger=0)
 
 
+class ProducerGone(Exception):
+    """Raised by a :class:`Subscriber` whose producer finished (see ``producer_gone``)."""
+
+
 class Subscriber:
     """The consuming end of a link (connects a SUB).
 
@@ -324,6 +328,8 @@ class Subscriber:
         self._latest = spec.policy == "latest" and not lossless
         self._pending: deque[Envelope] = deque()
         self._unsubscribed = False
+        self._producer_gone = False
+        self._waiting: asyncio.Future[None] | None = None
 
     def _decode(self, frames: list) -> Envelope | None:  # type: ignore[type-arg]
         try:
@@ -356,6 +362,8 @@ class Subscriber:
                 return sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass
+            if self._producer_gone:
+                raise ProducerGone(self.spec.name)
             await self._readable()
 
     async def _readable(self) -> None:
@@ -373,12 +381,25 @@ class Subscriber:
                 ready.set_result(None)
 
         loop.add_reader(self._fd, wake)
+        self._waiting = ready
         try:
             if int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
             await ready
         finally:
+            self._waiting = None
             loop.remove_reader(self._fd)
+
+    def producer_gone(self) -> None:
+        """The producer has finished without this consumer taking its end of stream.
+
+        That happens to a consumer restarted after its producer ended: nothing will ever
+        arrive again.  What is already queued is still read; then receiving raises
+        :class:`ProducerGone`, which the stage takes as the end of stream.
+        """
+        self._producer_gone = True
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
 
     async def recv(self) -> Envelope:
         """Next message in order (the ``ordered`` policy); malformed ones are skipped."""

@@ -115,9 +115,14 @@ class Metrics(msgspec.Struct, tag="metrics", kw_only=True):
 
 
 class Control(msgspec.Struct, tag="control", kw_only=True):
-    """Lifecycle and liveness: heartbeat, ready, end-of-stream, stop."""
+    """Lifecycle and liveness: heartbeat, ready, end-of-stream, stop.
 
-    action: Literal["heartbeat", "ready", "start", "eos", "stop", "done", "error"]
+    ``inputs_ended`` (supervisor to group, ``detail["links"]``): the groups producing those
+    links have finished, so a consumer restarted after their end of stream went out stops
+    waiting for it.
+    """
+
+    action: Literal["heartbeat", "ready", "start", "eos", "stop", "done", "error", "inputs_ended"]
     detail: dict[str, Any] = {}
 
 

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from copilot.clock import SYSTEM_CLOCK, Clock
-from copilot.links import Publisher, Subscriber
+from copilot.links import ProducerGone, Publisher, Subscriber
 from copilot.messages import Control, Envelope, Payload, TraceStamp
 from copilot.metrics import StageRecorder
 
@@ -287,7 +287,14 @@ class StageRunner:
     async def _read(self, sub: Subscriber) -> None:
         st = self.stage
         while True:
-            msg = await sub.recv_latest()
+            try:
+                msg = await sub.recv_latest()
+            except ProducerGone:
+                log.warning("stage %s: link %s ended while this stage was down; what it sent then is lost",
+                            st.name, sub.spec.name)
+                sub.unsubscribe()
+                self._sync_drops()
+                return
             if msg.kind == "control":
                 action = msg.payload.action  # type: ignore[union-attr]
                 if action == "eos":

@@ -155,8 +155,8 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGKILL)
 
     # -- control ------------------------------------------------------------------------------
-    def _send(self, st: GroupState, action: str) -> None:
-        env = Envelope.wrap(Control(action=action), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
+    def _send(self, st: GroupState, action: str, detail: dict[str, Any] | None = None) -> None:
+        env = Envelope.wrap(Control(action=action, detail=detail or {}), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
                             t_capture_ns=self.clock.now_ns())
         ident = f"{st.name}#{st.incarnation}".encode()
         with contextlib.suppress(zmq.ZMQError):
@@ -180,6 +180,7 @@ class Supervisor:
             st.ready = True
             if self._started:
                 self._pending_start.add(name)
+            self._tell_inputs_ended(st)
         elif action == "error":
             detail = env.payload.detail  # type: ignore[union-attr]
             st.error = str(detail.get("message", "unknown error"))
@@ -196,6 +197,28 @@ class Supervisor:
             m = env.payload.detail.get("metrics")  # type: ignore[union-attr]
             if m:
                 self._snapshots[(name, st.incarnation)] = msgspec.convert(m, Metrics)
+            for other in self.groups.values():
+                if other.ready and not other.done:
+                    self._tell_inputs_ended(other)
+
+    def _tell_inputs_ended(self, st: GroupState) -> None:
+        """Tell ``st`` which of its input links come from groups that are done.
+
+        A group's end of stream waits for every subscribed consumer to take it, so a consumer
+        that was running has it already and ignores this; one restarted after it went out
+        (or while it went out) would wait for it forever.
+        """
+        mine = {link for sc in self.cfg.stages_in(st.name) for link in sc.inputs}
+        ended = sorted(
+            link
+            for g in self.groups.values()
+            if g.done and g is not st
+            for sc in self.cfg.stages_in(g.name)
+            for link in sc.outputs.values()
+            if link in mine
+        )
+        if ended:
+            self._send(st, "inputs_ended", {"links": ended})
 
     def _handle_metrics(self, frames: list[bytes]) -> None:
         try:

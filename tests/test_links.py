@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from copilot.clock import VirtualClock
-from copilot.links import LinkSpec, Policy, Publisher, Subscriber, check_bind_endpoint
+from copilot.links import LinkSpec, Policy, ProducerGone, Publisher, Subscriber, check_bind_endpoint
 from copilot.messages import Control, Envelope, Features, VideoFrame
 from copilot.testing import make_envelope
 
@@ -295,6 +295,30 @@ def test_end_stream_gives_up_after_its_timeout() -> None:
     async def main() -> None:
         async with link(endpoint("inproc", Path()), "ordered") as (pub, _subs):
             assert not await pub.end_stream(eos(), timeout_s=0.1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("policy", ["ordered", "latest"])
+def test_a_consumer_told_its_producer_is_gone_reads_what_is_queued_then_ends(policy: Policy) -> None:
+    """A consumer restarted after its producer's end of stream went out never gets one: told
+    the producer is gone, it still takes what is queued, and a waiting read wakes and ends."""
+    async def main() -> None:
+        async with link(endpoint("inproc", Path()), policy) as (pub, (sub,)):
+            await pub.send(feature(0))
+            first = await asyncio.wait_for(sub.recv_latest(), 10)
+            waiting = asyncio.ensure_future(sub.recv_latest())
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            sub.producer_gone()
+            with pytest.raises(ProducerGone):
+                await asyncio.wait_for(waiting, 5)
+            await pub.send(feature(1))
+            await asyncio.sleep(0.05)
+            queued = await asyncio.wait_for(sub.recv_latest(), 5)  # queued before the read: still read
+            with pytest.raises(ProducerGone):
+                await asyncio.wait_for(sub.recv_latest(), 5)
+            assert [first.payload.values["i"], queued.payload.values["i"]] == [0.0, 1.0]  # type: ignore[union-attr]
 
     asyncio.run(main())
 

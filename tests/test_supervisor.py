@@ -127,6 +127,39 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
 
 
 @pytest.mark.slow
+def test_a_group_restarted_after_its_upstream_finished_ends_the_run(atari_clip: Path, tmp_path: Path) -> None:
+    """The consumer group dies and its producer finishes while it waits to be restarted: the
+    end of stream went out to nobody, so the new incarnation must learn of it another way
+    (the supervisor tells it) instead of waiting for ever."""
+    sink = tmp_path / "sink.jsonl"
+    data = two_groups(sink)
+    data["supervisor"].update(restart_backoff_s=[3.0])
+    cfg = parse_pipeline(data, "restart-after-end")
+    opts = RunOptions(speed=1.0, stage_overrides={"replay": {"path": str(atari_clip), "until": 2.0}})
+    sup = Supervisor(cfg, data, "restart-after-end", opts)
+
+    async def main() -> Any:
+        run = asyncio.create_task(sup.run())
+        try:
+            await wait_for(lambda: lines(sink) >= 10, 60, "the first messages")
+            sup.kill_group("work")
+            await wait_for(lambda: sup.groups["src"].done, 20, "the source group to finish")
+            assert sup.groups["work"].incarnation == 0  # it finished while its consumer was down
+            return await asyncio.wait_for(asyncio.shield(run), 30)
+        finally:
+            if not run.done():
+                sup.request_stop()
+                await asyncio.wait_for(run, 30)
+
+    result = asyncio.run(main())
+    assert result.restarts == {"src": 0, "work": 1}
+    assert not result.interrupted and not result.failed
+    assert sup.groups["work"].done  # ended by itself, not stopped
+    for st in sup.groups.values():
+        assert not st.process.is_alive()
+
+
+@pytest.mark.slow
 def test_groups_exit_when_the_supervisor_is_killed(atari_clip: Path, tmp_path: Path) -> None:
     """SIGKILL gives the supervisor no chance to stop its groups: they notice and stop."""
     proc = subprocess.Popen(
