@@ -186,7 +186,66 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
                 check_bind_endpoint(endpoint)
             except ValueError as exc:
                 raise UsageError(f"{source}: supervisor.{key}: {exc}") from exc
+    _check_wiring(cfg, source)
+    _check_hosts(cfg, source)
     return cfg
+
+
+def _check_wiring(cfg: PipelineConfig, source: str) -> None:
+    """Refuse wiring whose end of stream could never arrive: the run would hang, not fail.
+
+    A link read but produced by no stage (unless it has an ``endpoint``: something outside
+    the pipeline may publish there), and a cycle of stages (each waits for the other's end).
+    """
+    for link, lc in cfg.links.items():
+        readers = [s.name for s in cfg.consumers(link)]
+        if readers and not lc.endpoint and not any(link in s.outputs.values() for s in cfg.stages):
+            raise UsageError(f"{source}: links.{link}: read by {', '.join(readers)} but no stage produces it "
+                             "(give it an endpoint if something outside the pipeline does)")
+    after = {s.name: [c.name for link in s.outputs.values() for c in cfg.consumers(link)] for s in cfg.stages}
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for nxt in after[name]:
+            if state.get(nxt) == 1:
+                loop = [*path[path.index(nxt):], nxt]
+                raise UsageError(f"{source}: stages {' -> '.join(loop)} form a cycle: none of them could "
+                                 "ever see the end of its input")
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[name] = 2
+
+    for s in cfg.stages:
+        if s.name not in state:
+            visit(s.name, [s.name])
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
+
+
+def _check_hosts(cfg: PipelineConfig, source: str) -> None:
+    """Stages on another host need addresses both hosts can reach: the defaults are files in
+    this host's run directory, where a group started elsewhere would wait in vain."""
+    for group in cfg.groups():
+        hosts = {"localhost" if s.placement.host in LOCAL_HOSTS else s.placement.host for s in cfg.stages_in(group)}
+        if len(hosts) > 1:
+            raise UsageError(f"{source}: placement group {group!r} has stages on several hosts "
+                             f"({', '.join(sorted(hosts))}): a group is one process")
+    remote = sorted({s.placement.host for s in cfg.stages} - LOCAL_HOSTS)
+    if not remote:
+        return
+    for key in ("control_endpoint", "metrics_endpoint"):
+        if not (getattr(cfg.supervisor, key) or "").startswith("tcp://"):
+            raise UsageError(f"{source}: supervisor.{key}: stages on {', '.join(remote)} need a tcp:// "
+                             "endpoint here to reach the supervisor")
+    for link, lc in cfg.links.items():
+        hosts = {s.placement.host for s in [*cfg.consumers(link), *(p for p in cfg.stages
+                                                                      if link in p.outputs.values())]}
+        hosts = {"localhost" if h in LOCAL_HOSTS else h for h in hosts}
+        if len(hosts) > 1 and not (lc.endpoint or "").startswith("tcp://"):
+            raise UsageError(f"{source}: links.{link}: it crosses hosts ({', '.join(sorted(hosts))}) and needs a "
+                             "tcp:// endpoint")
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:

@@ -26,7 +26,7 @@ import zmq
 
 from copilot.clock import SYSTEM_CLOCK
 from copilot.codec import Codec, CodecError
-from copilot.config import PipelineConfig
+from copilot.config import LOCAL_HOSTS, PipelineConfig
 from copilot.group import RunOptions, group_process_main
 from copilot.links import contexts, prepare_ipc
 from copilot.messages import Control, Envelope, Metrics, StageMetrics
@@ -92,7 +92,7 @@ class Supervisor:
 
     def _is_local(self, group: str) -> bool:
         hosts = {s.placement.host for s in self.cfg.stages_in(group)}
-        return hosts <= {"localhost", "127.0.0.1", "::1", ""}
+        return hosts <= LOCAL_HOSTS
 
     # -- processes ----------------------------------------------------------------------------
     def _group_env(self, group: str) -> dict[str, str]:
@@ -341,7 +341,10 @@ class Supervisor:
                         self._send(g, "start")
                 elif now > ready_deadline:
                     missing = [g.name for g in self.groups.values() if not g.ready]
-                    log.error("groups never became ready: %s", ", ".join(missing))
+                    remote = [g for g in missing if not self.groups[g].local]
+                    hint = (f" (start each on its host: gamecopilot stage GROUP -c {self.source})"
+                            if remote else "")
+                    log.error("groups never became ready: %s%s", ", ".join(missing), hint)
                     self.request_stop(interrupted=False)
             for name in list(self._pending_start):
                 self._send(self.groups[name], "start")

@@ -78,7 +78,38 @@ CASES = [
      "t.yaml: supervisor.control_endpoint: refusing to bind"),
     ("public-metrics-endpoint", lambda d: d.update(supervisor={"metrics_endpoint": "tcp://*:5001"}),
      "t.yaml: supervisor.metrics_endpoint: refusing to bind"),
+    # wiring that would hang the run (an end of stream that can never come) is refused up front
+    ("unproduced-link", lambda d: (d["links"].update(x={}), d["stages"][1].update(inputs=["a", "x"])),
+     "t.yaml: links.x: read by l but no stage produces it"),
+    ("cycle", lambda d: (d["links"].update(b={}, c={}),
+                         d["stages"][1].update(inputs=["a", "c"], outputs={"features": "b"}),
+                         d["stages"].append({"name": "l2", "kind": "audio_level", "inputs": ["b"],
+                                             "outputs": {"features": "c"}})),
+     "t.yaml: stages l -> l2 -> l form a cycle"),
+    ("self-loop", lambda d: (d["links"].update(b={}), d["stages"][1].update(inputs=["a", "b"], outputs={"features": "b"})),
+     "t.yaml: stages l -> l form a cycle"),
+    # another host cannot reach this host's run directory
+    ("group-on-two-hosts", lambda d: d["stages"][0].update(placement={"host": "gpu1"}),
+     "t.yaml: placement group 'main' has stages on several hosts (gpu1, localhost)"),
+    ("remote-without-control-endpoint", lambda d: d["stages"][2].update(placement={"group": "other", "host": "gpu1"}),
+     "t.yaml: supervisor.control_endpoint: stages on gpu1 need a tcp:// endpoint"),
+    ("remote-link-without-endpoint", lambda d: (
+        d["stages"][2].update(placement={"group": "other", "host": "gpu1"}),
+        d.update(supervisor={"control_endpoint": "tcp://127.0.0.1:5000", "metrics_endpoint": "tcp://127.0.0.1:5001"})),
+     "t.yaml: links.v: it crosses hosts (gpu1, localhost) and needs a tcp:// endpoint"),
 ]
+
+
+def test_a_link_fed_from_outside_and_groups_on_other_hosts_parse_when_their_addresses_are_given() -> None:
+    def fix(d: dict[str, Any]) -> None:
+        d["links"].update(x={"endpoint": "tcp://127.0.0.1:5002"})  # something outside publishes here
+        d["stages"][1].update(inputs=["a", "x"])
+        d["stages"][2].update(placement={"group": "other", "host": "gpu1"})
+        d["links"]["v"].update(endpoint="tcp://127.0.0.1:5003")
+        d.update(supervisor={"control_endpoint": "tcp://127.0.0.1:5000", "metrics_endpoint": "tcp://127.0.0.1:5001"})
+
+    cfg = parse_pipeline(edit(fix), "t.yaml")
+    assert [s.placement.host for s in cfg.stages_in("other")] == ["gpu1"]
 
 
 @pytest.mark.parametrize(("fn", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
