@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return execute(args, input_file=args.input)
 
 
+def shared_run_dir(pipeline: str) -> str:
+    """Where the groups of one pipeline, each started by its own ``gamecopilot stage`` on this
+    host, find each other: links without an ``endpoint`` are ``ipc://`` sockets here (inproc
+    ones would never leave the process).  Per user, and per pipeline ``name``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline) or "pipeline"
+    path = Path(tempfile.gettempdir()) / f"gamecopilot-{os.getuid()}" / safe
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot make the run directory {path}: {exc.strerror or exc}") from exc
+    return str(path)
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one group in this process (for placing a group on another host or GPU)."""
     from copilot.group import run_group
@@ -401,7 +415,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         options["profile"] = profile
     sup = cfg.supervisor
     opts = RunOptions(
-        run_dir=None,
+        run_dir=shared_run_dir(cfg.name),
         control_endpoint=sup.control_endpoint,
         metrics_endpoint=sup.metrics_endpoint,
         speed=args.speed,

@@ -305,3 +305,33 @@ def test_no_command_prints_help() -> None:
     res = gamecopilot()
     assert "usage" in (res.stdout + res.stderr).lower()
     assert res.returncode == 2
+
+
+@pytest.mark.slow
+def test_the_default_pipeline_runs_as_two_stage_processes(atari_clip: Path, tmp_path: Path) -> None:
+    """``gamecopilot stage GROUP`` once per group, as on two GPUs of one host: the groups find
+    each other through ipc sockets in a run directory of their own (inproc ones could not
+    leave the process), the events come out and both end by themselves."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    events = tmp_path / "events.jsonl"
+    base = [sys.executable, "-m", "copilot", "stage"]
+    common = ["-i", str(atari_clip), "--speed", "max", "-q"]
+    detect = subprocess.Popen([*base, "detect", *common, "--events-out", str(events)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        decode = subprocess.run([*base, "decode", *common], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        _, err = detect.communicate(timeout=60)
+    finally:
+        if detect.poll() is None:
+            detect.kill()
+            detect.communicate()
+    assert decode.returncode == 0, decode.stderr
+    assert detect.returncode == 0, err
+    assert "Traceback" not in err + decode.stderr
+    replay = json.loads(decode.stderr.strip().splitlines()[-1])["stages"][0]
+    assert replay["stage"] == "replay" and replay["count"] > 300
+    trigger = next(s for s in json.loads(err.strip().splitlines()[-1])["stages"] if s["stage"] == "trigger")
+    assert trigger["count"] > 300  # it saw the clip, not nothing
+    assert events.read_text().count("\n") >= 1
+    assert list((tmp_path / f"gamecopilot-{os.getuid()}").iterdir())  # the run directory

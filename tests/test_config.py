@@ -86,7 +86,8 @@ CASES = [
                          d["stages"].append({"name": "l2", "kind": "audio_level", "inputs": ["b"],
                                              "outputs": {"features": "c"}})),
      "t.yaml: stages l -> l2 -> l form a cycle"),
-    ("self-loop", lambda d: (d["links"].update(b={}), d["stages"][1].update(inputs=["a", "b"], outputs={"features": "b"})),
+    ("self-loop", lambda d: (d["links"].update(b={}),
+                             d["stages"][1].update(inputs=["a", "b"], outputs={"features": "b"})),
      "t.yaml: stages l -> l form a cycle"),
     # another host cannot reach this host's run directory
     ("group-on-two-hosts", lambda d: d["stages"][0].update(placement={"host": "gpu1"}),
