@@ -5,11 +5,15 @@ The core never imports a stage by module name.  Kinds come from two places:
 * ``@register_stage("kind")`` on a class (tests, plugins imported by the user);
 * the ``gamecopilot.stages`` / ``gamecopilot.engines`` entry points in ``pyproject.toml``,
   loaded lazily the first time a kind is asked for, so ``gamecopilot --help`` imports nothing
-  heavy and a stage's own dependencies load only when that stage is used.
+  heavy and a stage's own dependencies load only when that stage is used;
+* ``module.path:ClassName``, imported when first asked for.  This is how a plugin reaches
+  the placement groups: each runs in a process of its own (spawned), where a class the
+  user's script registered by importing it does not exist.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any, TypeVar
@@ -50,6 +54,10 @@ def available(family: str = "stages") -> list[str]:
 def resolve(kind: str, family: str = "stages") -> Any:
     """The class registered for ``kind``; a clear :class:`UsageError` if there is none."""
     reg = _REGISTRIES[family]
+    if kind not in reg and ":" in kind:
+        obj = _import_kind(kind, family)
+        reg[kind] = obj
+        return obj
     if kind not in reg:
         eps = _entry_points(family)
         if kind not in eps:
@@ -63,3 +71,24 @@ def resolve(kind: str, family: str = "stages") -> Any:
 
 def resolve_stage(kind: str) -> Any:
     return resolve(kind, "stages")
+
+
+def _import_kind(kind: str, family: str) -> Any:
+    """``module.path:ClassName``: the class, imported; a UsageError naming what is missing."""
+    module_name, _, attr = kind.partition(":")
+    what = family[:-1]
+    if not module_name or not attr.isidentifier():
+        raise UsageError(f"{what} kind {kind!r}: write a registered name or module.path:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{what} kind {kind!r}: cannot import {module_name} ({exc})") from exc
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise UsageError(f"{what} kind {kind!r}: {module_name} has no {attr}")
+    if family == "stages":
+        from copilot.stage import Stage
+
+        if not (isinstance(obj, type) and issubclass(obj, Stage)):
+            raise UsageError(f"{what} kind {kind!r}: {attr} is not a Stage class")
+    return obj

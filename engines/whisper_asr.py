@@ -70,14 +70,20 @@ class WhisperAsr:
         if compute_type == "default":
             compute_type = "float16" if device == "cuda" else "int8"
         self.device = device
-        self.model = WhisperModel(
-            str(self.model_path),
-            device=device,
-            compute_type=compute_type,
-            cpu_threads=cpu_threads,
-            num_workers=1,
-            local_files_only=True,
-        )
+        try:
+            self.model = WhisperModel(
+                str(self.model_path),
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=cpu_threads,
+                num_workers=1,
+                local_files_only=True,
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            # a model that does not load (a corrupt or foreign model.bin, missing tokenizer files)
+            # fails the same way at every try: the user's input, not something a restart mends
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"cannot load the ASR model in {self.model_path} on {device}: {first}") from exc
         multilingual = bool(getattr(self.model.model, "is_multilingual", True))
         self.language = language or (None if multilingual else "en")
         self.beam_size = beam_size

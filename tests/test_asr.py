@@ -138,6 +138,19 @@ def test_asr_model_flag_with_a_missing_model_is_one_line_and_keeps_outputs(atari
     assert events.read_text() == '{"t": 1.0, "kind": "earlier run"}\n', "nothing already written is lost"
 
 
+def test_an_asr_model_that_does_not_load_is_one_line_and_not_restarted(atari_clip: Path, tmp_path: Path) -> None:
+    """A corrupt model.bin fails the same way at every start: bad input (exit 2), not a crash to
+    restart ten times."""
+    from tests.test_cli import assert_one_line_error, gamecopilot
+
+    bad = tmp_path / "whisper"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(b"not a model")
+    res = gamecopilot("replay", str(atari_clip), "--speed", "max", "-q", "--until", "2", "--asr-model", str(bad))
+    assert_one_line_error(res, "cannot load the ASR model", str(bad))
+    assert "restarting" not in res.stderr
+
+
 def test_asr_model_flag_with_a_pipeline_without_asr_is_one_line(atari_clip: Path, tmp_path: Path) -> None:
     from tests.test_cli import assert_one_line_error, gamecopilot, split_config
 

@@ -78,6 +78,10 @@ CASES = [
      "t.yaml: supervisor.control_endpoint: refusing to bind"),
     ("public-metrics-endpoint", lambda d: d.update(supervisor={"metrics_endpoint": "tcp://*:5001"}),
      "t.yaml: supervisor.metrics_endpoint: refusing to bind"),
+    ("kind-module-missing", lambda d: d["stages"][1].update(kind="nosuch_mod:Level"),
+     "t.yaml: stages[1].kind: stage kind 'nosuch_mod:Level': cannot import nosuch_mod"),
+    ("kind-not-a-stage", lambda d: d["stages"][1].update(kind="copilot.config:Placement"),
+     "t.yaml: stages[1].kind: stage kind 'copilot.config:Placement': Placement is not a Stage class"),
     # wiring that would hang the run (an end of stream that can never come) is refused up front
     ("unproduced-link", lambda d: (d["links"].update(x={}), d["stages"][1].update(inputs=["a", "x"])),
      "t.yaml: links.x: read by l but no stage produces it"),
@@ -173,3 +177,12 @@ def test_link_endpoints_resolve_per_run() -> None:
     ipc = link_specs(cfg, run_dir="/tmp/run")
     assert ipc["v"].endpoint == "ipc:///tmp/run/v"
     assert ipc["a"].endpoint == "tcp://127.0.0.1:7777"
+
+
+def test_a_stage_kind_may_be_a_module_path() -> None:
+    """How a plugin reaches spawned groups, where classes registered by the user's script do not exist."""
+    from copilot.registry import resolve_stage
+    from stages.audio_level import AudioLevelStage
+
+    cfg = parse_pipeline(edit(lambda d: d["stages"][1].update(kind="stages.audio_level:AudioLevelStage")), "t.yaml")
+    assert resolve_stage(cfg.stages[1].kind) is AudioLevelStage
