@@ -13,7 +13,7 @@ from copilot.errors import UsageError, check_writable, write_output
 
 def check_output_path(output: str | None) -> None:
     """Fail before the (long) benchmark runs if ``-o`` cannot be written."""
-    if output:
+    if output is not None:
         check_writable(output, "-o")
 
 

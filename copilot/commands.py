@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -93,20 +94,19 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
     outputs: dict[str, tuple[str, Path]] = {}  # option -> (its flag, path)
     for name in OUTPUT_OPTIONS:
         value = getattr(args, name, None)
-        if not value:
+        if value is None:
             continue
-        path = Path(value)
         flag = _flag(args, name)
-        check_writable(path, flag)
+        path = check_writable(value, flag)  # the text as typed: Path("dir/") drops the slash
         outputs[name] = (flag, path)
     metrics_out = getattr(args, "metrics_out", None)
     metrics_flag = _flag(args, "metrics_out")
-    if metrics_out:
+    if metrics_out is not None:
         check_writable(metrics_out, metrics_flag)
     # two outputs in one file would overwrite each other, and an output over the input destroys it
     taken: dict[tuple[Any, ...], str] = {_file_key(f): "the input" for f in inputs if f}
     taken.update({_file_key(f): what for f, what in kept if f})
-    for flag, path in [*outputs.values(), *([(metrics_flag, Path(metrics_out))] if metrics_out else [])]:
+    for flag, path in [*outputs.values(), *([(metrics_flag, Path(metrics_out))] if metrics_out is not None else [])]:
         other = taken.get(_file_key(path))
         if other is not None:
             raise UsageError(f"{flag}: {path} is also {other}")
@@ -277,7 +277,9 @@ def execute(
         out = Console() if sys.stdout.isatty() else Console(width=120)
         out.print(metrics_table(result.stages, title=f"{cfg.name}: {result.media_s:.1f} s of media in "
                                 f"{result.wall_s:.1f} s ({report['realtime_factor']:.2f}x real time)"))
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return 128 + (result.stop_signal or signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
 
 
 class _MediaProgress:
@@ -354,13 +356,13 @@ def cmd_live(args: argparse.Namespace) -> int:
             raise UsageError(f"--record: write an .mp4 file, got {args.record}")
         record = str(rec)
     if args.game:
-        if args.truth_out and not Path(args.truth_out).resolve().parent.is_dir():
-            raise UsageError(f"--truth-out: directory {Path(args.truth_out).parent} does not exist")
+        if args.truth_out is not None:
+            check_writable(args.truth_out, "--truth-out")
         params: dict[str, Any] = {"game": args.game, "seed": args.seed, "seconds": args.until}
         if args.truth_out:
             params["truth_out"] = str(Path(args.truth_out).resolve())
         return execute(args, input_file=None, source=("atari", params, record))
-    if args.truth_out:
+    if args.truth_out is not None:
         raise UsageError("--truth-out needs --game (only an emulated game knows its ground truth)")
     params = {"fps": args.fps, "audio": None if args.audio == "none" else args.audio, "seconds": args.until}
     if args.monitor is not None:

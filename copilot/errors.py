@@ -24,6 +24,13 @@ def check_writable(path: str | os.PathLike[str], flag: str) -> Path:
     :class:`UsageError` naming ``flag``; the file itself is not touched, so what it holds
     stays until the run writes it.
     """
+    text = os.fspath(path)
+    if not text.strip():
+        raise UsageError(f"{flag}: empty file name")
+    if text == "-":
+        raise UsageError(f"{flag}: '-' (standard output) is not supported here; give a file name")
+    if text.endswith(("/", os.sep)):
+        raise UsageError(f"{flag}: {text} names a directory; give a file name")
     p = Path(path)
     if not p.parent.is_dir():
         raise UsageError(f"{flag}: directory {p.parent} does not exist")

@@ -62,6 +62,7 @@ class RunResult:
     # group -> one-line reason, for groups the supervisor gave up on
     failed: dict[str, str] = field(default_factory=dict)
     usage_error: str | None = None  # a group reported bad input (the CLI's exit code 2)
+    stop_signal: int | None = None  # the signal that stopped the run (the CLI exits 128 + it)
 
 
 class Supervisor:
@@ -85,6 +86,7 @@ class Supervisor:
         self._snapshots: dict[tuple[str, int], Metrics] = {}
         self._stopping = False
         self._interrupted = False
+        self._stop_signal: int | None = None
         self._usage_error: str | None = None
         self._ctx = mp.get_context("spawn")
         self._run_dir = ""  # made by run(), removed when it ends
@@ -254,6 +256,11 @@ class Supervisor:
         order = [s.name for s in self.cfg.stages]
         return sorted(merged.values(), key=lambda m: order.index(m.stage) if m.stage in order else 1e9)
 
+    def _on_signal(self, sig: int) -> None:
+        if not self._stopping:
+            self._stop_signal = sig
+        self.request_stop()
+
     def request_stop(self, interrupted: bool = True) -> None:
         if not self._stopping:
             self._stopping = True
@@ -289,7 +296,7 @@ class Supervisor:
         installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
@@ -315,6 +322,7 @@ class Supervisor:
             stages=stages,
             restarts={g.name: g.restarts for g in self.groups.values()},
             interrupted=self._interrupted,
+            stop_signal=self._stop_signal if self._interrupted else None,
             failed={g.name: g.error or "failed" for g in self.groups.values() if g.failed},
             usage_error=self._usage_error,
         )

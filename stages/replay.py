@@ -21,7 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -38,8 +38,8 @@ DECODE_AHEAD = 8  # decoded items queued per stream
 
 class ReplayParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str = ""
-    start: float = 0.0
-    until: float | None = None
+    start: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # media seconds
+    until: Annotated[float, msgspec.Meta(gt=0)] | None = None
     video: bool = True
     audio: bool = True
 

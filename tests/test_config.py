@@ -78,6 +78,8 @@ CASES = [
      "t.yaml: supervisor.control_endpoint: refusing to bind"),
     ("public-metrics-endpoint", lambda d: d.update(supervisor={"metrics_endpoint": "tcp://*:5001"}),
      "t.yaml: supervisor.metrics_endpoint: refusing to bind"),
+    ("negative-start", lambda d: d["stages"][0].update(params={"start": -3}),
+     "t.yaml: stages[0].params.start: expected float >= 0.0"),
     ("kind-module-missing", lambda d: d["stages"][1].update(kind="nosuch_mod:Level"),
      "t.yaml: stages[1].kind: stage kind 'nosuch_mod:Level': cannot import nosuch_mod"),
     ("kind-not-a-stage", lambda d: d["stages"][1].update(kind="copilot.config:Placement"),

@@ -217,8 +217,11 @@ def cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["default", "two-groups"])
-def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_clip: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("config", "sig"), [("default", signal.SIGINT), ("two-groups", signal.SIGINT),
+                                             ("default", signal.SIGTERM)])
+def test_a_signal_stops_the_run_cleanly_and_leaves_no_process(config: str, sig: int, atari_clip: Path,
+                                                              tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM: a graceful stop, exit 128 + the signal as shells expect."""
     metrics = tmp_path / "m.json"
     args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
             "--metrics-out", str(metrics)]
@@ -231,7 +234,7 @@ def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_c
         children = wait_for_children(proc, groups)
         time.sleep(1.5)  # let media flow
         children |= descendants(proc.pid)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -245,7 +248,7 @@ def test_sigint_stops_the_run_cleanly_and_leaves_no_process(config: str, atari_c
     assert not [p for p in children if pid_alive(p)], "processes the run started are still there"
     text = err.decode(errors="replace")
     assert "Traceback" not in text, text
-    assert proc.returncode == 130, (proc.returncode, text)
+    assert proc.returncode == 128 + sig, (proc.returncode, text)
     report = json.loads(metrics.read_text())  # the metrics of what ran are still written
     assert report["interrupted"] is True
     assert 0 < report["media_s"] < 11
