@@ -131,7 +131,8 @@ class _Ours:
 def _summary(samples: list[float]) -> dict[str, float]:
     arr = np.asarray(samples)
     p50, p99 = np.percentile(arr, (50, 99))
-    return {"p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4), "fps": round(1000.0 / float(arr.mean()), 1)}
+    return {"n": len(samples), "p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4),
+            "fps": round(1000.0 / float(arr.mean()), 1)}
 
 
 async def _bench_transport(transport: str, frames: int, tmp: str) -> dict[str, dict[str, float]]:
@@ -146,8 +147,8 @@ async def _bench_transport(transport: str, frames: int, tmp: str) -> dict[str, d
             await ours.hop(image)
         raw_s: list[float] = []
         our_s: list[float] = []
-        per_round = max(1, frames // ROUNDS)
-        for _ in range(ROUNDS):  # interleaved, so background load hits both alike
+        for r in range(ROUNDS):  # interleaved, so background load hits both alike; `frames` hops in all
+            per_round = frames // ROUNDS + (1 if r < frames % ROUNDS else 0)
             raw_s.extend(raw.hop(image) for _ in range(per_round))
             for _ in range(per_round):
                 our_s.append(await ours.hop(image))

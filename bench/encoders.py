@@ -304,6 +304,9 @@ def format_table(report: dict[str, Any]) -> str:
         if "skipped" in r:
             lines.append(f"{r['encoder']:<18} {r['input']:<16} skipped: {r['skipped']}")
             continue
+        if not r.get("count"):
+            lines.append(f"{r['encoder']:<18} {r['input']:<16} {0:>5}  no timed messages")
+            continue
         lat = r["latency_ms"]
         load = f"{100 * r['load']:.1f}%" if r.get("load") is not None else "-"
         lines.append(
@@ -333,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.frames < 1 or not 0 < args.audio_seconds < math.inf or args.warmup < 0:
         raise UsageError("--frames and --audio-seconds must be positive, --warmup >= 0")
+    chunk_s = AUDIO_CHUNK / AUDIO_RATE
+    if args.audio_seconds < chunk_s:
+        raise UsageError(f"--audio-seconds: at least {chunk_s:.4f} (one {AUDIO_CHUNK}-sample chunk)")
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     known = {name for enc in (*VIDEO_ENCODERS, *AUDIO_ENCODERS) for name in (enc.label, enc.kind)}
     unknown = sorted((only or set()) - known)

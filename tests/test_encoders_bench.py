@@ -82,6 +82,16 @@ def test_bad_arguments_are_usage_errors() -> None:
         encoders.main(["--only", "motion,nonsense"])  # an empty table would look like success
     with pytest.raises(UsageError, match="-o: directory"):
         encoders.main(["--only", "motion", "-o", "/no/such/dir/r.json"])
+    with pytest.raises(UsageError, match="--audio-seconds: at least"):  # not a row of zeros
+        encoders.main(["--only", "audio_level", "--audio-seconds", "0.001"])
+
+
+def test_the_bus_bench_times_as_many_hops_as_asked() -> None:
+    from bench.bus import run_bench
+
+    result = run_bench(19, ("inproc",))  # not a multiple of its rounds
+    assert result["transports"]["inproc"]["ours"]["n"] == 19
+    assert result["transports"]["inproc"]["raw"]["n"] == 19
 
 
 def test_a_figure_that_could_not_be_measured_is_null_in_the_json(
