@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -127,6 +128,8 @@ class _Decoder(threading.Thread):
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=DECODE_AHEAD)
         self.stop = threading.Event()
         self.error: str | None = None
+        self.skipped = 0  # packets that did not decode (corrupt data), skipped
+        self.skip_error: str | None = None
 
     def _put(self, item: Any) -> bool:
         fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
@@ -157,8 +160,7 @@ class _Decoder(threading.Thread):
                     resampler = av.AudioResampler(format="flt", layout=stream.layout.name)
                 rate = c.streams.video[0].average_rate if c.streams.video else None
                 frame_dur = 1.0 / float(rate) if rate else 1 / 30
-                frame: Any
-                for frame in c.decode(stream):
+                for frame in self._frames(c, stream):
                     if self.stop.is_set():
                         return
                     t = frame.time
@@ -180,6 +182,21 @@ class _Decoder(threading.Thread):
             self.error = _first_line(exc)
         finally:
             self._put(None)
+
+    def _frames(self, container: Any, stream: Any) -> Iterator[Any]:
+        """The stream's frames, packet by packet: a packet of corrupt data is skipped and
+        counted (the decoder picks up again at the next good one, as ffmpeg does), where
+        ``container.decode`` would end the whole stream at the first bad byte."""
+        import av
+
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:  # type: ignore[attr-defined]  # (AAC says EPERM on garbage)
+                self.skipped += 1
+                self.skip_error = self.skip_error or _first_line(exc)
+                continue
+            yield from frames
 
 
 @register_stage("replay")
@@ -271,6 +288,10 @@ class ReplayStage(Source):
             end_media = max(end_media, t + dur)
             self.recorder.media_extent_s = end_media - media0
         for dec in self._decoders.values():
+            if dec.skipped:
+                self.recorder.dropped[f"corrupt_{dec.kind}_packets"] += dec.skipped
+                log.warning("replay %s: skipped %d %s packet%s that did not decode (%s)", p.path, dec.skipped,
+                            dec.kind, "" if dec.skipped == 1 else "s", dec.skip_error)
             if dec.error:
                 log.warning("replay %s: decoding %s stopped early: %s", p.path, dec.kind, dec.error)
 

@@ -80,3 +80,25 @@ def test_audio_muxed_after_its_video_still_goes_out_on_time(tmp_path: Path) -> N
             newest_video = max(newest_video, env.t_media)
         else:
             assert newest_video - env.t_media < 0.05
+
+
+def test_a_stretch_of_corrupt_data_mid_file_is_skipped_and_counted_not_the_end(tmp_path: Path) -> None:
+    """A few bad bytes used to end decoding at the first one (the whole rest of the file lost);
+    the packets that do not decode are skipped and counted, and the file plays to its end."""
+    clean = write_video_then_audio(tmp_path / "clean.mp4")
+    data = bytearray(clean.read_bytes())
+    with av.open(str(clean)) as c:  # the middle video packet's bytes: an I/P frame of the clip
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size > 0]
+        mid = packets[len(packets) // 2]
+        offset, size = int(mid.pos), int(mid.size)
+    rng = np.random.default_rng(0)
+    data[offset:offset + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(bytes(data))
+    res = run_stage("replay", params={"path": str(bad)}, speed=None)
+    video = res.envelopes("video")
+    assert video[-1].t_media > SECONDS - 0.2  # it reached the end
+    assert len(video) >= SECONDS * 30 - 10
+    skipped = res.metrics.dropped_by_reason.get("corrupt_video_packets", 0)
+    assert skipped >= 1
+    assert len(video) + skipped <= SECONDS * 30 + 1
