@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -296,14 +297,15 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     if args.stall_ms < 0 or not args.stall_every > 0:
         raise UsageError("--stall-ms must be >= 0 and --stall-every positive")
     check_output_path(args.output)
+    # one line, not a live bar: a bar's refresh thread would share the cores being measured
+    print(f"... {args.game} at {args.fps:g} fps for {args.seconds:g} s of game time (about as long in wall time)",
+          file=sys.stderr, flush=True)
     result = run_bench(args)
     emit_result(result, as_json=args.json, output=args.output, table=_table)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     try:
         raise SystemExit(main())
     except UsageError as exc:

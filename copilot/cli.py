@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--until", type=_time)
     b.add_argument("--json", action="store_true")
     b.add_argument("-o", "--output", help="also write the metrics JSON here")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     b = bsub.add_parser("encoders", help="per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
                         add_help=False)
     b = bsub.add_parser("atari", help="the live Atari source at real time: fps, audio rate, drift", add_help=False)

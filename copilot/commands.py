@@ -222,8 +222,9 @@ def execute(
     if profile:
         options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
-    progress = getattr(args, "progress", False)
-    options["console"] = not (args.quiet or args.json or progress)
+    progress = getattr(args, "progress", False)  # annotate: a progress bar and a one-line summary
+    show_bar = progress or getattr(args, "bar", False)  # bench pipeline: the bar, then its table
+    options["console"] = not (args.quiet or args.json or progress or show_bar)
     opts = RunOptions(
         speed=speed,
         lossless=speed is None,
@@ -236,7 +237,7 @@ def execute(
 
     err = Console(stderr=True)
     bar = _MediaProgress(err, total_media_s, label=Path(input_file).name if input_file else cfg.name) \
-        if progress and not args.quiet else None
+        if show_bar and not args.quiet else None
     live_on = err.is_terminal and not args.quiet and not args.json and bar is None
     live = Live(console=err, auto_refresh=False, transient=True) if live_on else None
 
@@ -434,7 +435,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
-        config=args.config, speed=args.speed, quiet=True, json=args.json, metrics_out=args.output,
+        config=args.config, speed=args.speed, quiet=args.quiet, json=args.json, metrics_out=args.output, bar=True,
         verbose=0, events_out=None, advice_out=None, features_out=None, profile=None, flags={"metrics_out": "-o"},
     )
     return execute(ns, input_file=args.file, until=args.until)
