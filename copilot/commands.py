@@ -76,11 +76,14 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[Any, ...]:
 
 
 def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
-                     kept: Sequence[tuple[str | os.PathLike[str] | None, str]] = ()) -> dict[str, Any]:
+                     kept: Sequence[tuple[str | os.PathLike[str] | None, str]] = (),
+                     defer_empty: list[tuple[str, Path]] | None = None) -> dict[str, Any]:
     """Resolve ``--asr-model``, check every output path can be written, and start each file empty.
 
     Every check that can fail on a bad argument comes before any file is emptied.  No output may be
     an input, another output, or a file the run reads (``kept``: the pipeline config, the profile).
+    With ``defer_empty``, the files are not emptied here but listed there, for :func:`_empty_outputs`
+    once every stage has started (a model that does not load must not cost the old outputs).
     """
     options: dict[str, Any] = {}
     asr_model = getattr(args, "asr_model", None)
@@ -111,13 +114,21 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
         if other is not None:
             raise UsageError(f"{flag}: {path} is also {other}")
         taken[_file_key(path)] = flag
-    for name, (flag, path) in outputs.items():
+    for name, (_, path) in outputs.items():
+        options[name] = str(path.resolve())
+    if defer_empty is None:
+        _empty_outputs(list(outputs.values()))
+    else:
+        defer_empty.extend(outputs.values())
+    return options
+
+
+def _empty_outputs(outputs: Sequence[tuple[str, Path]]) -> None:
+    for flag, path in outputs:
         try:
             path.write_bytes(b"")
         except OSError as exc:
             raise UsageError(f"{flag}: cannot write {path} ({exc.strerror})") from exc
-        options[name] = str(path.resolve())
-    return options
 
 
 def resolve_profile_option(profile: str | None) -> str | None:
@@ -217,8 +228,10 @@ def execute(
     )
     _check_asr_stage(args, cfg, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
+    to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
-                               kept=[(cfg_path, "the pipeline config"), (profile, "the profile")])
+                               kept=[(cfg_path, "the pipeline config"), (profile, "the profile")],
+                               defer_empty=to_empty)
     if profile:
         options["profile"] = profile
     speed = getattr(args, "speed", 1.0)
@@ -247,13 +260,24 @@ def execute(
         if bar is not None:
             bar.update(max((m.media_s for m in stages), default=0.0))
 
-    sup = Supervisor(cfg, data, cfg_path, opts, on_metrics=on_metrics)
+    not_emptied: list[UsageError] = []
+
+    def on_ready() -> None:
+        try:
+            _empty_outputs(to_empty)
+        except UsageError as exc:
+            not_emptied.append(exc)
+            sup.request_stop(interrupted=False)
+
+    sup = Supervisor(cfg, data, cfg_path, opts, on_metrics=on_metrics, on_ready=on_ready)
     display: Any = live if live is not None else bar
     if display is not None:
         with display:
             result = asyncio.run(sup.run())
     else:
         result = asyncio.run(sup.run())
+    if not_emptied:
+        raise not_emptied[0]
     report = metrics_json(
         result.stages,
         wall_s=result.wall_s,
@@ -261,13 +285,19 @@ def execute(
         extra={"config": cfg_path, "input": input_file, "speed": "max" if speed is None else speed,
                "restarts": result.restarts, "interrupted": result.interrupted},
     )
-    if args.metrics_out:
+    if args.metrics_out and result.started:  # (a run that never started leaves the old file)
         write_output(args.metrics_out, json.dumps(report, indent=2) + "\n", _flag(args, "metrics_out"))
     if result.usage_error:
         raise UsageError(result.usage_error)
     if result.failed:
         for group, why in result.failed.items():
             print(f"gamecopilot: group {group} failed: {why}", file=sys.stderr)
+        return 1
+    if result.lost_inputs:
+        for group, links in result.lost_inputs.items():
+            print(f"gamecopilot: group {group} was restarted after its input{'s' if len(links) > 1 else ''} "
+                  f"{', '.join(links)} ended: what came while it was down is lost (see the warnings above)",
+                  file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report))

@@ -214,11 +214,13 @@ class GroupRunner:
             if self._ctrl is not None:
                 aux.append(asyncio.create_task(self._control_loop()))
                 aux.append(asyncio.create_task(self._heartbeat_loop()))
+            # Every stage starts (models load, files open, a replay decodes ahead) before the group
+            # says it is ready: the run's clock starts when all can keep up, and a stage that cannot
+            # start (a model that does not load) fails the run before any output file is touched.
+            await self._until_stopped(asyncio.ensure_future(self._start_all()))
             for r in self.runners:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
-            sources = [r for r in self.runners if isinstance(r.stage, Source)]
-            await self._until_stopped(asyncio.gather(self._wait_consumers(), *(r.prepare() for r in sources)))
             await self._send_ctrl("ready")
             if self._ctrl is not None and self.opts.wait_for_start:
                 await self._start.wait()
@@ -229,7 +231,9 @@ class GroupRunner:
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
             await self._wait_tasks(tasks)
             self._push_metrics()
-            await self._send_ctrl("done", msgspec.to_builtins({"metrics": self.metrics_snapshot()}))
+            lost = sorted({link for r in self.runners for link in r.lost_inputs})
+            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": lost}
+            await self._send_ctrl("done", msgspec.to_builtins(detail))
         except Exception as exc:
             # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
             # restart; anything else is restarted with backoff.
@@ -246,6 +250,16 @@ class GroupRunner:
             await asyncio.gather(*tasks, *aux, return_exceptions=True)
             self.close()
 
+    async def _start_all(self) -> None:
+        """Connect the outputs and start every stage; the first that fails cancels the rest."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._wait_consumers())
+                for r in self.runners:
+                    tg.create_task(r.prepare(), name=f"{r.stage.name}.start")
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None  # the failure itself (a UsageError stays one)
+
     async def _until_stopped(self, work: asyncio.Future[Any]) -> None:
         """Await ``work`` (connecting, preparing sources) unless a stop comes first: a Ctrl-C during
         start-up must not wait out the subscribe timeout for consumers that will never come."""
@@ -259,7 +273,7 @@ class GroupRunner:
                 abandoned = work.cancel()
             await asyncio.gather(work, stopped, return_exceptions=True)
         if not abandoned:  # (a cancelled gather may end with a CancelledError set, not as cancelled)
-            work.result()  # a source that failed to prepare raises here
+            work.result()  # a stage that failed to start raises here
 
     async def _wait_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
         """Wait for every stage; after a stop, give consumers a bounded time to drain."""

@@ -214,6 +214,7 @@ class StageRunner:
         self._stopping = False
         self._produce_task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
+        self.lost_inputs: list[str] = []  # links that ended without their end of stream (ProducerGone)
 
     def request_stop(self) -> None:
         """Graceful stop: a source stops producing; the end of stream then flows downstream."""
@@ -292,6 +293,7 @@ class StageRunner:
             except ProducerGone:
                 log.warning("stage %s: link %s ended while this stage was down; what it sent then is lost",
                             st.name, sub.spec.name)
+                self.lost_inputs.append(sub.spec.name)
                 sub.unsubscribe()
                 self._sync_drops()
                 return

@@ -63,6 +63,9 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)
     usage_error: str | None = None  # a group reported bad input (the CLI's exit code 2)
     stop_signal: int | None = None  # the signal that stopped the run (the CLI exits 128 + it)
+    started: bool = False  # every group became ready and was told to start
+    # group -> input links that ended while it was down (restarted after its producers finished)
+    lost_inputs: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -74,6 +77,7 @@ class Supervisor:
         opts: RunOptions,
         *,
         on_metrics: Callable[[list[StageMetrics]], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
         groups: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -81,6 +85,10 @@ class Supervisor:
         self.source = source
         self.opts = opts
         self.on_metrics = on_metrics
+        # called once, when every group has started its stages and before any source begins: the
+        # CLI empties its output files then, so a stage that cannot start leaves them as they were
+        self.on_ready = on_ready
+        self._lost_inputs: dict[str, list[str]] = {}
         names = groups or cfg.groups()
         self.groups = {g: GroupState(g, local=self._is_local(g)) for g in names}
         self._snapshots: dict[tuple[str, int], Metrics] = {}
@@ -199,6 +207,9 @@ class Supervisor:
             m = env.payload.detail.get("metrics")  # type: ignore[union-attr]
             if m:
                 self._snapshots[(name, st.incarnation)] = msgspec.convert(m, Metrics)
+            lost = env.payload.detail.get("lost_inputs")  # type: ignore[union-attr]
+            if lost:
+                self._lost_inputs[name] = [str(link) for link in lost]
             for other in self.groups.values():
                 if other.ready and not other.done:
                     self._tell_inputs_ended(other)
@@ -323,6 +334,8 @@ class Supervisor:
             restarts={g.name: g.restarts for g in self.groups.values()},
             interrupted=self._interrupted,
             stop_signal=self._stop_signal if self._interrupted else None,
+            started=self._started,
+            lost_inputs=dict(self._lost_inputs),
             failed={g.name: g.error or "failed" for g in self.groups.values() if g.failed},
             usage_error=self._usage_error,
         )
@@ -344,6 +357,8 @@ class Supervisor:
             if not self._started and not self._stopping:
                 if all(g.ready for g in self.groups.values()):
                     self._started = True
+                    if self.on_ready is not None:
+                        self.on_ready()
                     self._t_start_ns = self.clock.now_ns()
                     for g in self.groups.values():
                         self._send(g, "start")

@@ -146,6 +146,7 @@ class RecorderStage(Stage):
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
         self._writer: _Writer | None = None
+        self._path: str | None = None  # opened at the first message, not at start (see start)
 
     def output_path(self) -> str | None:
         p: RecorderParams = self.params  # type: ignore[assignment]
@@ -163,12 +164,17 @@ class RecorderStage(Stage):
         if self.ctx.incarnation > 0 and Path(path).exists():
             path = str(continuation_path(Path(path), self.ctx.incarnation))
             log.warning("recorder: restarted; the recording goes on in %s", path)
-        self._writer = await self.run_blocking(_Writer, path, self.params)
+        # The file is created by the first frame: a run that fails to start (another stage's
+        # model does not load) leaves an earlier recording of that name as it was.
+        self._path = path
 
     async def process(self, msg: Envelope) -> None:
+        if self._writer is None:
+            if self._path is None:
+                return
+            path, self._path = self._path, None
+            self._writer = await self.run_blocking(_Writer, path, self.params)
         w = self._writer
-        if w is None:
-            return
         p = msg.payload
         if isinstance(p, VideoFrame):
             await self.run_blocking(w.write_video, p.image, p.pixel_format, msg.t_media)

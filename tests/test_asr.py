@@ -146,9 +146,16 @@ def test_an_asr_model_that_does_not_load_is_one_line_and_not_restarted(atari_cli
     bad = tmp_path / "whisper"
     bad.mkdir()
     (bad / "model.bin").write_bytes(b"not a model")
-    res = gamecopilot("replay", str(atari_clip), "--speed", "max", "-q", "--until", "2", "--asr-model", str(bad))
+    earlier = {tmp_path / name: f"earlier {name}\n" for name in ("events.jsonl", "features.jsonl", "m.json")}
+    for path, text in earlier.items():
+        path.write_text(text)
+    res = gamecopilot("replay", str(atari_clip), "--speed", "max", "-q", "--until", "2", "--asr-model", str(bad),
+                      "--events-out", str(tmp_path / "events.jsonl"), "--features-out",
+                      str(tmp_path / "features.jsonl"), "--metrics-out", str(tmp_path / "m.json"))
     assert_one_line_error(res, "cannot load the ASR model", str(bad))
     assert "restarting" not in res.stderr
+    # found when the stages started, before the run did: no output was touched
+    assert {path: path.read_text() for path in earlier} == earlier
 
 
 def test_asr_model_flag_with_a_pipeline_without_asr_is_one_line(atari_clip: Path, tmp_path: Path) -> None:
