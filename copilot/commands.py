@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -422,10 +423,17 @@ def shared_run_dir(pipeline: str) -> str:
     """Where the groups of one pipeline, each started by its own ``gamecopilot stage`` on this
     host, find each other: links without an ``endpoint`` are ``ipc://`` sockets here (inproc
     ones would never leave the process).  Per user, and per pipeline ``name``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline) or "pipeline"
-    path = Path(tempfile.gettempdir()) / f"gamecopilot-{os.getuid()}" / safe
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in pipeline).strip(".") or "pipeline"
+    base = Path(tempfile.gettempdir()) / f"gamecopilot-{os.getuid()}"
+    path = base / safe
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        base.mkdir(mode=0o700, exist_ok=True)
+        # sockets are made and removed in it: it must be this user's own, not one set up by another
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise UsageError(f"the run directory {base} is not private to this user (owner {st.st_uid}, mode "
+                             f"{stat.S_IMODE(st.st_mode):o}); remove it, or set TMPDIR elsewhere")
+        path.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot make the run directory {path}: {exc.strerror or exc}") from exc
     return str(path)

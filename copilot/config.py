@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from copilot.errors import UsageError
-from copilot.links import LinkSpec, check_bind_endpoint
+from copilot.links import LinkSpec, check_bind_endpoint, check_ipc_endpoint
 from copilot.registry import resolve_stage
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -262,6 +262,10 @@ def link_specs(cfg: PipelineConfig, *, run_dir: str | None) -> dict[str, LinkSpe
             endpoint = f"ipc://{run_dir}/{name}"
         else:
             endpoint = f"inproc://{cfg.name}/{name}"
+        try:
+            check_ipc_endpoint(endpoint)
+        except ValueError as exc:
+            raise UsageError(f"links.{name}: {exc}") from None
         out[name] = LinkSpec(
             name=name,
             endpoint=endpoint,

@@ -101,6 +101,16 @@ def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
         )
 
 
+IPC_PATH_MAX = 107  # a Unix socket path: sun_path holds 108 bytes with the final NUL
+
+
+def check_ipc_endpoint(endpoint: str) -> None:
+    """Refuse an ``ipc://`` path too long for a Unix socket (ZeroMQ would fail at bind time)."""
+    if endpoint.startswith("ipc://") and len(endpoint[len("ipc://"):].encode()) > IPC_PATH_MAX:
+        raise ValueError(f"the socket path {endpoint[len('ipc://'):]} is longer than {IPC_PATH_MAX} bytes "
+                         "(a shorter TMPDIR, pipeline name or link name fixes it)")
+
+
 def prepare_ipc(endpoint: str) -> None:
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]

@@ -26,9 +26,10 @@ import zmq
 
 from copilot.clock import SYSTEM_CLOCK
 from copilot.codec import Codec, CodecError
-from copilot.config import LOCAL_HOSTS, PipelineConfig
+from copilot.config import LOCAL_HOSTS, PipelineConfig, link_specs
+from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
-from copilot.links import contexts, prepare_ipc
+from copilot.links import check_ipc_endpoint, contexts, prepare_ipc
 from copilot.messages import Control, Envelope, Metrics, StageMetrics
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,12 @@ class Supervisor:
         sup = self.cfg.supervisor
         self._control_ep = sup.control_endpoint or f"ipc://{self._run_dir}/control"
         self._metrics_ep = sup.metrics_endpoint or f"ipc://{self._run_dir}/metrics"
+        for what, endpoint in (("control", self._control_ep), ("metrics", self._metrics_ep)):
+            try:
+                check_ipc_endpoint(endpoint)
+            except ValueError as exc:
+                raise UsageError(f"supervisor {what} socket: {exc}") from None
+        link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir)  # (a link's path too long: refused here)
         prepare_ipc(self._control_ep)
         prepare_ipc(self._metrics_ep)
         self._ctrl = sync.socket(zmq.ROUTER)

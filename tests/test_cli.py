@@ -338,3 +338,24 @@ def test_the_default_pipeline_runs_as_two_stage_processes(atari_clip: Path, tmp_
     assert trigger["count"] > 300  # it saw the clip, not nothing
     assert events.read_text().count("\n") >= 1
     assert list((tmp_path / f"gamecopilot-{os.getuid()}").iterdir())  # the run directory
+
+
+def test_the_stage_run_directory_stays_inside_its_private_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from copilot.commands import shared_run_dir
+    from copilot.errors import UsageError
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    base = tmp_path / f"gamecopilot-{os.getuid()}"
+    assert shared_run_dir("..") == str(base / "pipeline")  # not $TMPDIR itself, where links would replace files
+    assert shared_run_dir("a/../b") == str(base / "a_.._b")
+    base.chmod(0o777)  # one anybody could have prepared
+    with pytest.raises(UsageError, match="is not private to this user"):
+        shared_run_dir("p")
+
+
+def test_a_socket_path_too_long_is_one_line(media: dict[str, Path], tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    res = subprocess.run([sys.executable, "-m", "copilot", "replay", str(media["clip"]), "--speed", "max", "-q"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, TMPDIR=str(deep)))
+    assert_one_line_error(res, "is longer than 107 bytes", "TMPDIR")
