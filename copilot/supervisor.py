@@ -375,6 +375,10 @@ class Supervisor:
                     hint = (f" (start each on its host: gamecopilot stage GROUP -c {self.source})"
                             if remote else "")
                     log.error("groups never became ready: %s%s", ", ".join(missing), hint)
+                    for name in missing:
+                        self.groups[name].failed = True
+                        self.groups[name].error = self.groups[name].error or (
+                            f"not ready after {READY_TIMEOUT_S:g} s" + hint)
                     self.request_stop(interrupted=False)
             for name in list(self._pending_start):
                 self._send(self.groups[name], "start")
@@ -409,7 +413,17 @@ class Supervisor:
         """Restart groups that died or went silent, with backoff."""
         sup = self.cfg.supervisor
         for g in self.groups.values():
-            if not g.local or g.done or g.failed or self._stopping:
+            if g.done or g.failed or self._stopping:
+                continue
+            if not g.local:
+                # started by hand on its host: it cannot be restarted from here, but a silent one
+                # must not leave the run waiting for ever
+                if g.ready and now - g.last_seen > sup.heartbeat_timeout_s:
+                    log.error("group %s (on another host) missed heartbeats for %.1f s; stopping the run",
+                              g.name, now - g.last_seen)
+                    g.failed = True
+                    g.error = f"no heartbeat for {now - g.last_seen:.1f} s"
+                    self.request_stop(interrupted=False)
                 continue
             if g.restart_at is not None:
                 if now >= g.restart_at:

@@ -160,6 +160,75 @@ def test_a_group_restarted_after_its_upstream_finished_ends_the_run(atari_clip: 
         assert not st.process.is_alive()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_remote_work_group(data: dict[str, Any]) -> dict[str, Any]:
+    """``work`` on another host: the supervisor and the links that cross hosts get tcp endpoints."""
+    for st in data["stages"]:
+        if st["placement"]["group"] == "work":
+            st["placement"]["host"] = "gpu1"
+    data["supervisor"].update(control_endpoint=f"tcp://127.0.0.1:{free_port()}",
+                              metrics_endpoint=f"tcp://127.0.0.1:{free_port()}", heartbeat_timeout_s=1.0)
+    for link in ("frames", "audio"):
+        data["links"][link]["endpoint"] = f"tcp://127.0.0.1:{free_port()}"
+    return data
+
+
+def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("copilot.supervisor.READY_TIMEOUT_S", 4.0)
+    data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
+    cfg = parse_pipeline(data, "remote.yaml")
+    opts = RunOptions(speed=None, stage_overrides={"replay": {"path": str(atari_clip)}})
+    sup = Supervisor(cfg, data, "remote.yaml", opts)
+    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert "work" in result.failed  # (src too, on a machine that took over 4 s to start it)
+    assert "gamecopilot stage GROUP -c remote.yaml" in result.failed["work"]
+    assert not result.started
+
+
+@pytest.mark.slow
+def test_a_group_on_another_host_that_dies_stops_the_run_instead_of_hanging(atari_clip: Path,
+                                                                           tmp_path: Path) -> None:
+    """It was started by hand (``gamecopilot stage``) and cannot be restarted from here."""
+    import yaml
+
+    data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = parse_pipeline(data, str(path))
+    opts = RunOptions(speed=1.0, stage_overrides={"replay": {"path": str(atari_clip)}})
+    sup = Supervisor(cfg, data, str(path), opts)
+    remote = subprocess.Popen([sys.executable, "-m", "copilot", "stage", "work", "-c", str(path), "-i",
+                               str(atari_clip), "-q"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, TMPDIR=str(tmp_path)))
+
+    async def main() -> Any:
+        run = asyncio.create_task(sup.run())
+        try:
+            await wait_for(lambda: lines(tmp_path / "sink.jsonl") >= 10, 60, "messages through the remote group")
+            remote.kill()
+            return await asyncio.wait_for(asyncio.shield(run), 30)
+        finally:
+            if not run.done():
+                sup.request_stop()
+                await asyncio.wait_for(run, 30)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        remote.kill()
+        remote.wait()
+    assert set(result.failed) == {"work"}
+    assert "no heartbeat" in result.failed["work"]
+
+
 @pytest.mark.slow
 def test_groups_exit_when_the_supervisor_is_killed(atari_clip: Path, tmp_path: Path) -> None:
     """SIGKILL gives the supervisor no chance to stop its groups: they notice and stop."""
