@@ -468,7 +468,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     runner = asyncio.run(run_group(cfg, args.group, opts))
     snap = runner.metrics_snapshot()
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)
-    return 0
+    return 128 + runner.stop_signal if runner.stop_signal else 0
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:

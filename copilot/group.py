@@ -87,6 +87,7 @@ class GroupRunner:
         # instead of running on as an orphan (SIGKILL gives the supervisor no chance to stop it).
         self.parent_pid: int | None = None
         self.error_reported = False  # the supervisor was told why this group failed
+        self.stop_signal: int | None = None  # the signal that stopped it (run_group), for the exit code
 
     def build(self) -> None:
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
@@ -314,9 +315,14 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
     runner = GroupRunner(cfg, group, opts, clock)
     runner.build()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        runner.stop_signal = runner.stop_signal or sig
+        runner.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            loop.add_signal_handler(sig, runner.request_stop)
+            loop.add_signal_handler(sig, on_signal, sig)
     await runner.run()
     return runner
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -359,3 +361,21 @@ def test_a_socket_path_too_long_is_one_line(media: dict[str, Path], tmp_path: Pa
     res = subprocess.run([sys.executable, "-m", "copilot", "replay", str(media["clip"]), "--speed", "max", "-q"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, TMPDIR=str(deep)))
     assert_one_line_error(res, "is longer than 107 bytes", "TMPDIR")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stage_process_stopped_by_a_signal_exits_128_plus_it(sig: int, atari_clip: Path, tmp_path: Path) -> None:
+    """``detect`` alone waits for a ``decode`` that never comes, until it is told to stop."""
+    proc = subprocess.Popen([sys.executable, "-m", "copilot", "stage", "detect", "-i", str(atari_clip), "-q"],
+                            cwd=ROOT, env=dict(os.environ, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.0)  # past its imports: the stop is the group's graceful one
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert "Traceback" not in err
