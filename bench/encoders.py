@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--frames and --audio-seconds must be positive, --warmup >= 0")
     chunk_s = AUDIO_CHUNK / AUDIO_RATE
     if args.audio_seconds < chunk_s:
-        raise UsageError(f"--audio-seconds: at least {chunk_s:.4f} (one {AUDIO_CHUNK}-sample chunk)")
+        least = math.ceil(chunk_s * 1e4) / 1e4  # rounded up: the figure printed must be enough
+        raise UsageError(f"--audio-seconds: at least {least:.4f} (one {AUDIO_CHUNK}-sample chunk)")
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     known = {name for enc in (*VIDEO_ENCODERS, *AUDIO_ENCODERS) for name in (enc.label, enc.kind)}
     unknown = sorted((only or set()) - known)

@@ -224,15 +224,19 @@ def _check_wiring(cfg: PipelineConfig, source: str) -> None:
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
 
 
+def is_local_host(host: str) -> bool:
+    return host.strip().lower() in LOCAL_HOSTS
+
+
 def _check_hosts(cfg: PipelineConfig, source: str) -> None:
     """Stages on another host need addresses both hosts can reach: the defaults are files in
     this host's run directory, where a group started elsewhere would wait in vain."""
     for group in cfg.groups():
-        hosts = {"localhost" if s.placement.host in LOCAL_HOSTS else s.placement.host for s in cfg.stages_in(group)}
+        hosts = {"localhost" if is_local_host(s.placement.host) else s.placement.host for s in cfg.stages_in(group)}
         if len(hosts) > 1:
             raise UsageError(f"{source}: placement group {group!r} has stages on several hosts "
                              f"({', '.join(sorted(hosts))}): a group is one process")
-    remote = sorted({s.placement.host for s in cfg.stages} - LOCAL_HOSTS)
+    remote = sorted({s.placement.host for s in cfg.stages if not is_local_host(s.placement.host)})
     if not remote:
         return
     for key in ("control_endpoint", "metrics_endpoint"):
@@ -242,7 +246,7 @@ def _check_hosts(cfg: PipelineConfig, source: str) -> None:
     for link, lc in cfg.links.items():
         hosts = {s.placement.host for s in [*cfg.consumers(link), *(p for p in cfg.stages
                                                                       if link in p.outputs.values())]}
-        hosts = {"localhost" if h in LOCAL_HOSTS else h for h in hosts}
+        hosts = {"localhost" if is_local_host(h) else h for h in hosts}
         if len(hosts) > 1 and not (lc.endpoint or "").startswith("tcp://"):
             raise UsageError(f"{source}: links.{link}: it crosses hosts ({', '.join(sorted(hosts))}) and needs a "
                              "tcp:// endpoint")

@@ -29,7 +29,7 @@ def check_writable(path: str | os.PathLike[str], flag: str) -> Path:
         raise UsageError(f"{flag}: empty file name")
     if text == "-":
         raise UsageError(f"{flag}: '-' (standard output) is not supported here; give a file name")
-    if text.endswith(("/", os.sep)):
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
         raise UsageError(f"{flag}: {text} names a directory; give a file name")
     p = Path(path)
     if not p.parent.is_dir():

@@ -87,8 +87,8 @@ def _import_kind(kind: str, family: str) -> Any:
     if obj is None:
         raise UsageError(f"{what} kind {kind!r}: {module_name} has no {attr}")
     if family == "stages":
-        from copilot.stage import Stage
+        from copilot.stage import Source, Stage
 
-        if not (isinstance(obj, type) and issubclass(obj, Stage)):
-            raise UsageError(f"{what} kind {kind!r}: {attr} is not a Stage class")
+        if not (isinstance(obj, type) and issubclass(obj, Stage)) or obj in (Stage, Source):
+            raise UsageError(f"{what} kind {kind!r}: {attr} is not a Stage class (a subclass of Stage)")
     return obj

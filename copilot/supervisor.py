@@ -26,7 +26,7 @@ import zmq
 
 from copilot.clock import SYSTEM_CLOCK
 from copilot.codec import Codec, CodecError
-from copilot.config import LOCAL_HOSTS, PipelineConfig, link_specs
+from copilot.config import PipelineConfig, is_local_host, link_specs
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
 from copilot.links import check_ipc_endpoint, contexts, prepare_ipc
@@ -102,8 +102,7 @@ class Supervisor:
         self.clock = SYSTEM_CLOCK
 
     def _is_local(self, group: str) -> bool:
-        hosts = {s.placement.host for s in self.cfg.stages_in(group)}
-        return hosts <= LOCAL_HOSTS
+        return all(is_local_host(s.placement.host) for s in self.cfg.stages_in(group))
 
     # -- processes ----------------------------------------------------------------------------
     def _group_env(self, group: str) -> dict[str, str]:

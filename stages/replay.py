@@ -287,6 +287,9 @@ class ReplayStage(Source):
             self.record_emit(cap, t)
             end_media = max(end_media, t + dur)
             self.recorder.media_extent_s = end_media - media0
+        skipped = sum(dec.skipped for dec in self._decoders.values())
+        if n_video == n_audio == 0 and skipped:  # (a stop cancels produce: this is the end of the file)
+            raise UsageError(f"{p.path}: nothing in it decodes ({skipped} packets of corrupt data)")
         for dec in self._decoders.values():
             if dec.skipped:
                 self.recorder.dropped[f"corrupt_{dec.kind}_packets"] += dec.skipped

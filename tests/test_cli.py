@@ -132,7 +132,8 @@ def test_metrics_out_in_a_missing_directory(media: dict[str, Path], tmp_path: Pa
                                              (["--features-out", "{clip}"], "is also the input"),
                                              (["--metrics-out", ""], "--metrics-out: empty file name"),
                                              (["--features-out", "-"], "--features-out: '-' (standard output)"),
-                                             (["--features-out", "{tmp}/new/"], "{tmp}/new/ names a directory")])
+                                             (["--features-out", "{tmp}/new/"], "{tmp}/new/ names a directory"),
+                                             (["--features-out", "{tmp}/f.jsonl/."], "f.jsonl/. names a directory")])
 def test_a_bad_argument_empties_no_output_file(bad: list[str], needle: str, media: dict[str, Path],
                                                tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"

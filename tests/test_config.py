@@ -84,6 +84,8 @@ CASES = [
      "t.yaml: stages[1].kind: stage kind 'nosuch_mod:Level': cannot import nosuch_mod"),
     ("kind-not-a-stage", lambda d: d["stages"][1].update(kind="copilot.config:Placement"),
      "t.yaml: stages[1].kind: stage kind 'copilot.config:Placement': Placement is not a Stage class"),
+    ("kind-the-base-class", lambda d: d["stages"][1].update(kind="copilot.stage:Stage"),
+     "t.yaml: stages[1].kind: stage kind 'copilot.stage:Stage': Stage is not a Stage class (a subclass"),
     # wiring that would hang the run (an end of stream that can never come) is refused up front
     ("unproduced-link", lambda d: (d["links"].update(x={}), d["stages"][1].update(inputs=["a", "x"])),
      "t.yaml: links.x: read by l but no stage produces it"),
@@ -188,3 +190,9 @@ def test_a_stage_kind_may_be_a_module_path() -> None:
 
     cfg = parse_pipeline(edit(lambda d: d["stages"][1].update(kind="stages.audio_level:AudioLevelStage")), "t.yaml")
     assert resolve_stage(cfg.stages[1].kind) is AudioLevelStage
+
+
+def test_this_host_may_be_spelled_in_capitals() -> None:
+    cfg = parse_pipeline(edit(lambda d: d["stages"][2].update(placement={"group": "other", "host": "LOCALHOST"})),
+                         "t.yaml")  # not another host: no tcp endpoints needed
+    assert cfg.stages[2].placement.host == "LOCALHOST"

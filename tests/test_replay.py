@@ -102,3 +102,19 @@ def test_a_stretch_of_corrupt_data_mid_file_is_skipped_and_counted_not_the_end(t
     skipped = res.metrics.dropped_by_reason.get("corrupt_video_packets", 0)
     assert skipped >= 1
     assert len(video) + skipped <= SECONDS * 30 + 1
+
+
+def test_a_file_whose_every_packet_is_corrupt_is_bad_input(tmp_path: Path) -> None:
+    from copilot.errors import UsageError
+
+    clean = write_video_then_audio(tmp_path / "clean.mp4")
+    data = bytearray(clean.read_bytes())
+    rng = np.random.default_rng(1)
+    with av.open(str(clean)) as c:
+        for pkt in c.demux():
+            if pkt.size > 0 and pkt.pos is not None and pkt.pos >= 0:
+                data[pkt.pos:pkt.pos + pkt.size] = rng.integers(0, 256, pkt.size, dtype=np.uint8).tobytes()
+    bad = tmp_path / "all_corrupt.mp4"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="nothing in it decodes"):
+        run_stage("replay", params={"path": str(bad)}, speed=None)
