@@ -198,6 +198,11 @@ class GroupRunner:
             if sub.spec.name in ended:
                 sub.producer_gone()
 
+    def stop_on_signal(self, sig: int) -> None:
+        """A signal to this process (not the supervisor's stop): the run was cut short, and says so."""
+        self.stop_signal = self.stop_signal or sig
+        self.request_stop()
+
     def request_stop(self) -> None:
         self._stop.set()
         self._start.set()
@@ -233,7 +238,7 @@ class GroupRunner:
             await self._wait_tasks(tasks)
             self._push_metrics()
             lost = sorted({link for r in self.runners for link in r.lost_inputs})
-            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": lost}
+            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": lost, "signal": self.stop_signal}
             await self._send_ctrl("done", msgspec.to_builtins(detail))
         except Exception as exc:
             # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
@@ -316,13 +321,9 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
     runner.build()
     loop = asyncio.get_running_loop()
 
-    def on_signal(sig: int) -> None:
-        runner.stop_signal = runner.stop_signal or sig
-        runner.request_stop()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            loop.add_signal_handler(sig, on_signal, sig)
+            loop.add_signal_handler(sig, runner.stop_on_signal, sig)
     await runner.run()
     return runner
 
@@ -353,7 +354,7 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         runner.parent_pid = parent
         runner.build()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, runner.stop_on_signal, signal.SIGTERM)
         await runner.run()
 
     try:

@@ -210,6 +210,11 @@ class Supervisor:
             lost = env.payload.detail.get("lost_inputs")  # type: ignore[union-attr]
             if lost:
                 self._lost_inputs[name] = [str(link) for link in lost]
+            sig = env.payload.detail.get("signal")  # type: ignore[union-attr]
+            if isinstance(sig, int) and not self._stopping:
+                # a signal sent to the group itself ended it early: the whole run stops as if sent here
+                log.warning("group %s was stopped by signal %d; stopping the run", name, sig)
+                self._on_signal(sig)
             for other in self.groups.values():
                 if other.ready and not other.done:
                     self._tell_inputs_ended(other)

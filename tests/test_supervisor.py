@@ -326,6 +326,32 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_no_process(config: str, sig: 
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_one_group_stops_the_run_as_a_sigterm(atari_clip: Path, tmp_path: Path) -> None:
+    """Sent to a group process, not to gamecopilot: the group stops gracefully and the run with it,
+    which used to end early with exit 0 as if the clip had been played to its end."""
+    metrics = tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+                             "--metrics-out", str(metrics)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        kids = wait_for_children(proc, 2)
+        time.sleep(2.0)  # media flows
+        group = min(p for p in kids if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p))
+        os.kill(group, signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            for p in descendants(proc.pid):
+                os.kill(p, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, text)
+    assert "Traceback" not in text, text
+    report = json.loads(metrics.read_text())
+    assert report["interrupted"] is True and report["media_s"] < 11
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_groups_start_stops_at_once_without_tracebacks(atari_clip: Path, tmp_path: Path) -> None:
     """A terminal's Ctrl-C goes to the whole process group, the spawned groups included, and can
     come while they are still importing or connecting.  It used to print KeyboardInterrupt
