@@ -7,12 +7,14 @@ with everything else counted, not timed; the measured times are printed (``pytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +281,20 @@ def wait_for_children(proc: subprocess.Popen[bytes], groups: int, timeout_s: flo
     raise AssertionError("the groups never started")
 
 
+@contextlib.contextmanager
+def gamecopilot_process(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A running ``gamecopilot``; whatever is left of it (and its groups) is killed on the way out."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            for p in descendants(proc.pid):
+                os.kill(p, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -299,19 +315,12 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_no_process(config: str, sig: 
     if config == "two-groups":
         args += ["--config", str(write_two_groups(tmp_path))]
         groups = 2
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with gamecopilot_process(args) as proc:
         children = wait_for_children(proc, groups)
         time.sleep(1.5)  # let media flow
         children |= descendants(proc.pid)
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            for p in descendants(proc.pid):
-                os.kill(p, signal.SIGKILL)
-            proc.kill()
-            proc.communicate()
     deadline = time.monotonic() + 10
     while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -330,20 +339,13 @@ def test_a_sigterm_to_one_group_stops_the_run_as_a_sigterm(atari_clip: Path, tmp
     """Sent to a group process, not to gamecopilot: the group stops gracefully and the run with it,
     which used to end early with exit 0 as if the clip had been played to its end."""
     metrics = tmp_path / "m.json"
-    proc = subprocess.Popen([sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
-                             "--metrics-out", str(metrics)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with gamecopilot_process([sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+                              "--metrics-out", str(metrics)]) as proc:
         kids = wait_for_children(proc, 2)
         time.sleep(2.0)  # media flows
         group = min(p for p in kids if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p))
         os.kill(group, signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            for p in descendants(proc.pid):
-                os.kill(p, signal.SIGKILL)
-            proc.kill()
-            proc.communicate()
     text = err.decode(errors="replace")
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, text)
     assert "Traceback" not in text, text
