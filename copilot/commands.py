@@ -430,9 +430,11 @@ def shared_run_dir(pipeline: str) -> str:
         base.mkdir(mode=0o700, exist_ok=True)
         # sockets are made and removed in it: it must be this user's own, not one set up by another
         st = os.lstat(base)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise UsageError(f"the run directory {base} is not private to this user (owner {st.st_uid}, mode "
-                             f"{stat.S_IMODE(st.st_mode):o}); remove it, or set TMPDIR elsewhere")
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise UsageError(f"the run directory {base} is not this user's own (owner {st.st_uid}); remove it, "
+                             "or set TMPDIR elsewhere")
+        if st.st_mode & 0o077:  # this user's, made open by an earlier version or by hand: close it
+            os.chmod(base, 0o700)
         path.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot make the run directory {path}: {exc.strerror or exc}") from exc
@@ -451,12 +453,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
     _check_asr_stage(args, cfg, str(args.config))
     profile = resolve_profile_option(args.profile)  # before any output file is emptied
-    options = _prepare_outputs(args, args.input, kept=[(args.config, "the pipeline config"), (profile, "the profile")])
+    run_dir = shared_run_dir(cfg.name)
+    to_empty: list[tuple[str, Path]] = []
+    options = _prepare_outputs(args, args.input, kept=[(args.config, "the pipeline config"), (profile, "the profile")],
+                               defer_empty=to_empty)
     if profile:
         options["profile"] = profile
     sup = cfg.supervisor
     opts = RunOptions(
-        run_dir=shared_run_dir(cfg.name),
+        run_dir=run_dir,
         control_endpoint=sup.control_endpoint,
         metrics_endpoint=sup.metrics_endpoint,
         speed=args.speed,
@@ -465,7 +470,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         stage_options=options,
         wait_for_start=sup.control_endpoint is not None,
     )
-    runner = asyncio.run(run_group(cfg, args.group, opts))
+    # outputs are emptied once every stage of the group has started (as execute does for a run)
+    runner = asyncio.run(run_group(cfg, args.group, opts, on_ready=lambda: _empty_outputs(to_empty)))
     snap = runner.metrics_snapshot()
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)
     return 128 + runner.stop_signal if runner.stop_signal else 0

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ class GroupRunner:
         self.parent_pid: int | None = None
         self.error_reported = False  # the supervisor was told why this group failed
         self.stop_signal: int | None = None  # the signal that stopped it (run_group), for the exit code
+        self.on_ready: Callable[[], None] | None = None  # called when every stage has started (may raise)
 
     def build(self) -> None:
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
@@ -224,6 +226,8 @@ class GroupRunner:
             # says it is ready: the run's clock starts when all can keep up, and a stage that cannot
             # start (a model that does not load) fails the run before any output file is touched.
             await self._until_stopped(asyncio.ensure_future(self._start_all()))
+            if self.on_ready is not None and not self._stop.is_set():  # (a stop while starting: nothing is due)
+                self.on_ready()
             for r in self.runners:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
@@ -316,8 +320,10 @@ class GroupRunner:
             self._metrics.close(linger=200)
 
 
-async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Clock = SYSTEM_CLOCK) -> GroupRunner:
+async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Clock = SYSTEM_CLOCK,
+                    on_ready: Callable[[], None] | None = None) -> GroupRunner:
     runner = GroupRunner(cfg, group, opts, clock)
+    runner.on_ready = on_ready
     runner.build()
     loop = asyncio.get_running_loop()
 

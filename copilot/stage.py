@@ -215,6 +215,7 @@ class StageRunner:
         self._produce_task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
         self.lost_inputs: list[str] = []  # links that ended without their end of stream (ProducerGone)
+        self._closed = False
 
     def request_stop(self) -> None:
         """Graceful stop: a source stops producing; the end of stream then flows downstream."""
@@ -236,6 +237,7 @@ class StageRunner:
         try:
             await self.stage.start()
         except BaseException:
+            self._closed = True
             try:
                 await self.stage.close()
             finally:
@@ -245,6 +247,8 @@ class StageRunner:
 
     async def run(self) -> None:
         st = self.stage
+        if self._closed:  # its start failed or was cancelled (a stop while starting): closed already
+            return
         try:
             if not self._prepared:
                 self._prepared = True

@@ -436,6 +436,12 @@ class Supervisor:
                     self._spawn(g)
                 continue
             alive = self._alive(g)
+            if not alive and g.process is not None and g.process.exitcode == -signal.SIGTERM:
+                # terminated from outside before it could stop gracefully (still starting): a stop
+                # request for the run, as a SIGTERM to a running group is, not a crash to restart
+                log.warning("group %s was terminated (SIGTERM); stopping the run", g.name)
+                self._on_signal(signal.SIGTERM)
+                continue
             silent = alive and now - g.last_seen > sup.heartbeat_timeout_s + (0 if g.ready else 30)
             if silent:
                 log.warning("group %s missed heartbeats for %.1f s; killing it", g.name, now - g.last_seen)

@@ -176,15 +176,21 @@ class AtariLiveStage(Source):
                 "time_rule": "t = frame / fps; frame = emu_frame // frame_step",
             }
             self._truth_path = _writable(path)
-            # a restarted group appends to what its first incarnation wrote (a new game, the same timeline)
-            resume = self.ctx.session_start_ns is not None and self._truth_path.is_file()
-            try:
-                self._truth_fh = open(self._truth_path, "a" if resume else "w", encoding="utf-8", newline="\n",  # noqa: SIM115
-                                      buffering=1)
-            except OSError as exc:
-                raise UsageError(f"atari: truth_out: cannot write {path} ({exc.strerror})") from exc
-            if not resume:
-                self._truth_fh.write(json.dumps(self._meta) + "\n")
+
+    def _open_truth(self) -> None:
+        """Open the truth file when the game starts, not at ``start``: a run that fails to start
+        (another stage's model does not load) leaves an earlier file of that name as it was."""
+        if self._truth_path is None or self._truth_fh is not None:
+            return
+        # a restarted group appends to what its first incarnation wrote (a new game, the same timeline)
+        resume = self.ctx.session_start_ns is not None and self._truth_path.is_file()
+        try:
+            self._truth_fh = open(self._truth_path, "a" if resume else "w", encoding="utf-8", newline="\n",  # noqa: SIM115
+                                  buffering=1)
+        except OSError as exc:
+            raise UsageError(f"atari: truth_out: cannot write {self._truth_path} ({exc.strerror})") from exc
+        if not resume:
+            self._truth_fh.write(json.dumps(self._meta) + "\n")
 
     @staticmethod
     def _length(frames: int, fps: int) -> dict[str, Any]:
@@ -194,6 +200,7 @@ class AtariLiveStage(Source):
         p: AtariLiveParams = self.params  # type: ignore[assignment]
         game = self.game
         assert game is not None, "start() runs first"
+        self._open_truth()
         fps = p.fps
         step = EMULATOR_FPS // fps
         n_frames = None if p.seconds is None else max(1, round(p.seconds * fps))

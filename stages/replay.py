@@ -243,6 +243,14 @@ class ReplayStage(Source):
             item = await dec.queue.get()
             if item is not None:
                 self._heads[dec.kind] = item
+        self._check_something_decodes()
+
+    def _check_something_decodes(self) -> None:
+        """A file whose every packet is corrupt is bad input.  Found here, before the run starts
+        (every stream ended without a frame), it costs no earlier output file."""
+        skipped = sum(dec.skipped for dec in self._decoders.values())
+        if not self._heads and skipped:
+            raise UsageError(f"{self.params.path}: nothing in it decodes ({skipped} packets of corrupt data)")  # type: ignore[attr-defined]
 
     async def _pop_earliest(self) -> Any:
         """The earliest of the streams' next items (None when all have ended); its stream's
@@ -287,9 +295,6 @@ class ReplayStage(Source):
             self.record_emit(cap, t)
             end_media = max(end_media, t + dur)
             self.recorder.media_extent_s = end_media - media0
-        skipped = sum(dec.skipped for dec in self._decoders.values())
-        if n_video == n_audio == 0 and skipped:  # (a stop cancels produce: this is the end of the file)
-            raise UsageError(f"{p.path}: nothing in it decodes ({skipped} packets of corrupt data)")
         for dec in self._decoders.values():
             if dec.skipped:
                 self.recorder.dropped[f"corrupt_{dec.kind}_packets"] += dec.skipped

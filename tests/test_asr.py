@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -156,6 +159,25 @@ def test_an_asr_model_that_does_not_load_is_one_line_and_not_restarted(atari_cli
     assert "restarting" not in res.stderr
     # found when the stages started, before the run did: no output was touched
     assert {path: path.read_text() for path in earlier} == earlier
+
+
+@pytest.mark.parametrize("command", ["live", "stage"])
+def test_an_asr_model_that_does_not_load_costs_no_earlier_output(command: str, atari_clip: Path,
+                                                                  tmp_path: Path) -> None:
+    """The truth an emulated game writes, and the outputs of a hand-started group, are kept too."""
+    from tests.test_cli import ROOT, assert_one_line_error
+
+    bad = tmp_path / "whisper"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(b"not a model")
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("earlier\n")
+    args = {"live": ["live", "--game", "Breakout", "--until", "3", "--truth-out", str(kept)],
+            "stage": ["stage", "detect", "-i", str(atari_clip), "--events-out", str(kept)]}[command]
+    res = subprocess.run([sys.executable, "-m", "copilot", *args, "-q", "--asr-model", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert_one_line_error(res, "cannot load the ASR model")
+    assert kept.read_text() == "earlier\n"
 
 
 def test_asr_model_flag_with_a_pipeline_without_asr_is_one_line(atari_clip: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -351,8 +352,12 @@ def test_the_stage_run_directory_stays_inside_its_private_base(tmp_path: Path, m
     base = tmp_path / f"gamecopilot-{os.getuid()}"
     assert shared_run_dir("..") == str(base / "pipeline")  # not $TMPDIR itself, where links would replace files
     assert shared_run_dir("a/../b") == str(base / "a_.._b")
-    base.chmod(0o777)  # one anybody could have prepared
-    with pytest.raises(UsageError, match="is not private to this user"):
+    base.chmod(0o755)  # this user's, left open (by an earlier version): closed again
+    shared_run_dir("p")
+    assert base.stat().st_mode & 0o777 == 0o700
+    shutil.rmtree(base)
+    base.symlink_to(tmp_path)  # not a directory of its own: another user could have placed it
+    with pytest.raises(UsageError, match="is not this user's own"):
         shared_run_dir("p")
 
 

@@ -182,6 +182,33 @@ def with_remote_work_group(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+class _Ended:
+    """Stands for a group process that has exited."""
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+        self.pid = 0
+
+    def is_alive(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("exitcode", "stops"), [(-signal.SIGTERM, True), (-signal.SIGKILL, False), (1, False)])
+def test_a_group_terminated_from_outside_stops_the_run_and_a_crashed_one_is_restarted(
+    exitcode: int, stops: bool, tmp_path: Path
+) -> None:
+    """SIGTERM before the group could install its handler (still starting) is a stop request for
+    the run, as it is for a running group; a SIGKILL or an error exit is a crash to restart."""
+    data = two_groups(tmp_path / "sink.jsonl")
+    sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    sup.groups["work"].process = _Ended(exitcode)  # type: ignore[assignment]
+    sup._watch(now=0.0)
+    assert sup._stopping is stops
+    assert sup.groups["work"].restarts == (0 if stops else 1)
+    if stops:
+        assert sup._stop_signal == signal.SIGTERM
+
+
 def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("copilot.supervisor.READY_TIMEOUT_S", 4.0)
