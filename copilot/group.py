@@ -271,8 +271,8 @@ class GroupRunner:
             raise group.exceptions[0] from None  # the failure itself (a UsageError stays one)
 
     async def _until_stopped(self, work: asyncio.Future[Any]) -> None:
-        """Await ``work`` (connecting, preparing sources) unless a stop comes first: a Ctrl-C during
-        start-up must not wait out the subscribe timeout for consumers that will never come."""
+        """Await ``work`` (connecting, starting the stages) unless a stop comes first: a Ctrl-C during
+        start-up must wait neither for consumers that will never come nor for a model to load."""
         stopped = asyncio.ensure_future(self._stop.wait())
         abandoned = False
         try:
@@ -326,7 +326,6 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
     runner.on_ready = on_ready
     runner.build()
     loop = asyncio.get_running_loop()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(sig, runner.stop_on_signal, sig)
