@@ -56,6 +56,8 @@ class SupervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         default_factory=lambda: [0.1, 0.5, 1.0, 2.0, 5.0]
     )
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 10
+    # every group must have started all its stages (models loaded) within this long
+    ready_timeout_s: Positive = 120.0
     metrics_interval_s: Positive = 0.5
     shutdown_timeout_s: Positive = 5.0
 

@@ -35,7 +35,6 @@ from copilot.messages import Control, Envelope, Metrics, StageMetrics
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-READY_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -353,7 +352,7 @@ class Supervisor:
 
     async def _loop(self, loop: asyncio.AbstractEventLoop) -> None:
         sup = self.cfg.supervisor
-        ready_deadline = loop.time() + READY_TIMEOUT_S
+        ready_deadline = loop.time() + sup.ready_timeout_s
         self._t_start_ns = self.clock.now_ns()
         next_report = loop.time() + sup.metrics_interval_s
         stop_deadline: float | None = None
@@ -382,7 +381,7 @@ class Supervisor:
                     for name in missing:
                         self.groups[name].failed = True
                         self.groups[name].error = self.groups[name].error or (
-                            f"not ready after {READY_TIMEOUT_S:g} s" + hint)
+                            f"not ready after {sup.ready_timeout_s:g} s" + hint)
                     self.request_stop(interrupted=False)
             for name in list(self._pending_start):
                 self._send(self.groups[name], "start")

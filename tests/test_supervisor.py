@@ -209,10 +209,9 @@ def test_a_group_terminated_from_outside_stops_the_run_and_a_crashed_one_is_rest
         assert sup._stop_signal == signal.SIGTERM
 
 
-def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("copilot.supervisor.READY_TIMEOUT_S", 4.0)
+def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path, tmp_path: Path) -> None:
     data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
+    data["supervisor"]["ready_timeout_s"] = 4.0
     cfg = parse_pipeline(data, "remote.yaml")
     opts = RunOptions(speed=None, stage_overrides={"replay": {"path": str(atari_clip)}})
     sup = Supervisor(cfg, data, "remote.yaml", opts)
