@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -203,7 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run a pipeline under the supervisor
+_SUPERVISED = frozenset({"demo", "replay", "live", "run", "annotate"})
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in _SUPERVISED or (args.command == "bench" and args.bench == "pipeline"):
+        # SIGINT is held (blocked in this thread) until the supervisor handles it; a Ctrl-C
+        # meanwhile waits, then stops the run.  Threads the imports start (numpy's OpenBLAS
+        # workers) inherit the block, so a Ctrl-C can only reach this thread, never one of them
+        # while the supervisor ignores SIGINT to spawn a group, where it would be lost.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return _run_command(args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd in ("demo", "replay", "live", "run", "stage"):
         from copilot import commands
@@ -257,6 +276,7 @@ def _guarded(run: Callable[[], int]) -> int:
         print(f"gamecopilot: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the goodbye
         print("gamecopilot: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

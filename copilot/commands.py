@@ -294,7 +294,7 @@ def execute(
         for group, why in result.failed.items():
             print(f"gamecopilot: group {group} failed: {why}", file=sys.stderr)
         return 1
-    if result.lost_inputs:
+    if result.lost_inputs and not result.interrupted:
         for group, links in result.lost_inputs.items():
             print(f"gamecopilot: group {group} was restarted after its input{'s' if len(links) > 1 else ''} "
                   f"{', '.join(links)} ended: what came while it was down is lost (see the warnings above)",

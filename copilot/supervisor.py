@@ -19,6 +19,7 @@ import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing import resource_tracker
 from typing import Any
 
 import msgspec
@@ -125,9 +126,17 @@ class Supervisor:
             opts = replace(opts, session_start_ns=self._t_start_ns, resume_media_s=self._media_reached(st.name))
         saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
         os.environ.update(self._group_env(st.name))
-        # The child inherits an ignored SIGINT: a Ctrl-C (sent to the whole process group) while it
-        # is still importing would otherwise end it with a KeyboardInterrupt traceback.  The
-        # supervisor alone handles Ctrl-C; it stops the groups over the control socket.
+        # The child inherits an ignored SIGINT (multiprocessing's spawn clears the signal mask but
+        # keeps an ignored disposition): a Ctrl-C (sent to the whole process group) while it is
+        # still importing would otherwise end it with a KeyboardInterrupt traceback.  The
+        # supervisor alone handles Ctrl-C and stops the groups over the control socket.  SIGINT
+        # is blocked here as well, so a Ctrl-C meant for the supervisor during the spawn stays
+        # pending (Linux never discards a blocked signal as ignored) and arrives once the
+        # handler is back, instead of being lost.
+        # (multiprocessing's resource tracker, started by the first spawn, unblocks SIGINT when it
+        # is up: started first, it cannot open the window in which a Ctrl-C would be ignored)
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             proc = self._ctx.Process(
@@ -139,6 +148,7 @@ class Supervisor:
             proc.start()
         finally:
             signal.signal(signal.SIGINT, sigint)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -189,7 +199,8 @@ class Supervisor:
             st.ready = True
             if self._started:
                 self._pending_start.add(name)
-            self._tell_inputs_ended(st)
+            if not self._stopping:
+                self._tell_inputs_ended(st)
         elif action == "error":
             detail = env.payload.detail  # type: ignore[union-attr]
             st.error = str(detail.get("message", "unknown error"))
@@ -207,16 +218,17 @@ class Supervisor:
             if m:
                 self._snapshots[(name, st.incarnation)] = msgspec.convert(m, Metrics)
             lost = env.payload.detail.get("lost_inputs")  # type: ignore[union-attr]
-            if lost:
+            if lost and not self._stopping:
                 self._lost_inputs[name] = [str(link) for link in lost]
             sig = env.payload.detail.get("signal")  # type: ignore[union-attr]
             if isinstance(sig, int) and not self._stopping:
                 # a signal sent to the group itself ended it early: the whole run stops as if sent here
                 log.warning("group %s was stopped by signal %d; stopping the run", name, sig)
                 self._on_signal(sig)
-            for other in self.groups.values():
-                if other.ready and not other.done:
-                    self._tell_inputs_ended(other)
+            if not self._stopping:  # (in a stop, groups end without waiting for their consumers)
+                for other in self.groups.values():
+                    if other.ready and not other.done:
+                        self._tell_inputs_ended(other)
 
     def _tell_inputs_ended(self, st: GroupState) -> None:
         """Tell ``st`` which of its input links come from groups that are done.
@@ -321,6 +333,8 @@ class Supervisor:
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+        # the CLI holds SIGINT blocked until here (cli._dispatch): from now on the handler above takes it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         t_start_ns = self.clock.now_ns()
         try:
             for st in self.groups.values():

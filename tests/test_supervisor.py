@@ -182,6 +182,54 @@ def with_remote_work_group(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def test_a_ctrl_c_while_a_group_is_spawned_is_delivered_after_it_not_lost(tmp_path: Path) -> None:
+    """The child must start with SIGINT out of the way (its imports), but a Ctrl-C meant for the
+    supervisor in those milliseconds used to be ignored: the run then played to its end."""
+    data = two_groups(tmp_path / "sink.jsonl")
+    sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    got: list[int] = []
+
+    class SpawnedDuringACtrlC:
+        def __init__(self, **_: Any) -> None:
+            self.pid = 0
+
+        def start(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C lands while the child starts
+            assert not got, "delivered during the spawn, where it would reach the child's imports"
+
+    sup._ctx = type("Ctx", (), {"Process": SpawnedDuringACtrlC})()  # type: ignore[assignment]
+    sup._control_ep = sup._metrics_ep = f"ipc://{tmp_path}/x"
+    sup._started = False
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: got.append(sig))
+    try:
+        async def spawn() -> None:
+            sup._spawn(sup.groups["work"])
+
+        asyncio.run(spawn())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert got == [signal.SIGINT]
+
+
+def test_inputs_that_end_during_a_stop_are_not_reported_lost(tmp_path: Path) -> None:
+    """In a stop, groups end without waiting for their consumers to take the end of stream: a
+    consumer that then ends on 'inputs ended' lost nothing the user asked for (Ctrl-C exits 130,
+    not 1 with a false 'was restarted' line)."""
+    data = two_groups(tmp_path / "sink.jsonl")
+    sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    sup._codec = Codec()
+    done = Envelope.wrap(Control(action="done", detail={"lost_inputs": ["audio"]}), source="work", seq=0,
+                         t_media=0.0, t_capture_ns=0)
+    sup.request_stop()
+    sup._handle_ctrl([b"work#0", *Codec().encode(done)], now=0.0)
+    assert sup.groups["work"].done
+    assert not sup._lost_inputs
+    sup2 = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    sup2._codec = Codec()
+    sup2._handle_ctrl([b"work#0", *Codec().encode(done)], now=0.0)  # not stopping: it is reported
+    assert sup2._lost_inputs == {"work": ["audio"]}
+
+
 class _Ended:
     """Stands for a group process that has exited."""
 
