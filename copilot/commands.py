@@ -111,10 +111,10 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
     taken: dict[tuple[Any, ...], str] = {_file_key(f): "the input" for f in inputs if f}
     taken.update({_file_key(f): what for f, what in kept if f})
     for flag, path in [*outputs.values(), *([(metrics_flag, Path(metrics_out))] if metrics_out is not None else [])]:
-        other = taken.get(_file_key(path))
-        if other is not None:
-            raise UsageError(f"{flag}: {path} is also {other}")
-        taken[_file_key(path)] = flag
+        key = _file_key(path)
+        if key in taken:
+            raise UsageError(f"{flag}: {path} is also {taken[key]}")
+        taken[key] = flag
     for name, (_, path) in outputs.items():
         options[name] = str(path.resolve())
     if defer_empty is None:

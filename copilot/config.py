@@ -176,6 +176,10 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
         if len(producers) > 1:
             raise UsageError(f"{source}: links.{link}: produced by several stages ({producers})")
         endpoint = cfg.links[link].endpoint
+        readers = [s.name for s in cfg.consumers(link)]
+        if readers and not producers and not endpoint:  # its end of stream could never come: a hang
+            raise UsageError(f"{source}: links.{link}: read by {', '.join(readers)} but no stage produces it "
+                             "(give it an endpoint if something outside the pipeline does)")
         if endpoint:
             try:
                 check_bind_endpoint(endpoint)
@@ -188,22 +192,14 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
                 check_bind_endpoint(endpoint)
             except ValueError as exc:
                 raise UsageError(f"{source}: supervisor.{key}: {exc}") from exc
-    _check_wiring(cfg, source)
+    _check_cycles(cfg, source)
     _check_hosts(cfg, source)
     return cfg
 
 
-def _check_wiring(cfg: PipelineConfig, source: str) -> None:
-    """Refuse wiring whose end of stream could never arrive: the run would hang, not fail.
-
-    A link read but produced by no stage (unless it has an ``endpoint``: something outside
-    the pipeline may publish there), and a cycle of stages (each waits for the other's end).
-    """
-    for link, lc in cfg.links.items():
-        readers = [s.name for s in cfg.consumers(link)]
-        if readers and not lc.endpoint and not any(link in s.outputs.values() for s in cfg.stages):
-            raise UsageError(f"{source}: links.{link}: read by {', '.join(readers)} but no stage produces it "
-                             "(give it an endpoint if something outside the pipeline does)")
+def _check_cycles(cfg: PipelineConfig, source: str) -> None:
+    """Refuse a cycle of stages: each would wait for the other's end of stream, and the run
+    would hang, not fail."""
     after = {s.name: [c.name for link in s.outputs.values() for c in cfg.consumers(link)] for s in cfg.stages}
     state: dict[str, int] = {}  # 1 on the current path, 2 finished
 
@@ -230,15 +226,20 @@ def is_local_host(host: str) -> bool:
     return host.strip().lower() in LOCAL_HOSTS
 
 
+def _host(stage: StageConfig) -> str:
+    """The stage's host, every spelling of this one as ``localhost``."""
+    return "localhost" if is_local_host(stage.placement.host) else stage.placement.host
+
+
 def _check_hosts(cfg: PipelineConfig, source: str) -> None:
     """Stages on another host need addresses both hosts can reach: the defaults are files in
     this host's run directory, where a group started elsewhere would wait in vain."""
     for group in cfg.groups():
-        hosts = {"localhost" if is_local_host(s.placement.host) else s.placement.host for s in cfg.stages_in(group)}
+        hosts = {_host(s) for s in cfg.stages_in(group)}
         if len(hosts) > 1:
             raise UsageError(f"{source}: placement group {group!r} has stages on several hosts "
                              f"({', '.join(sorted(hosts))}): a group is one process")
-    remote = sorted({s.placement.host for s in cfg.stages if not is_local_host(s.placement.host)})
+    remote = sorted({_host(s) for s in cfg.stages} - {"localhost"})
     if not remote:
         return
     for key in ("control_endpoint", "metrics_endpoint"):
@@ -246,9 +247,7 @@ def _check_hosts(cfg: PipelineConfig, source: str) -> None:
             raise UsageError(f"{source}: supervisor.{key}: stages on {', '.join(remote)} need a tcp:// "
                              "endpoint here to reach the supervisor")
     for link, lc in cfg.links.items():
-        hosts = {s.placement.host for s in [*cfg.consumers(link), *(p for p in cfg.stages
-                                                                      if link in p.outputs.values())]}
-        hosts = {"localhost" if is_local_host(h) else h for h in hosts}
+        hosts = {_host(s) for s in cfg.stages if link in s.inputs or link in s.outputs.values()}
         if len(hosts) > 1 and not (lc.endpoint or "").startswith("tcp://"):
             raise UsageError(f"{source}: links.{link}: it crosses hosts ({', '.join(sorted(hosts))}) and needs a "
                              "tcp:// endpoint")
