@@ -474,7 +474,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
     runner = asyncio.run(run_group(cfg, args.group, opts, on_ready=lambda: _empty_outputs(to_empty)))
     snap = runner.metrics_snapshot()
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)
-    return 128 + runner.stop_signal if runner.stop_signal else 0
+    if runner.stop_signal:
+        return 128 + runner.stop_signal
+    lost = sorted({link for r in runner.runners for link in r.lost_inputs})
+    if lost:  # (told by a supervisor that their producers had finished before this group took their end)
+        print(f"gamecopilot: group {args.group} started after its input{'s' if len(lost) > 1 else ''} "
+              f"{', '.join(lost)} ended: what was sent before is lost", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:

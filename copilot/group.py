@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ from copilot.stage import Source, StageContext, StageRunner
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 10.0
+# a group started by hand (``gamecopilot stage``, no supervisor) says what it waits for when an
+# input link has brought nothing for this long
+WAIT_NOTICE_S = 10.0
 
 
 @dataclass
@@ -131,6 +135,72 @@ class GroupRunner:
             self._metrics.setsockopt(zmq.SNDHWM, 8)
             self._metrics.connect(self.opts.metrics_endpoint)
         del sup
+        for link in self.publishers:  # a producer (again): an earlier run's end is no longer news
+            marker = self._ended_marker(link)
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(marker)
+
+    def _ended_marker(self, link: str) -> str | None:
+        """Where a group started by hand notes that it ended a link, for a consumer started after.
+
+        Without a supervisor nobody else knows: a consumer started once its producer finished
+        would wait without a word.  ``None`` under a supervisor (it sends ``inputs_ended``) and
+        for inproc links (one process: nobody comes later)."""
+        if self._ctrl is not None or self.opts.run_dir is None:
+            return None
+        return os.path.join(self.opts.run_dir, f"{link}.ended")
+
+    def _mark_ended(self) -> None:
+        for link in self.publishers:
+            marker = self._ended_marker(link)
+            if marker is not None:
+                with contextlib.suppress(OSError), open(marker, "w", encoding="utf-8") as f:
+                    f.write(f"{self.group} {time.strftime('%H:%M:%S')}\n")  # wall clock, for people only
+
+    def _producer_name(self, link: str) -> str | None:
+        try:
+            return self.cfg.producer(link).name
+        except KeyError:  # an outside producer (the link has its own endpoint)
+            return None
+
+    def _producer_hint(self, link: str) -> str:
+        name = self._producer_name(link)
+        if name is None:
+            return "its producer"
+        group = self.cfg.stage(name).placement.group
+        return f"group {group} (gamecopilot stage {group}, with the same -c and -i)"
+
+    async def _wait_notices(self) -> None:
+        """A group started by hand says, in a line per producer, what it waits for: a producer
+        that ended before this group started (its notes), or one that has sent nothing for a while."""
+        mine = {s.name for s in self.cfg.stages_in(self.group)}
+        subs: dict[str, list[Subscriber]] = {}
+        for sub in self.subscribers:
+            if self._producer_name(sub.spec.name) not in mine:
+                subs.setdefault(sub.spec.name, []).append(sub)
+        ended: dict[str, list[str]] = {}  # producer hint -> links it ended
+        when: dict[str, str] = {}
+        for link in subs:
+            marker = self._ended_marker(link)
+            if marker is None:
+                return
+            with contextlib.suppress(OSError), open(marker, encoding="utf-8") as f:
+                hint = self._producer_hint(link)
+                ended.setdefault(hint, []).append(link)
+                when.setdefault(hint, f.read().strip().partition(" ")[2])
+        for hint, links in ended.items():
+            log.warning("group %s: %s ended %s at %s, before this group started; waiting for it to run again",
+                        self.group, hint, _links(links), when[hint])
+        await asyncio.sleep(WAIT_NOTICE_S)
+        told = {link for links in ended.values() for link in links}
+        silent: dict[str, list[str]] = {}
+        for link, group_subs in subs.items():
+            if link not in told and not any(sub.received for sub in group_subs):
+                silent.setdefault(self._producer_hint(link), []).append(link)
+        for hint, links in silent.items():
+            log.warning("group %s: nothing on %s after %g s; waiting for %s", self.group, _links(links),
+                        WAIT_NOTICE_S, hint)
 
     async def _wait_consumers(self) -> None:
         waits = []
@@ -231,6 +301,8 @@ class GroupRunner:
             for r in self.runners:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
+            if self._ctrl is None and self.subscribers:
+                aux.append(asyncio.create_task(self._wait_notices()))
             await self._send_ctrl("ready")
             if self._ctrl is not None and self.opts.wait_for_start:
                 await self._start.wait()
@@ -240,6 +312,7 @@ class GroupRunner:
                         r.request_stop()
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
             await self._wait_tasks(tasks)
+            self._mark_ended()
             self._push_metrics()
             lost = sorted({link for r in self.runners for link in r.lost_inputs})
             detail = {"metrics": self.metrics_snapshot(), "lost_inputs": lost, "signal": self.stop_signal}
@@ -331,6 +404,10 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
             loop.add_signal_handler(sig, runner.stop_on_signal, sig)
     await runner.run()
     return runner
+
+
+def _links(names: list[str]) -> str:
+    return f"link{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -385,3 +385,25 @@ def test_a_stage_process_stopped_by_a_signal_exits_128_plus_it(sig: int, atari_c
             proc.communicate()
     assert proc.returncode == 128 + sig, (proc.returncode, err)
     assert "Traceback" not in err
+
+
+def test_a_stage_process_whose_inputs_were_lost_exits_1(atari_clip: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A group on another host, told by the supervisor that a link ended before it took the end
+    (``inputs_ended``), has lost what was sent: its own process says so and exits 1, as the run does."""
+    from types import SimpleNamespace
+
+    from copilot.cli import main
+    from copilot.messages import Metrics
+
+    async def fake_run_group(cfg: Any, group: str, opts: Any, on_ready: Any = None) -> Any:
+        runner = SimpleNamespace(lost_inputs=["features"])
+        return SimpleNamespace(stop_signal=None, runners=[runner, SimpleNamespace(lost_inputs=[])],
+                               metrics_snapshot=lambda: Metrics(group=group, stages=[]))
+
+    monkeypatch.setattr("copilot.group.run_group", fake_run_group)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert main(["stage", "detect", "-i", str(atari_clip), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "group detect started after its input features ended: what was sent before is lost" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -575,3 +576,48 @@ def test_the_supervisor_stops_on_bad_input_and_does_not_restart(tmp_path: Path) 
                           seq=0, t_media=0, t_capture_ns=0)
     sup._handle_ctrl([b"src#7", *Codec().encode(stale)], 0.0)  # type: ignore[list-item]  # another incarnation
     assert not sup.groups["src"].failed
+
+
+def test_a_group_started_by_hand_says_what_it_waits_for(atari_clip: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Without a supervisor (``gamecopilot stage``) nobody tells a consumer that its producer
+    finished before it started: the producer leaves a note in the run directory, and the
+    consumer says what it waits for instead of waiting without a word.  A producer started
+    again clears the note."""
+    import copilot.group as group_mod
+
+    monkeypatch.setattr(group_mod, "WAIT_NOTICE_S", 0.3)
+    monkeypatch.setattr(group_mod, "SUBSCRIBE_TIMEOUT_S", 0.5)  # the producer alone waits for nobody
+    data = two_groups(tmp_path / "sink.jsonl")
+    data["stages"][0]["params"] = {"path": str(atari_clip), "until": 1.0}
+    cfg = parse_pipeline(data, "two.yaml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    opts = RunOptions(run_dir=str(run_dir), speed=None, lossless=True)
+
+    async def consumer_alone(notice: str) -> None:
+        runner = GroupRunner(cfg, "work", opts)
+        task = asyncio.create_task(runner.run())
+        await wait_for(lambda: notice in caplog.text, 10, notice)
+        await asyncio.sleep(0.5)  # (time for a notice that should not come)
+        runner.request_stop()
+        await asyncio.wait_for(task, 30)
+
+    with caplog.at_level(logging.WARNING, logger="copilot.group"):
+        asyncio.run(consumer_alone("nothing on links audio, frames after 0.3 s; waiting for group src (gamecopilot "
+                                   "stage src, with the same -c and -i)"))
+    assert "loud" not in caplog.text  # its producer is in this very group
+    assert caplog.text.count("nothing on") == 1
+    caplog.clear()
+
+    asyncio.run(asyncio.wait_for(group_mod.run_group(cfg, "src", opts), 60))  # its end goes to nobody: noted
+    assert (run_dir / "audio.ended").read_text().startswith("src ")
+    with caplog.at_level(logging.WARNING, logger="copilot.group"):
+        asyncio.run(consumer_alone("group src (gamecopilot stage src, with the same -c and -i) ended links audio, frames "
+                                   "at "))
+    assert "before this group started; waiting for it to run again" in caplog.text
+    assert "nothing on" not in caplog.text  # told once, and better
+
+    GroupRunner(cfg, "src", opts).build()  # a producer that starts again clears its notes at once
+    assert not (run_dir / "audio.ended").exists() and not (run_dir / "frames.ended").exists()
