@@ -11,6 +11,11 @@ graceful end (sources stop, end of stream flows, stages flush), ``done`` when ev
 the group has finished.  ``inputs_ended`` from the supervisor names links whose producing
 group is done: a group restarted after their end of stream went out would otherwise wait
 for it forever.  Metrics go on their own PUSH link, latest-wins.
+
+A group started by hand (``gamecopilot stage``) has no supervisor to tell it that: a group
+that ends its links leaves a note per link in the run directory (cleared when it starts
+again), and a consumer says, in a line, which producer it waits for and whether that one
+already finished (:meth:`GroupRunner._wait_notices`).
 """
 
 from __future__ import annotations

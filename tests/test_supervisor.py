@@ -614,8 +614,8 @@ def test_a_group_started_by_hand_says_what_it_waits_for(atari_clip: Path, tmp_pa
     asyncio.run(asyncio.wait_for(group_mod.run_group(cfg, "src", opts), 60))  # its end goes to nobody: noted
     assert (run_dir / "audio.ended").read_text().startswith("src ")
     with caplog.at_level(logging.WARNING, logger="copilot.group"):
-        asyncio.run(consumer_alone("group src (gamecopilot stage src, with the same -c and -i) ended links audio, frames "
-                                   "at "))
+        asyncio.run(consumer_alone("group src (gamecopilot stage src, with the same -c and -i) "
+                                   "ended links audio, frames at "))
     assert "before this group started; waiting for it to run again" in caplog.text
     assert "nothing on" not in caplog.text  # told once, and better
 
