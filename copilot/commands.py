@@ -476,7 +476,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)
     if runner.stop_signal:
         return 128 + runner.stop_signal
-    lost = sorted({link for r in runner.runners for link in r.lost_inputs})
+    lost = runner.lost_inputs
     if lost:  # (told by a supervisor that their producers had finished before this group took their end)
         print(f"gamecopilot: group {args.group} started after its input{'s' if len(lost) > 1 else ''} "
               f"{', '.join(lost)} ended: what was sent before is lost", file=sys.stderr)

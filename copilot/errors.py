@@ -17,6 +17,15 @@ class UsageError(Exception):
     exit_code = 2
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """An exception's message cut to its first line, for a one-line report; ``empty`` (default:
+    the exception's type name) when it has no message."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if empty is None else empty
+
+
 def check_writable(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` as a file the run can write at its end, checked before the run starts.
 

@@ -37,7 +37,7 @@ import zmq
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
 from copilot.config import PipelineConfig, link_specs, parse_pipeline
-from copilot.errors import UsageError
+from copilot.errors import UsageError, first_line
 from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
 from copilot.registry import resolve_stage
@@ -163,26 +163,24 @@ class GroupRunner:
                 with contextlib.suppress(OSError), open(marker, "w", encoding="utf-8") as f:
                     f.write(f"{self.group} {time.strftime('%H:%M:%S')}\n")  # wall clock, for people only
 
-    def _producer_name(self, link: str) -> str | None:
+    def _producer_group(self, link: str) -> str | None:
         try:
-            return self.cfg.producer(link).name
+            return self.cfg.producer(link).placement.group
         except KeyError:  # an outside producer (the link has its own endpoint)
             return None
 
     def _producer_hint(self, link: str) -> str:
-        name = self._producer_name(link)
-        if name is None:
+        group = self._producer_group(link)
+        if group is None:
             return "its producer"
-        group = self.cfg.stage(name).placement.group
         return f"group {group} (gamecopilot stage {group}, with the same -c and -i)"
 
     async def _wait_notices(self) -> None:
         """A group started by hand says, in a line per producer, what it waits for: a producer
         that ended before this group started (its notes), or one that has sent nothing for a while."""
-        mine = {s.name for s in self.cfg.stages_in(self.group)}
         subs: dict[str, list[Subscriber]] = {}
         for sub in self.subscribers:
-            if self._producer_name(sub.spec.name) not in mine:
+            if self._producer_group(sub.spec.name) != self.group:
                 subs.setdefault(sub.spec.name, []).append(sub)
         ended: dict[str, list[str]] = {}  # producer hint -> links it ended
         when: dict[str, str] = {}
@@ -267,6 +265,11 @@ class GroupRunner:
                 next_metrics = loop.time() + sup.metrics_interval_s
             await asyncio.sleep(sup.heartbeat_s)
 
+    @property
+    def lost_inputs(self) -> list[str]:
+        """Input links that ended without this group taking their end of stream (see ``inputs_ended``)."""
+        return sorted({link for r in self.runners for link in r.lost_inputs})
+
     def inputs_ended(self, links: Any) -> None:
         """Their producers have finished: a consumer still waiting on one (this group was
         restarted after the end of stream went out) reads what is queued, then ends."""
@@ -319,8 +322,7 @@ class GroupRunner:
             await self._wait_tasks(tasks)
             self._mark_ended()
             self._push_metrics()
-            lost = sorted({link for r in self.runners for link in r.lost_inputs})
-            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": lost, "signal": self.stop_signal}
+            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": self.lost_inputs, "signal": self.stop_signal}
             await self._send_ctrl("done", msgspec.to_builtins(detail))
         except Exception as exc:
             # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
@@ -417,7 +419,7 @@ def _links(names: list[str]) -> str:
 
 def describe_failure(exc: BaseException) -> str:
     """A failure in one line: a UsageError's own message, else the exception's type and first line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc, "")
     return text if isinstance(exc, UsageError) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 

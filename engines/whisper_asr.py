@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from copilot.errors import UsageError
+from copilot.errors import UsageError, first_line
 
 SAMPLE_RATE = 16_000
 PACKAGE_PREFIX = "package:"
@@ -82,8 +82,7 @@ class WhisperAsr:
         except (RuntimeError, ValueError, OSError) as exc:
             # a model that does not load (a corrupt or foreign model.bin, missing tokenizer files)
             # fails the same way at every try: the user's input, not something a restart mends
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot load the ASR model in {self.model_path} on {device}: {first}") from exc
+            raise UsageError(f"cannot load the ASR model in {self.model_path} on {device}: {first_line(exc)}") from exc
         multilingual = bool(getattr(self.model.model, "is_multilingual", True))
         self.language = language or (None if multilingual else "en")
         self.beam_size = beam_size

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
-from copilot.errors import UsageError
+from copilot.errors import UsageError, first_line
 from copilot.messages import AudioChunk, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source
@@ -96,12 +96,7 @@ def probe_media(path: str | Path) -> MediaInfo:
     except UsageError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:  # type: ignore[attr-defined]
-        raise UsageError(f"{p}: not a readable media file ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise UsageError(f"{p}: not a readable media file ({first_line(exc)})") from exc
 
 
 def resampled_samples(resampler: Any, frame: Any) -> np.ndarray | None:
@@ -179,7 +174,7 @@ class _Decoder(threading.Thread):
                     if not self._put(item):
                         return
         except Exception as exc:  # reported to the stage and logged once
-            self.error = _first_line(exc)
+            self.error = first_line(exc)
         finally:
             self._put(None)
 
@@ -194,7 +189,7 @@ class _Decoder(threading.Thread):
                 frames = packet.decode()
             except av.error.FFmpegError as exc:  # type: ignore[attr-defined]  # (AAC says EPERM on garbage)
                 self.skipped += 1
-                self.skip_error = self.skip_error or _first_line(exc)
+                self.skip_error = self.skip_error or first_line(exc)
                 continue
             yield from frames
 

@@ -398,8 +398,7 @@ def test_a_stage_process_whose_inputs_were_lost_exits_1(atari_clip: Path, tmp_pa
     from copilot.messages import Metrics
 
     async def fake_run_group(cfg: Any, group: str, opts: Any, on_ready: Any = None) -> Any:
-        runner = SimpleNamespace(lost_inputs=["features"])
-        return SimpleNamespace(stop_signal=None, runners=[runner, SimpleNamespace(lost_inputs=[])],
+        return SimpleNamespace(stop_signal=None, lost_inputs=["features"],
                                metrics_snapshot=lambda: Metrics(group=group, stages=[]))
 
     monkeypatch.setattr("copilot.group.run_group", fake_run_group)
