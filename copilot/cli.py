@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before/after a critical moment in which a wake counts (default 4,1.5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("keys", help="make the CurveZMQ keypair for a pipeline spread over several hosts",
+                       description="Write DIR/copilot.key (public) and DIR/copilot.key_secret (mode 600). Copy DIR "
+                                   "to every host and set curve_keys: DIR/copilot.key_secret in the pipeline YAML: "
+                                   "its tcp:// sockets are then encrypted, let in only holders of the key, and may "
+                                   "bind addresses other than loopback.")
+    p.add_argument("dir", help="directory to write the keypair in (made if missing)")
+
     p = sub.add_parser("dataset", help="make recordings with ground truth")
     dsub = p.add_subparsers(dest="dataset", metavar="SOURCE")
     d = dsub.add_parser("atari", help="play an Atari game (ale-py ROMs) and write MP4 + truth JSONL")
@@ -229,7 +236,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
         handler: Callable[[argparse.Namespace], int] = getattr(commands, f"cmd_{cmd}")
         return handler(args)
-    if cmd in ("annotate", "eval", "dataset"):
+    if cmd in ("annotate", "eval", "dataset", "keys"):
         from copilot import commands
 
         return getattr(commands, f"cmd_{cmd}")(args)  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from copilot.config import default_config_path, load_yaml, parse_pipeline
+from copilot.config import default_config_path, load_yaml, parse_pipeline, with_absolute_paths
 from copilot.errors import UsageError, check_writable, write_output
 from copilot.group import RunOptions
 from copilot.registry import resolve_stage
@@ -183,7 +183,7 @@ def prepare_run(
     or None when unknown).
     """
     path = Path(config) if config else default_config_path()
-    data = load_yaml(path)
+    data = with_absolute_paths(load_yaml(path), path)
     if source is not None:
         data = swap_source(data, str(path), *source)
     cfg = parse_pipeline(data, str(path))
@@ -354,6 +354,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_files(args.pred, args.truth, tolerance=args.tolerance, critical_window=args.critical_window)
     print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from copilot.curve import generate_keys
+
+    try:
+        public, secret = generate_keys(args.dir)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the keypair in {args.dir}: {exc.strerror or exc}") from None
+    print(f"wrote {public} (public) and {secret} (secret, mode 600)")
+    print(f"copy {args.dir} to every host and set in the pipeline YAML:  curve_keys: {secret}")
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from copilot.curve import CurveKeys, is_tcp, load_keys
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, check_bind_endpoint, check_ipc_endpoint
 from copilot.registry import resolve_stage
@@ -68,6 +69,9 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     links: dict[str, LinkConfig] = {}
     stages: list[StageConfig]
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    # the secret key file of ``gamecopilot keys`` (relative to the config file): with it, tcp://
+    # sockets use CurveZMQ and may bind addresses other than loopback (copilot.curve)
+    curve_keys: str | None = None
 
     # -- derived views ----------------------------------------------------------------------
     def groups(self) -> list[str]:
@@ -182,19 +186,40 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
                              "(give it an endpoint if something outside the pipeline does)")
         if endpoint:
             try:
-                check_bind_endpoint(endpoint)
+                check_bind_endpoint(endpoint, curve=cfg.curve_keys is not None)
             except ValueError as exc:
                 raise UsageError(f"{source}: links.{link}.endpoint: {exc}") from exc
     for key in ("control_endpoint", "metrics_endpoint"):  # the supervisor binds these
         endpoint = getattr(cfg.supervisor, key)
         if endpoint:
             try:
-                check_bind_endpoint(endpoint)
+                check_bind_endpoint(endpoint, curve=cfg.curve_keys is not None)
             except ValueError as exc:
                 raise UsageError(f"{source}: supervisor.{key}: {exc}") from exc
     _check_cycles(cfg, source)
     _check_hosts(cfg, source)
+    curve_keys(cfg, source)  # (a missing or broken key file: said now, not by each group)
     return cfg
+
+
+def curve_keys(cfg: PipelineConfig, source: str = "<config>") -> CurveKeys | None:
+    """The pipeline's CurveZMQ keypair, or None without ``curve_keys``."""
+    if cfg.curve_keys is None:
+        return None
+    try:
+        return load_keys(cfg.curve_keys)
+    except ValueError as exc:
+        raise UsageError(f"{source}: curve_keys: {exc}") from None
+
+
+def with_absolute_paths(data: Any, path: str | os.PathLike[str]) -> Any:
+    """``data`` with a relative ``curve_keys`` made relative to the config file's directory (the
+    groups, spawned or started on other hosts, may run elsewhere)."""
+    if isinstance(data, dict) and isinstance(data.get("curve_keys"), str):
+        keys = Path(data["curve_keys"]).expanduser()
+        if not keys.is_absolute():
+            return {**data, "curve_keys": str(Path(path).resolve().parent / keys)}
+    return data
 
 
 def _check_cycles(cfg: PipelineConfig, source: str) -> None:
@@ -254,12 +279,13 @@ def _check_hosts(cfg: PipelineConfig, source: str) -> None:
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
-    return parse_pipeline(load_yaml(path), str(path))
+    return parse_pipeline(with_absolute_paths(load_yaml(path), path), str(path))
 
 
 def link_specs(cfg: PipelineConfig, *, run_dir: str | None) -> dict[str, LinkSpec]:
     """Resolve endpoints: explicit ones stay; others are ``ipc://`` in ``run_dir`` or inproc."""
     out = {}
+    keys = curve_keys(cfg)
     for name, lc in cfg.links.items():
         if lc.endpoint:
             endpoint = lc.endpoint
@@ -278,6 +304,7 @@ def link_specs(cfg: PipelineConfig, *, run_dir: str | None) -> dict[str, LinkSpe
             hwm=lc.hwm,
             max_age_ms=lc.max_age_ms,
             block_ms=lc.block_ms,
+            curve=keys if is_tcp(endpoint) else None,
         )
     return out
 

@@ -36,7 +36,8 @@ import zmq
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
-from copilot.config import PipelineConfig, link_specs, parse_pipeline
+from copilot.config import PipelineConfig, curve_keys, link_specs, parse_pipeline
+from copilot.curve import secure_client
 from copilot.errors import UsageError, first_line
 from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
@@ -127,17 +128,19 @@ class GroupRunner:
             ]
             self.subscribers.extend(subs)
             self.runners.append(StageRunner(cls(ctx, params), subs))
-        _, actx = contexts()
+        sync, actx = contexts()
+        keys = curve_keys(self.cfg)
         if self.opts.control_endpoint:
             self._ctrl = actx.socket(zmq.DEALER)
             self._ctrl.setsockopt(zmq.LINGER, 500)
             self._ctrl.setsockopt(zmq.IDENTITY, f"{self.group}#{self.opts.incarnation}".encode())
+            secure_client(self._ctrl, keys, self.opts.control_endpoint)
             self._ctrl.connect(self.opts.control_endpoint)
         if self.opts.metrics_endpoint:
-            sync, _ = contexts()
             self._metrics = sync.socket(zmq.PUSH)
             self._metrics.setsockopt(zmq.LINGER, 500)
             self._metrics.setsockopt(zmq.SNDHWM, 8)
+            secure_client(self._metrics, keys, self.opts.metrics_endpoint)
             self._metrics.connect(self.opts.metrics_endpoint)
         del sup
         for link in self.publishers:  # a producer (again): an earlier run's end is no longer news

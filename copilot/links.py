@@ -36,6 +36,7 @@ import zmq.asyncio
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
+from copilot.curve import CurveKeys, secure_client, secure_server
 from copilot.messages import Envelope
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class LinkSpec:
     hwm: int = 64
     max_age_ms: float | None = None
     block_ms: float | None = 2000.0
+    # the pipeline's CurveZMQ keypair: set on tcp:// links when the pipeline has curve_keys
+    curve: CurveKeys | None = None
 
 
 @dataclass
@@ -97,7 +100,8 @@ def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
     host = urlparse(endpoint.replace("tcp://", "tcp://", 1)).hostname or ""
     if host not in LOOPBACK_HOSTS and not curve:
         raise ValueError(
-            f"refusing to bind {endpoint}: only loopback is allowed without CurveZMQ keys"
+            f"refusing to bind {endpoint}: only loopback is allowed without CurveZMQ keys "
+            "(make a keypair with gamecopilot keys DIR and set curve_keys: DIR/copilot.key_secret)"
         )
 
 
@@ -151,7 +155,8 @@ class Publisher:
         if ordered:
             sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.SNDHWM, max(1, spec.hwm))
-        check_bind_endpoint(spec.endpoint)
+        check_bind_endpoint(spec.endpoint, curve=spec.curve is not None)
+        secure_server(sock, spec.curve, spec.endpoint)
         prepare_ipc(spec.endpoint)
         sock.bind(spec.endpoint)
         self._sock = sock
@@ -331,6 +336,7 @@ class Subscriber:
         hwm = spec.hwm if (spec.policy == "ordered" or lossless) else max(1, spec.hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        secure_client(sock, spec.curve, spec.endpoint)
         sock.connect(spec.endpoint)
         self._sock = sock
         self._sync = sock

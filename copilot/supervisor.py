@@ -27,7 +27,8 @@ import zmq
 
 from copilot.clock import SYSTEM_CLOCK
 from copilot.codec import Codec, CodecError
-from copilot.config import PipelineConfig, is_local_host, link_specs
+from copilot.config import PipelineConfig, curve_keys, is_local_host, link_specs
+from copilot.curve import secure_server
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
 from copilot.links import check_ipc_endpoint, contexts, prepare_ipc
@@ -316,11 +317,14 @@ class Supervisor:
         link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir)  # (a link's path too long: refused here)
         prepare_ipc(self._control_ep)
         prepare_ipc(self._metrics_ep)
+        keys = curve_keys(self.cfg, self.source)
         self._ctrl = sync.socket(zmq.ROUTER)
         self._ctrl.setsockopt(zmq.LINGER, 0)
+        secure_server(self._ctrl, keys, self._control_ep)
         self._ctrl.bind(self._control_ep)
         self._metrics_sock = sync.socket(zmq.PULL)
         self._metrics_sock.setsockopt(zmq.LINGER, 0)
+        secure_server(self._metrics_sock, keys, self._metrics_ep)
         self._metrics_sock.bind(self._metrics_ep)
         self._started = False
         self._pending_start: set[str] = set()

@@ -554,16 +554,23 @@ def _is_helper(pid: int) -> bool:
 
 
 def _is_helper_thread(t: threading.Thread) -> bool:
-    # pyzmq's zero-copy garbage collector: one per process, started on the first big send
-    return type(t).__name__ == "GarbageCollectorThread" and type(t).__module__.startswith("zmq.")
+    # pyzmq's zero-copy garbage collector: one per process, started on the first big send; and
+    # the CurveZMQ handler (copilot.curve), one per process, started by the first secured bind
+    name = type(t).__name__
+    name = type(t).__name__
+    return name in ("GarbageCollectorThread", "AuthenticationThread") and type(t).__module__.startswith("zmq.")
 
 
 def open_zmq_sockets() -> list[Any]:
-    """Sockets of this process's shared ZeroMQ context that are not closed."""
+    """Sockets of this process's shared ZeroMQ context that are not closed (but the CurveZMQ
+    handler's, which live as long as the process)."""
+    from copilot.curve import helper_sockets
+
+    helpers = helper_sockets()
     out = []
     for ctx in contexts():
         for s in list(getattr(ctx, "_sockets", ())):
-            if not s.closed:
+            if not s.closed and id(s) not in helpers:
                 out.append(s)
     return out
 
