@@ -43,6 +43,7 @@ from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
 from copilot.registry import resolve_stage
 from copilot.stage import Source, StageContext, StageRunner
+from copilot.worker import abandoned_calls
 
 log = logging.getLogger(__name__)
 
@@ -449,11 +450,12 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         loop.add_signal_handler(signal.SIGTERM, runner.stop_on_signal, signal.SIGTERM)
         await runner.run()
 
+    code = 0
     try:
         asyncio.run(main())
     except UsageError:
         # Already reported to the supervisor, which prints it once: no traceback here.
-        sys.exit(2)
+        code = 2
     except Exception as exc:
         # A crash is restarted by the supervisor, which logs each one in a line: a traceback per
         # restart buried that (it is still there with -v).  One that came before the run could
@@ -461,4 +463,12 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         log.debug("group %s crashed", group, exc_info=True)
         if not (runners and runners[0].error_reported):
             log.error("group %s failed: %s", group, describe_failure(exc))
-        sys.exit(1)
+        code = 1
+    if abandoned_calls():
+        # A stage's worker is still inside a call a stop cut short (a model load, in native
+        # code): interpreter teardown around it could crash.  Everything is closed and reported.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

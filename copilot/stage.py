@@ -32,7 +32,6 @@ Consumers see heartbeats in :meth:`Stage.on_progress`, never in ``process``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.links import ProducerGone, Publisher, Subscriber
 from copilot.messages import Control, Envelope, Payload, TraceStamp
 from copilot.metrics import StageRecorder
+from copilot.worker import StageWorker
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -93,7 +93,7 @@ class Stage:
         self.clock = ctx.clock
         self.log = logging.getLogger(f"stage.{self.name}")
         self.recorder = StageRecorder(self.name, ctx.clock.now_ns())
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: StageWorker | None = None
         self._t_in_ns = 0
         self._prev_out_ns: int | None = None
         self._seq = 0
@@ -159,14 +159,19 @@ class Stage:
                 await pub.send(env)
 
     async def run_blocking(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run blocking work on this stage's worker thread, off the event loop."""
+        """Run blocking work on this stage's worker thread, off the event loop (one call at a
+        time, in order)."""
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
+            self._executor = StageWorker(self.name)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def shutdown_executor(self) -> None:
+        """End the worker thread once the stage is closed.  A call still running (a model load
+        a stop cut short) is left to finish on its own: waiting for it here would block the
+        event loop, and with it the group's heartbeats and its stop, for as long as it takes."""
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            if self._executor.stop():
+                self.log.info("stopped with a blocking call still running (it is left behind)")
             self._executor = None
 
 

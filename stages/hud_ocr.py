@@ -32,7 +32,6 @@ once for every frame.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import re
 import time
@@ -47,6 +46,7 @@ from copilot.messages import PRIORITIES, Envelope, Features, VideoFrame
 from copilot.profile import OcrField, Profile, Region, profile_from_options
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
+from copilot.worker import StageWorker
 
 FieldType = Literal["int", "float", "percent", "fraction", "text"]
 
@@ -242,7 +242,7 @@ class HudOcrStage(Stage):
         self._field_values: dict[str, dict[str, float]] = {}
         self._field_text: dict[str, str] = {}
         self._emitted: tuple[Any, ...] | None = None
-        self._kw_exec: concurrent.futures.ThreadPoolExecutor | None = None
+        self._kw_exec: StageWorker | None = None  # keyword spotting's own thread, beside the regions' one
         self._kw_task: asyncio.Task[None] | None = None
         self._kw_next = -float("inf")
         self._kw_seen: set[str] = set()
@@ -271,7 +271,7 @@ class HudOcrStage(Stage):
         if self._keywords:
             from engines.ocr import FullFrameOcr
 
-            self._kw_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-kw")
+            self._kw_exec = StageWorker(f"{self.name}-kw")
             loop = asyncio.get_running_loop()
             self._full = await loop.run_in_executor(
                 self._kw_exec,
@@ -304,7 +304,7 @@ class HudOcrStage(Stage):
             self._kw_task.cancel()
             await asyncio.gather(self._kw_task, return_exceptions=True)
         if self._kw_exec is not None:
-            self._kw_exec.shutdown(wait=True, cancel_futures=True)
+            self._kw_exec.stop()
             self._kw_exec = None
 
     # -- HUD fields --------------------------------------------------------------------------

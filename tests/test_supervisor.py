@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 
@@ -458,6 +459,59 @@ def test_ctrl_c_while_the_groups_start_stops_at_once_without_tracebacks(atari_cl
     if metrics.exists():
         report = json.loads(metrics.read_text())
         assert report["interrupted"] is True and report["media_s"] < 5, report
+
+
+class SlowToLoadParams(msgspec.Struct, forbid_unknown_fields=True):
+    marker: str
+
+
+class SlowToLoad(Stage):
+    """Loads a "model" for a minute on its worker thread; ``marker`` is written when it begins."""
+
+    Params = SlowToLoadParams
+
+    async def start(self) -> None:
+        Path(self.params.marker).touch()  # type: ignore[attr-defined]
+        await self.run_blocking(time.sleep, 60.0)
+
+    async def process(self, msg: Any) -> None:  # pragma: no cover - never reached
+        pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load(atari_clip: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The group's stop used to wait for the worker thread (the load) with the event loop
+    blocked, so the supervisor ran out its 5 s stop timeout and terminated the group."""
+    import yaml
+
+    marker = tmp_path / "loading"
+    data = two_groups(tmp_path / "sink.jsonl")
+    data["stages"][1] = {"name": "model", "kind": "tests.test_supervisor:SlowToLoad",
+                         "params": {"marker": str(marker)}, "inputs": ["audio"], "placement": {"group": "work"}}
+    data["stages"][2]["inputs"] = ["frames"]
+    del data["links"]["loud"]
+    config = tmp_path / "slow.yaml"
+    config.write_text(yaml.safe_dump(data))
+    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "-q", "--config", str(config)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        kids = wait_for_children(proc, 2)
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), "the slow stage never started loading"
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 130, (proc.returncode, text)
+    assert "did not stop within" not in text, text  # the loading group stopped by itself
+    assert "Traceback" not in text, text
+    assert not [p for p in kids if pid_alive(p)]  # the load thread did not keep its process alive
 
 
 class AlwaysFailing(Stage):
