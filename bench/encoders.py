@@ -40,6 +40,7 @@ import numpy as np
 
 from copilot.args import OneLineParser
 from copilot.clock import SYSTEM_CLOCK
+from copilot.errors import first_line
 from copilot.links import DropCounter
 from copilot.messages import AudioChunk, Envelope, Payload, VideoFrame
 from copilot.stage import StageContext
@@ -273,7 +274,7 @@ def run_bench(
                     paced=enc.paced))
                 r.count, r.latency_ms, r.emitted, r.extra_ms = len(lat), _summary(lat), emitted, extras
             except Exception as exc:  # a kind that is not importable, or fails, is reported, not fatal
-                r.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                r.skipped = f"{type(exc).__name__}: {first_line(exc, '')}"
             results.append(r)
 
         for size in RESOLUTIONS:

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from copilot.errors import first_line
 from copilot.messages import KIND_OF, WIRE_VERSION, Envelope
 
 # dtype kinds allowed on the wire: bool, signed/unsigned int, float.  Never object arrays.
@@ -113,7 +114,7 @@ class Codec:
         except CodecError:
             raise
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
-            raise CodecError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+            raise CodecError(first_line(exc)) from exc
         finally:
             self._in = ()
         if env.v != WIRE_VERSION:

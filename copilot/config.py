@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from copilot.curve import CurveKeys, is_tcp, load_keys
-from copilot.errors import UsageError
+from copilot.errors import UsageError, first_line
 from copilot.links import LinkSpec, check_bind_endpoint, check_ipc_endpoint
 from copilot.registry import resolve_stage
 
@@ -109,7 +109,7 @@ _REWORDS = (
 
 def msgspec_error(path: str, exc: msgspec.ValidationError, prefix: str = "") -> UsageError:
     """One line naming the file, the key (a dotted path) and what was expected."""
-    text = str(exc).splitlines()[0] if str(exc) else "invalid value"
+    text = first_line(exc, "invalid value")
     where = ""
     if " - at `" in text:
         text, where = text.split(" - at `", 1)
@@ -129,7 +129,7 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"{p}: not valid YAML ({first})") from exc
     if data is None:
         raise UsageError(f"{p}: config file is empty")

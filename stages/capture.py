@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 from copilot.clock import Clock
-from copilot.errors import UsageError
+from copilot.errors import UsageError, first_line
 from copilot.messages import AudioChunk, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source
@@ -170,7 +170,7 @@ class _AudioReader(threading.Thread):
                     self.loop.call_soon_threadsafe(self._deliver, (self.frames_read, data, arrival_ns))
                     self.frames_read += data.shape[0]
         except Exception as exc:
-            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.error = first_line(exc)
 
 
 def _check_audio_device(name: str) -> None:
