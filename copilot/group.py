@@ -103,6 +103,21 @@ class GroupRunner:
         self.on_ready: Callable[[], None] | None = None  # called when every stage has started (may raise)
 
     def build(self) -> None:
+        # the supervisor's sockets first: a link that cannot bind is then reported to it
+        sync, actx = contexts()
+        keys = curve_keys(self.cfg)
+        if self.opts.control_endpoint:
+            self._ctrl = actx.socket(zmq.DEALER)
+            self._ctrl.setsockopt(zmq.LINGER, 500)
+            self._ctrl.setsockopt(zmq.IDENTITY, f"{self.group}#{self.opts.incarnation}".encode())
+            secure_client(self._ctrl, keys, self.opts.control_endpoint)
+            self._ctrl.connect(self.opts.control_endpoint)
+        if self.opts.metrics_endpoint:
+            self._metrics = sync.socket(zmq.PUSH)
+            self._metrics.setsockopt(zmq.LINGER, 500)
+            self._metrics.setsockopt(zmq.SNDHWM, 8)
+            secure_client(self._metrics, keys, self.opts.metrics_endpoint)
+            self._metrics.connect(self.opts.metrics_endpoint)
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
         sup = self.cfg.supervisor
         for sc in self.cfg.stages_in(self.group):
@@ -129,20 +144,6 @@ class GroupRunner:
             ]
             self.subscribers.extend(subs)
             self.runners.append(StageRunner(cls(ctx, params), subs))
-        sync, actx = contexts()
-        keys = curve_keys(self.cfg)
-        if self.opts.control_endpoint:
-            self._ctrl = actx.socket(zmq.DEALER)
-            self._ctrl.setsockopt(zmq.LINGER, 500)
-            self._ctrl.setsockopt(zmq.IDENTITY, f"{self.group}#{self.opts.incarnation}".encode())
-            secure_client(self._ctrl, keys, self.opts.control_endpoint)
-            self._ctrl.connect(self.opts.control_endpoint)
-        if self.opts.metrics_endpoint:
-            self._metrics = sync.socket(zmq.PUSH)
-            self._metrics.setsockopt(zmq.LINGER, 500)
-            self._metrics.setsockopt(zmq.SNDHWM, 8)
-            secure_client(self._metrics, keys, self.opts.metrics_endpoint)
-            self._metrics.connect(self.opts.metrics_endpoint)
         del sup
         for link in self.publishers:  # a producer (again): an earlier run's end is no longer news
             marker = self._ended_marker(link)
@@ -295,6 +296,28 @@ class GroupRunner:
         for r in self.runners:
             r.request_stop()
 
+    async def build_or_report(self) -> None:
+        """:meth:`build`, telling the supervisor if it fails (a link that cannot bind: its
+        address is not this host's, or another program holds the port)."""
+        try:
+            self.build()
+        except Exception as exc:
+            await self.report_failure(exc)
+            self.close()
+            raise
+
+    async def report_failure(self, exc: BaseException) -> None:
+        """Tell the supervisor why this group fails, in one line: a UsageError (bad input) is not
+        worth a restart; anything else is restarted with backoff."""
+        if self._ctrl is None:
+            return
+        message = describe_failure(exc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
+            )
+            self.error_reported = True
+
     async def run(self) -> None:
         if not self.runners:
             self.build()
@@ -329,14 +352,7 @@ class GroupRunner:
             detail = {"metrics": self.metrics_snapshot(), "lost_inputs": self.lost_inputs, "signal": self.stop_signal}
             await self._send_ctrl("done", msgspec.to_builtins(detail))
         except Exception as exc:
-            # Tell the supervisor why, in one line: a UsageError (bad input) is not worth a
-            # restart; anything else is restarted with backoff.
-            message = describe_failure(exc)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
-                )
-                self.error_reported = True
+            await self.report_failure(exc)
             raise
         finally:
             for t in [*tasks, *aux]:
@@ -408,7 +424,7 @@ async def run_group(cfg: PipelineConfig, group: str, opts: RunOptions, clock: Cl
                     on_ready: Callable[[], None] | None = None) -> GroupRunner:
     runner = GroupRunner(cfg, group, opts, clock)
     runner.on_ready = on_ready
-    runner.build()
+    await runner.build_or_report()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
@@ -445,7 +461,7 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         runner = GroupRunner(cfg, group, opts)
         runners.append(runner)
         runner.parent_pid = parent
-        runner.build()
+        await runner.build_or_report()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.stop_on_signal, signal.SIGTERM)
         await runner.run()

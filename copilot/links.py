@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import zmq
@@ -37,6 +38,7 @@ import zmq.asyncio
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
 from copilot.curve import CurveKeys, secure_client, secure_server
+from copilot.errors import UsageError
 from copilot.messages import Envelope
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,20 @@ def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
         )
 
 
+def bind(sock: zmq.Socket[Any], endpoint: str, what: str, binder: str = "the link's producer's") -> None:
+    """``sock.bind``, with an address this host cannot take (not one of its own, a port another
+    program holds, a privileged port) reported as bad input in one line instead of a crash the
+    supervisor would restart in vain."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EACCES, errno.EINVAL, errno.ENODEV):
+            hint = f" (a tcp:// endpoint names the host that binds it, {binder})" \
+                if exc.errno == errno.EADDRNOTAVAIL else ""
+            raise UsageError(f"{what}: cannot bind {endpoint}: {os.strerror(exc.errno)}{hint}") from None
+        raise
+
+
 IPC_PATH_MAX = 107  # a Unix socket path: sun_path holds 108 bytes with the final NUL
 
 
@@ -155,10 +171,14 @@ class Publisher:
         if ordered:
             sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.SNDHWM, max(1, spec.hwm))
-        check_bind_endpoint(spec.endpoint, curve=spec.curve is not None)
-        secure_server(sock, spec.curve, spec.endpoint)
-        prepare_ipc(spec.endpoint)
-        sock.bind(spec.endpoint)
+        try:
+            check_bind_endpoint(spec.endpoint, curve=spec.curve is not None)
+            secure_server(sock, spec.curve, spec.endpoint)
+            prepare_ipc(spec.endpoint)
+            bind(sock, spec.endpoint, f"links.{spec.name}")
+        except BaseException:
+            sock.close(linger=0)
+            raise
         self._sock = sock
         self._ordered = ordered
 

@@ -31,7 +31,7 @@ from copilot.config import PipelineConfig, curve_keys, is_local_host, link_specs
 from copilot.curve import secure_server
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
-from copilot.links import check_ipc_endpoint, contexts, prepare_ipc
+from copilot.links import bind, check_ipc_endpoint, contexts, prepare_ipc
 from copilot.messages import Control, Envelope, Metrics, StageMetrics
 
 log = logging.getLogger(__name__)
@@ -321,11 +321,16 @@ class Supervisor:
         self._ctrl = sync.socket(zmq.ROUTER)
         self._ctrl.setsockopt(zmq.LINGER, 0)
         secure_server(self._ctrl, keys, self._control_ep)
-        self._ctrl.bind(self._control_ep)
         self._metrics_sock = sync.socket(zmq.PULL)
         self._metrics_sock.setsockopt(zmq.LINGER, 0)
         secure_server(self._metrics_sock, keys, self._metrics_ep)
-        self._metrics_sock.bind(self._metrics_ep)
+        try:
+            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", "the supervisor's")
+            bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", "the supervisor's")
+        except UsageError:
+            self._ctrl.close()
+            self._metrics_sock.close()
+            raise
         self._started = False
         self._pending_start: set[str] = set()
         self._stop_sent = False

@@ -555,6 +555,42 @@ def test_a_sink_that_cannot_open_its_file_is_bad_input(atari_clip: Path, tmp_pat
     assert result.restarts["work"] == 0
 
 
+def test_a_link_whose_port_is_taken_is_bad_input_not_restarted(atari_clip: Path, tmp_path: Path) -> None:
+    """Another program holds the port of a tcp:// link: the group used to crash at bind and be
+    restarted ten times in vain before the run gave up."""
+    import socket
+
+    data = two_groups(tmp_path / "sink.jsonl")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        data["links"]["audio"]["endpoint"] = f"tcp://127.0.0.1:{port}"
+        cfg = parse_pipeline(data, "taken")
+        sup = Supervisor(cfg, data, "taken", RunOptions(speed=None, lossless=True,
+                                                        stage_overrides={"replay": {"path": str(atari_clip)}}))
+        result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert result.usage_error == f"links.audio: cannot bind tcp://127.0.0.1:{port}: Address already in use"
+    assert sum(result.restarts.values()) == 0
+    assert not result.started
+
+
+def test_a_supervisor_socket_that_cannot_bind_is_bad_input(tmp_path: Path) -> None:
+    import socket
+
+    data = two_groups(tmp_path / "sink.jsonl")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        data["supervisor"]["control_endpoint"] = f"tcp://127.0.0.1:{port}"
+        sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+        with pytest.raises(UsageError, match=f"supervisor.control_endpoint: cannot bind tcp://127.0.0.1:{port}: "
+                                             "Address already in use"):
+            asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert not sup.groups["src"].process  # nothing was started
+
+
 @register_stage("test_bad_input")
 class BadInput(Stage):
     async def start(self) -> None:
