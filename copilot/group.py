@@ -37,10 +37,11 @@ import zmq
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
 from copilot.config import PipelineConfig, curve_keys, link_specs, parse_pipeline
-from copilot.curve import secure_client
+from copilot.curve import is_tcp, secure_client
 from copilot.errors import UsageError, first_line
 from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
+from copilot.reach import ConnectionWatch
 from copilot.registry import resolve_stage
 from copilot.stage import Source, StageContext, StageRunner
 from copilot.worker import abandoned_calls
@@ -94,6 +95,7 @@ class GroupRunner:
         self._stop = asyncio.Event()
         self._start = asyncio.Event()
         self._ctrl: Any = None
+        self._ctrl_watch: ConnectionWatch | None = None
         self._metrics: Any = None
         # Set in a spawned group: when this parent (the supervisor) dies, the group stops
         # instead of running on as an orphan (SIGKILL gives the supervisor no chance to stop it).
@@ -111,6 +113,10 @@ class GroupRunner:
             self._ctrl.setsockopt(zmq.LINGER, 500)
             self._ctrl.setsockopt(zmq.IDENTITY, f"{self.group}#{self.opts.incarnation}".encode())
             secure_client(self._ctrl, keys, self.opts.control_endpoint)
+            if is_tcp(self.opts.control_endpoint):  # a group started by hand on another host
+                self._ctrl_watch = ConnectionWatch(
+                    self._ctrl, self.opts.control_endpoint, "the supervisor", actx, curve=keys is not None,
+                    patience_s=WAIT_NOTICE_S, waiting_hint=" (is the run started on its host? gamecopilot run -c ...)")
             self._ctrl.connect(self.opts.control_endpoint)
         if self.opts.metrics_endpoint:
             self._metrics = sync.socket(zmq.PUSH)
@@ -327,6 +333,9 @@ class GroupRunner:
             if self._ctrl is not None:
                 aux.append(asyncio.create_task(self._control_loop()))
                 aux.append(asyncio.create_task(self._heartbeat_loop()))
+            for watch in [self._ctrl_watch, *(sub.watch for sub in self.subscribers)]:
+                if watch is not None:
+                    aux.append(asyncio.create_task(watch.run()))
             # Every stage starts (models load, files open, a replay decodes ahead) before the group
             # says it is ready: the run's clock starts when all can keep up, and a stage that cannot
             # start (a model that does not load) fails the run before any output file is touched.
@@ -414,6 +423,8 @@ class GroupRunner:
             pub.close()
         for sub in self.subscribers:
             sub.close()
+        if self._ctrl_watch is not None:
+            self._ctrl_watch.close()
         if self._ctrl is not None:
             self._ctrl.close(linger=200)
         if self._metrics is not None:

@@ -37,9 +37,10 @@ import zmq.asyncio
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
-from copilot.curve import CurveKeys, secure_client, secure_server
+from copilot.curve import CurveKeys, is_tcp, secure_client, secure_server
 from copilot.errors import UsageError
 from copilot.messages import Envelope
+from copilot.reach import ConnectionWatch
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,11 @@ class Subscriber:
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         secure_client(sock, spec.curve, spec.endpoint)
+        # across hosts, a handshake that fails (another key file) is said, not retried in silence
+        self.watch: ConnectionWatch | None = None
+        if is_tcp(spec.endpoint):
+            self.watch = ConnectionWatch(sock, spec.endpoint, f"the producer of link {spec.name}", contexts()[1],
+                                         curve=spec.curve is not None)
         sock.connect(spec.endpoint)
         self._sock = sock
         self._sync = sock
@@ -480,4 +486,6 @@ class Subscriber:
     def close(self) -> None:
         # An inproc XPUB learns of a closed consumer only from an explicit unsubscription.
         self.unsubscribe()
+        if self.watch is not None:
+            self.watch.close()
         self._sock.close(linger=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -16,7 +17,7 @@ import yaml
 import zmq
 
 from copilot.config import link_specs, load_pipeline, parse_pipeline
-from copilot.curve import CurveKeys, generate_keys, load_keys
+from copilot.curve import CurveKeys, generate_keys, load_keys, secure_client, secure_server
 from copilot.errors import UsageError
 from copilot.group import RunOptions
 from copilot.links import LinkSpec, Publisher, Subscriber
@@ -226,15 +227,71 @@ def test_a_group_on_another_host_runs_over_curve(remote_keys: str, keys: CurveKe
     try:
         result = asyncio.run(main())
         if remote_keys == "same":
-            assert remote.wait(30) == 0, remote.stderr.read().decode() if remote.stderr else ""
+            remote.wait(30)
     finally:
         remote.kill()
-        remote.wait()
-        if remote.stderr:
-            remote.stderr.close()
+        _, err_bytes = remote.communicate()
+    err = err_bytes.decode(errors="replace")
     if remote_keys == "same":
+        assert remote.returncode == 0, err
         assert not result.failed and not result.interrupted and result.started
         assert lines(tmp_path / "sink.jsonl") > 10
     else:
         assert "gamecopilot stage GROUP" in result.failed["work"]
         assert not result.started and lines(tmp_path / "sink.jsonl") == 0
+        # and the group said why it never reached the supervisor
+        assert (f"no CurveZMQ handshake with the supervisor at {data['supervisor']['control_endpoint']}: "
+                "it holds another key") in err, err
+
+
+@pytest.mark.parametrize("case", ["same", "other", "plain", "public_only", "nobody"])
+def test_a_connection_that_does_not_come_up_says_why(case: str, keys: CurveKeys, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from copilot.links import contexts
+    from copilot.reach import ConnectionWatch
+
+    sync, actx = contexts()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = None
+    if case != "nobody":
+        server = sync.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        secure_server(server, keys, endpoint)
+        server.bind(endpoint)
+    client = sync.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    mine = {"same": keys, "other": other_keys(tmp_path), "plain": None, "nobody": keys}.get(case)
+    if case == "public_only":
+        pub, sec = zmq.curve_keypair()
+        client.setsockopt(zmq.CURVE_SERVERKEY, keys.public)
+        client.setsockopt(zmq.CURVE_PUBLICKEY, pub)
+        client.setsockopt(zmq.CURVE_SECRETKEY, sec)
+    else:
+        secure_client(client, mine, endpoint)
+    watch = ConnectionWatch(client, endpoint, "the test server", actx, curve=case != "plain", patience_s=1.0)
+    client.connect(endpoint)
+
+    async def main() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.run(), 3.0)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="copilot.reach"):
+            asyncio.run(main())
+    finally:
+        watch.close()
+        client.close()
+        if server is not None:
+            server.close()
+    expected = {
+        "same": None,
+        "other": "no CurveZMQ handshake with the test server at {ep}: it holds another key",
+        "plain": "the test server at {ep} speaks another security mechanism: it has curve_keys and this host has not",
+        "public_only": "the test server at {ep} refused this host's CurveZMQ key",
+        "nobody": "nothing answers at {ep} (the test server) after 1 s; still trying",
+    }[case]
+    if expected is None:
+        assert watch.connected and not watch.said
+    else:
+        assert not watch.connected
+        assert any(said.startswith(expected.format(ep=endpoint)) for said in watch.said), watch.said
