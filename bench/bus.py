@@ -1,6 +1,7 @@
 """``gamecopilot bench bus``: one hop of a 720p RGB frame, our links against raw pyzmq.
 
-For each transport (inproc, ipc, tcp on loopback) the same frame crosses one link many
+For each transport (inproc, ipc, tcp on loopback, and tcp with CurveZMQ as a pipeline across
+hosts uses it: encrypted, with the ZAP check at connect) the same frame crosses one link many
 times, one message in flight at a time, so what is measured is the hop's latency, not
 queueing.  "ours" is the full path a stage pays: :class:`copilot.links.Publisher` encodes an
 :class:`~copilot.messages.Envelope` (msgpack header + the image as its own frame,
@@ -29,12 +30,13 @@ import zmq
 import zmq.asyncio
 
 from bench.output import check_output_path, emit_result
+from copilot.curve import CurveKeys, secure_client, secure_server
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber, contexts
 from copilot.messages import Envelope, VideoFrame
 
 FRAME_SHAPE = (720, 1280, 3)
-TRANSPORTS = ("inproc", "ipc", "tcp")
+TRANSPORTS = ("inproc", "ipc", "tcp", "tcp+curve")
 WARMUP = 20
 ROUNDS = 10
 HOP_TIMEOUT_S = 5.0
@@ -44,6 +46,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _keys(transport: str) -> CurveKeys | None:
+    """A throwaway keypair for ``tcp+curve`` (the same code paths as ``curve_keys``)."""
+    if transport != "tcp+curve":
+        return None
+    public, secret = zmq.curve_keypair()
+    return CurveKeys(public=public, secret=secret)
 
 
 def _endpoint(transport: str, tmp: str, name: str) -> str:
@@ -57,14 +67,16 @@ def _endpoint(transport: str, tmp: str, name: str) -> str:
 class _Raw:
     """Plain pyzmq PUB/SUB, zero-copy, the baseline."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys: CurveKeys | None = None) -> None:
         ctx, _ = contexts()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        secure_server(self.pub, keys, endpoint)
         self.pub.bind(endpoint)
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        secure_client(self.sub, keys, endpoint)
         self.sub.connect(endpoint)
         self.header = np.array([0], dtype=np.int64)
 
@@ -104,8 +116,8 @@ class _Ours:
     one-in-flight loop does; the receiver would then wait for ever for the lost frame.
     """
 
-    def __init__(self, endpoint: str) -> None:
-        spec = LinkSpec(name="bench", endpoint=endpoint, policy="ordered", hwm=64, block_ms=None)
+    def __init__(self, endpoint: str, keys: CurveKeys | None = None) -> None:
+        spec = LinkSpec(name="bench", endpoint=endpoint, policy="ordered", hwm=64, block_ms=None, curve=keys)
         self.pub = Publisher(spec)
         self.sub = Subscriber(spec)
 
@@ -137,8 +149,9 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 async def _bench_transport(transport: str, frames: int, tmp: str) -> dict[str, dict[str, float]]:
     image = np.random.default_rng(0).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
-    raw = _Raw(_endpoint(transport, tmp, "raw"))
-    ours = _Ours(_endpoint(transport, tmp, "ours"))
+    keys = _keys(transport)
+    raw = _Raw(_endpoint(transport, tmp, "raw"), keys)
+    ours = _Ours(_endpoint(transport, tmp, "ours"), keys)
     try:
         raw.connect()
         await ours.connect()

@@ -192,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: bus, pipeline, encoders, atari")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
-    b = bsub.add_parser("bus", help="one hop of a 720p frame over inproc/ipc/tcp: our links vs raw pyzmq")
+    b = bsub.add_parser("bus", help="one hop of a 720p frame over inproc/ipc/tcp/tcp+curve: our links vs raw pyzmq")
     b.add_argument("--frames", type=int, default=300, help="frames per transport (default 300)")
-    b.add_argument("--transports", default="inproc,ipc,tcp")
+    b.add_argument("--transports", default="inproc,ipc,tcp,tcp+curve",
+                   help="comma-separated, from inproc, ipc, tcp, tcp+curve (default: all)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     b.add_argument("-o", "--output", help="also write the JSON here")
     b = bsub.add_parser("pipeline", help="run a pipeline over a file at max speed and report per stage")
