@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -19,11 +18,17 @@ import zmq
 from copilot.config import link_specs, load_pipeline, parse_pipeline
 from copilot.curve import CurveKeys, generate_keys, load_keys, secure_client, secure_server
 from copilot.errors import UsageError
-from copilot.group import RunOptions
 from copilot.links import LinkSpec, Publisher, Subscriber
-from copilot.supervisor import Supervisor
 from tests.test_links import eos, feature
-from tests.test_supervisor import ROOT, free_port, lines, two_groups, with_remote_work_group
+from tests.test_supervisor import (
+    ROOT,
+    free_port,
+    lines,
+    start_remote_work,
+    supervise,
+    two_groups,
+    with_remote_work_group,
+)
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
@@ -202,30 +207,11 @@ def test_a_group_on_another_host_runs_over_curve(remote_keys: str, keys: CurveKe
     data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
     data["supervisor"]["ready_timeout_s"] = 6.0
     data["curve_keys"] = keys.path
-    path = tmp_path / "remote.yaml"
-    path.write_text(yaml.safe_dump(data))
-    remote_path = path
-    if remote_keys == "other":
-        remote_path = tmp_path / "remote-other.yaml"
-        remote_path.write_text(yaml.safe_dump({**data, "curve_keys": other_keys(tmp_path).path}))
-    cfg = parse_pipeline(data, str(path))
-    opts = RunOptions(speed=None, stage_overrides={"replay": {"path": str(atari_clip)}})
-    sup = Supervisor(cfg, data, str(path), opts)
-    remote = subprocess.Popen([sys.executable, "-m", "copilot", "stage", "work", "-c", str(remote_path), "-i",
-                               str(atari_clip), "-q"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ, TMPDIR=str(tmp_path)))
-
-    async def main() -> Any:
-        run = asyncio.create_task(sup.run())
-        try:
-            return await asyncio.wait_for(asyncio.shield(run), 90)
-        finally:
-            if not run.done():
-                sup.request_stop()
-                await asyncio.wait_for(run, 30)
+    remote_config = {**data, "curve_keys": other_keys(tmp_path).path} if remote_keys == "other" else None
+    sup, remote = start_remote_work(data, atari_clip, tmp_path, speed=None, remote_config=remote_config)
 
     try:
-        result = asyncio.run(main())
+        result = asyncio.run(supervise(sup, None, 90))
         if remote_keys == "same":
             remote.wait(30)
     finally:

@@ -16,9 +16,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -32,12 +32,13 @@ from copilot.links import contexts
 from copilot.messages import Control, Envelope
 from copilot.registry import register_stage
 from copilot.stage import Stage
-from copilot.supervisor import Supervisor
+from copilot.supervisor import RunResult, Supervisor
 from copilot.testing import descendants, pid_alive
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def two_groups(sink_path: Path) -> dict[str, Any]:
@@ -185,6 +186,41 @@ def with_remote_work_group(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+async def supervise(sup: Supervisor, meanwhile: Callable[[], Awaitable[None]] | None, timeout_s: float) -> RunResult:
+    """Run ``sup``; await ``meanwhile`` beside it, then the run's end (at most ``timeout_s``).
+    A run still going when that fails is stopped, so no test leaves one behind."""
+    run = asyncio.create_task(sup.run())
+    try:
+        if meanwhile is not None:
+            await meanwhile()
+        return await asyncio.wait_for(asyncio.shield(run), timeout_s)
+    finally:
+        if not run.done():
+            sup.request_stop()
+            await asyncio.wait_for(run, 30)
+
+
+def start_remote_work(data: dict[str, Any], clip: Path, tmp_path: Path, *, speed: float | None,
+                      remote_config: dict[str, Any] | None = None) -> tuple[Supervisor, subprocess.Popen[bytes]]:
+    """The supervisor of ``data`` (to run), and its ``work`` group started by hand as on another
+    host (``gamecopilot stage``, with ``remote_config`` if given: that host's copy of the file).
+    The group's stderr is piped."""
+    import yaml
+
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(data))
+    remote_path = path
+    if remote_config is not None:
+        remote_path = tmp_path / "remote-host.yaml"
+        remote_path.write_text(yaml.safe_dump(remote_config))
+    opts = RunOptions(speed=speed, stage_overrides={"replay": {"path": str(clip)}})
+    sup = Supervisor(parse_pipeline(data, str(path)), data, str(path), opts)
+    remote = subprocess.Popen([sys.executable, "-m", "copilot", "stage", "work", "-c", str(remote_path), "-i",
+                               str(clip), "-q"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=dict(os.environ, TMPDIR=str(tmp_path)))
+    return sup, remote
+
+
 def test_a_ctrl_c_while_a_group_is_spawned_is_delivered_after_it_not_lost(tmp_path: Path) -> None:
     """The child must start with SIGINT out of the way (its imports), but a Ctrl-C meant for the
     supervisor in those milliseconds used to be ignored: the run then played to its end."""
@@ -278,34 +314,18 @@ def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path
 def test_a_group_on_another_host_that_dies_stops_the_run_instead_of_hanging(atari_clip: Path,
                                                                            tmp_path: Path) -> None:
     """It was started by hand (``gamecopilot stage``) and cannot be restarted from here."""
-    import yaml
-
     data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
-    path = tmp_path / "remote.yaml"
-    path.write_text(yaml.safe_dump(data))
-    cfg = parse_pipeline(data, str(path))
-    opts = RunOptions(speed=1.0, stage_overrides={"replay": {"path": str(atari_clip)}})
-    sup = Supervisor(cfg, data, str(path), opts)
-    remote = subprocess.Popen([sys.executable, "-m", "copilot", "stage", "work", "-c", str(path), "-i",
-                               str(atari_clip), "-q"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=dict(os.environ, TMPDIR=str(tmp_path)))
+    sup, remote = start_remote_work(data, atari_clip, tmp_path, speed=1.0)
 
-    async def main() -> Any:
-        run = asyncio.create_task(sup.run())
-        try:
-            await wait_for(lambda: lines(tmp_path / "sink.jsonl") >= 10, 60, "messages through the remote group")
-            remote.kill()
-            return await asyncio.wait_for(asyncio.shield(run), 30)
-        finally:
-            if not run.done():
-                sup.request_stop()
-                await asyncio.wait_for(run, 30)
+    async def then_kill_it() -> None:
+        await wait_for(lambda: lines(tmp_path / "sink.jsonl") >= 10, 60, "messages through the remote group")
+        remote.kill()
 
     try:
-        result = asyncio.run(main())
+        result = asyncio.run(supervise(sup, then_kill_it, 30))
     finally:
         remote.kill()
-        remote.wait()
+        remote.communicate()
     assert set(result.failed) == {"work"}
     assert "no heartbeat" in result.failed["work"]
 
@@ -433,6 +453,21 @@ def test_a_sigterm_to_one_group_stops_the_run_as_a_sigterm(atari_clip: Path, tmp
 
 
 @pytest.mark.slow
+def ctrl_c(args: list[str], when: Callable[[subprocess.Popen[bytes]], T]) -> tuple[int, str, T]:
+    """Run ``args``; once ``when(proc)`` returns, Ctrl-C it as a terminal does (the whole process
+    group).  Returns the exit code, stderr and what ``when`` returned."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        seen = when(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, err.decode(errors="replace"), seen
+
+
 def test_ctrl_c_while_the_groups_start_stops_at_once_without_tracebacks(atari_clip: Path, tmp_path: Path) -> None:
     """A terminal's Ctrl-C goes to the whole process group, the spawned groups included, and can
     come while they are still importing or connecting.  It used to print KeyboardInterrupt
@@ -441,17 +476,9 @@ def test_ctrl_c_while_the_groups_start_stops_at_once_without_tracebacks(atari_cl
     metrics = tmp_path / "m.json"
     args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
             "--metrics-out", str(metrics)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        wait_for_children(proc, 2)  # the default pipeline's groups exist: they are starting now
-        os.killpg(proc.pid, signal.SIGINT)
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    text = err.decode(errors="replace")
-    assert proc.returncode == 130, (proc.returncode, text)
+    # the default pipeline's groups exist: they are starting now
+    code, text, _ = ctrl_c(args, when=lambda proc: wait_for_children(proc, 2))
+    assert code == 130, (code, text)
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "did not stop within" not in text, text  # every group stopped by itself
     # a run stopped before it started writes no metrics (an earlier file of that name stays);
@@ -494,21 +521,16 @@ def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load
     config = tmp_path / "slow.yaml"
     config.write_text(yaml.safe_dump(data))
     args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "-q", "--config", str(config)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
+    def loading(proc: subprocess.Popen[bytes]) -> set[int]:
         kids = wait_for_children(proc, 2)
         deadline = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert marker.exists(), "the slow stage never started loading"
-        os.killpg(proc.pid, signal.SIGINT)
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    text = err.decode(errors="replace")
-    assert proc.returncode == 130, (proc.returncode, text)
+        return kids
+
+    code, text, kids = ctrl_c(args, when=loading)
+    assert code == 130, (code, text)
     assert "did not stop within" not in text, text  # the loading group stopped by itself
     assert "Traceback" not in text, text
     assert not [p for p in kids if pid_alive(p)]  # the load thread did not keep its process alive
