@@ -108,7 +108,7 @@ def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
         )
 
 
-def bind(sock: zmq.Socket[Any], endpoint: str, what: str, binder: str = "the link's producer's") -> None:
+def bind(sock: zmq.Socket[Any], endpoint: str, what: str, binder: str = "the link's producer") -> None:
     """``sock.bind``, with an address this host cannot take (not one of its own, a port another
     program holds, a privileged port) reported as bad input in one line instead of a crash the
     supervisor would restart in vain."""
@@ -116,7 +116,7 @@ def bind(sock: zmq.Socket[Any], endpoint: str, what: str, binder: str = "the lin
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EACCES, errno.EINVAL, errno.ENODEV):
-            hint = f" (a tcp:// endpoint names the host that binds it, {binder})" \
+            hint = f" (it must be an address of the host that binds it: {binder}'s)" \
                 if exc.errno == errno.EADDRNOTAVAIL else ""
             raise UsageError(f"{what}: cannot bind {endpoint}: {os.strerror(exc.errno)}{hint}") from None
         raise

@@ -325,8 +325,8 @@ class Supervisor:
         self._metrics_sock.setsockopt(zmq.LINGER, 0)
         secure_server(self._metrics_sock, keys, self._metrics_ep)
         try:
-            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", "the supervisor's")
-            bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", "the supervisor's")
+            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", "the supervisor")
+            bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", "the supervisor")
         except UsageError:
             self._ctrl.close()
             self._metrics_sock.close()

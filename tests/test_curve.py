@@ -170,8 +170,9 @@ def test_a_non_loopback_bind_needs_curve_keys(keys: CurveKeys, tmp_path: Path) -
 
 def test_an_address_of_another_host_is_one_clear_line(keys: CurveKeys) -> None:
     """With keys a link may bind beyond loopback, but only to an address of this host."""
-    with pytest.raises(UsageError, match=r"^links\.l: cannot bind tcp://203\.0\.113\.7:5999: Cannot assign requested "
-                                         r"address \(a tcp:// endpoint names the host that binds it"):
+    with pytest.raises(UsageError, match=r"^links\.l: cannot bind tcp://203\.0\.113\.7:5999: Cannot assign "
+                                         r"requested address \(it must be an address of the host that binds it: "
+                                         r"the link's producer's\)$"):
         Publisher(_spec("tcp://203.0.113.7:5999", keys))
 
 
