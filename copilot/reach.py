@@ -75,8 +75,9 @@ class ConnectionWatch:
                 try:
                     frames = await asyncio.wait_for(mon.recv_multipart(), timeout)
                 except TimeoutError:
-                    self._say(f"nothing answers at {self.endpoint} ({self.what}) after {self.patience_s:g} s; "
-                              f"still trying{self.waiting_hint}")
+                    if not self.said:  # (something answers, but a failed handshake was said already)
+                        self._say(f"nothing answers at {self.endpoint} ({self.what}) after {self.patience_s:g} s; "
+                                  f"still trying{self.waiting_hint}")
                     deadline = None
                     continue
                 event = int(parse_monitor_message(frames)["event"])
