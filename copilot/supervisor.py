@@ -398,7 +398,8 @@ class Supervisor:
                 elif now > ready_deadline:
                     missing = [g.name for g in self.groups.values() if not g.ready]
                     remote = [g for g in missing if not self.groups[g].local]
-                    hint = (f" (start each on its host: gamecopilot stage GROUP -c {self.source})"
+                    same_keys = ", with the same curve_keys file" if self.cfg.curve_keys else ""
+                    hint = (f" (start each on its host: gamecopilot stage GROUP -c {self.source}{same_keys})"
                             if remote else "")
                     log.error("groups never became ready: %s%s", ", ".join(missing), hint)
                     for name in missing:

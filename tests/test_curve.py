@@ -225,6 +225,7 @@ def test_a_group_on_another_host_runs_over_curve(remote_keys: str, keys: CurveKe
         assert lines(tmp_path / "sink.jsonl") > 10
     else:
         assert "gamecopilot stage GROUP" in result.failed["work"]
+        assert "with the same curve_keys file" in result.failed["work"]
         assert not result.started and lines(tmp_path / "sink.jsonl") == 0
         # and the group said why it never reached the supervisor
         assert (f"no CurveZMQ handshake with the supervisor at {data['supervisor']['control_endpoint']}: "
