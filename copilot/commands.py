@@ -362,12 +362,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     try:
         public, secret = generate_keys(args.dir)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot write the keypair in {args.dir}: {exc.strerror or exc}") from None
     print(f"wrote {public} (public) and {secret} (secret, mode 600)")
-    print(f"copy {args.dir} to every host and set in the pipeline YAML:  curve_keys: {secret}")
+    print(f"copy {args.dir} to every host and set in the pipeline YAML:  curve_keys: {secret.resolve()}")
+    print("(a relative curve_keys is taken from the YAML's directory)")
     return 0
 
 

@@ -72,11 +72,13 @@ def generate_keys(directory: str | os.PathLike[str], name: str = KEY_NAME) -> tu
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (0600) in ``directory``.
 
     Refuses (FileExistsError) to overwrite a keypair: the hosts already given it would no
-    longer be let in.
+    longer be let in.  NotADirectoryError when ``directory`` is a file.
     """
     import zmq.auth
 
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{d} is not a directory")
     public, secret = d / f"{name}.key", d / f"{name}.key_secret"
     for existing in (public, secret):
         if existing.exists():

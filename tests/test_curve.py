@@ -196,6 +196,11 @@ def test_the_keys_command_writes_a_keypair_and_refuses_to_overwrite_it(tmp_path:
     assert again.returncode == 2
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+    (tmp_path / "afile").touch()
+    on_a_file = subprocess.run([*cmd[:-1], str(tmp_path / "afile")], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60)
+    assert (on_a_file.returncode, on_a_file.stderr.strip()) == (
+        2, f"gamecopilot: error: {tmp_path / 'afile'} is not a directory")
 
 
 @pytest.mark.slow
