@@ -420,15 +420,22 @@ def _num(x: Any, fmt: str = ".3f") -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate` result."""
+    from rich.cells import cell_len  # a kind in a wide script takes two columns a character
+
+    width = max([12, *(cell_len(k) + 1 for k in result["per_kind"])])
+
+    def left(text: str) -> str:
+        return text + " " * (width - cell_len(text))
+
     lines = [
-        f"{'kind':<12}{'truth':>7}{'pred':>7}{'tp':>6}{'fp':>6}{'fn':>6}"
+        f"{left('kind')}{'truth':>7}{'pred':>7}{'tp':>6}{'fp':>6}{'fn':>6}"
         f"{'precision':>11}{'recall':>8}{'f1':>8}"
     ]
     for kind, m in result["per_kind"].items():
         if kind == "all":
             lines.append("-" * len(lines[0]))
         lines.append(
-            f"{kind:<12}{m.get('truth', '-'):>7}{m.get('pred', '-'):>7}{m['tp']:>6}"
+            f"{left(kind)}{m.get('truth', '-'):>7}{m.get('pred', '-'):>7}{m['tp']:>6}"
             f"{m['fp']:>6}{m['fn']:>6}{_num(m['precision']):>11}{_num(m['recall']):>8}"
             f"{_num(m['f1']):>8}"
         )

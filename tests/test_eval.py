@@ -224,6 +224,16 @@ def test_report_and_rules() -> None:
     assert format_report(evaluate([], []))  # Nones render too
 
 
+@pytest.mark.parametrize("kind", ["死亡", "a_very_long_truth_kind_name"])
+def test_the_table_stays_aligned_for_wide_and_long_kinds(kind: str) -> None:
+    from rich.cells import cell_len
+
+    truth = [*TRUTH, {"t": 50.0, "kind": kind}]
+    rows = format_report(evaluate(truth, truth)).split("\n\n")[0].splitlines()
+    assert any(row.startswith(kind) for row in rows)
+    assert len({cell_len(row) for row in rows}) == 1, rows  # every row as wide as the header
+
+
 def test_an_empty_truth_file_or_a_bad_footage_length_is_refused(tmp_path: Path) -> None:
     """An empty truth file (a failed recording) used to score a perfect recall; a meta line's
     "seconds" of NaN or -45 gave NaN in --json or 0 wakes a minute for 28 wakes."""
