@@ -485,7 +485,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         stage_options=options,
         wait_for_start=sup.control_endpoint is not None,
     )
-    # outputs are emptied once every stage of the group has started (as execute does for a run)
+    # outputs are emptied once every stage of the group has started (as execute does for a run), or
+    # in a group that only consumes, at its first input: a producer that never comes costs nothing
     runner = asyncio.run(run_group(cfg, args.group, opts, on_ready=lambda: _empty_outputs(to_empty)))
     snap = runner.metrics_snapshot()
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)

@@ -102,7 +102,9 @@ class GroupRunner:
         self.parent_pid: int | None = None
         self.error_reported = False  # the supervisor was told why this group failed
         self.stop_signal: int | None = None  # the signal that stopped it (run_group), for the exit code
-        self.on_ready: Callable[[], None] | None = None  # called when every stage has started (may raise)
+        # called when every stage has started, or in a group without a source of its own at its
+        # first input from another group (may raise)
+        self.on_ready: Callable[[], None] | None = None
 
     def build(self) -> None:
         # the supervisor's sockets first: a link that cannot bind is then reported to it
@@ -302,6 +304,25 @@ class GroupRunner:
         for r in self.runners:
             r.request_stop()
 
+    def _ready_or_at_first_input(self, on_ready: Callable[[], None]) -> None:
+        """Call ``on_ready`` (the CLI empties its output files then) now, or, for a group that
+        only consumes (no source of its own), when the first message comes from another group:
+        one started by hand whose producer never comes must not cost the old outputs."""
+        outside = [sub for sub in self.subscribers if self._producer_group(sub.spec.name) != self.group]
+        if not outside or any(isinstance(r.stage, Source) for r in self.runners):
+            on_ready()
+            return
+        called = False
+
+        def once() -> None:
+            nonlocal called
+            if not called:
+                called = True
+                on_ready()
+
+        for sub in outside:
+            sub.on_first_message = once
+
     async def build_or_report(self) -> None:
         """:meth:`build`, telling the supervisor if it fails (a link that cannot bind: its
         address is not this host's, or another program holds the port)."""
@@ -341,7 +362,7 @@ class GroupRunner:
             # start (a model that does not load) fails the run before any output file is touched.
             await self._until_stopped(asyncio.ensure_future(self._start_all()))
             if self.on_ready is not None and not self._stop.is_set():  # (a stop while starting: nothing is due)
-                self.on_ready()
+                self._ready_or_at_first_input(self.on_ready)
             for r in self.runners:
                 if not isinstance(r.stage, Source):
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))

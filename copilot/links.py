@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -350,6 +351,8 @@ class Subscriber:
         self.drops = DropCounter()
         self.received = 0
         self.malformed = 0
+        # called once, as the first message is taken (before any stage sees it)
+        self.on_first_message: Callable[[], None] | None = None
         self._last_seq: int | None = None
         sync_ctx, _ = contexts()
         sock: zmq.Socket[bytes] = sync_ctx.socket(zmq.SUB)
@@ -386,6 +389,9 @@ class Subscriber:
             self.drops.add("hwm", env.seq - self._last_seq - 1)
         self._last_seq = env.seq
         self.received += 1
+        if self.on_first_message is not None:
+            first, self.on_first_message = self.on_first_message, None
+            first()
         return env
 
     def _drain_nowait(self) -> list:  # type: ignore[type-arg]

@@ -733,3 +733,48 @@ def test_a_group_started_by_hand_says_what_it_waits_for(atari_clip: Path, tmp_pa
 
     GroupRunner(cfg, "src", opts).build()  # a producer that starts again clears its notes at once
     assert not (run_dir / "audio.ended").exists() and not (run_dir / "frames.ended").exists()
+
+
+def test_a_consumer_group_started_by_hand_is_ready_for_its_outputs_at_its_first_input(atari_clip: Path,
+                                                                                     tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch
+                                                                                     ) -> None:
+    """``gamecopilot stage`` empties its output files when its group is ready.  A group with no
+    source of its own used to be ready (and empty them) as soon as its stages started, so one
+    whose producer never came lost the old outputs for nothing."""
+    import copilot.group as group_mod
+
+    monkeypatch.setattr(group_mod, "SUBSCRIBE_TIMEOUT_S", 0.5)
+    sink = tmp_path / "sink.jsonl"
+    data = two_groups(sink)
+    data["stages"][0]["params"] = {"path": str(atari_clip), "until": 1.0}
+    cfg = parse_pipeline(data, "two.yaml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    opts = RunOptions(run_dir=str(run_dir), speed=None, lossless=True)
+    ready_at: list[int] = []  # lines in the sink when the group said it was ready for its outputs
+
+    def consumer() -> GroupRunner:
+        runner = GroupRunner(cfg, "work", opts)
+        runner.on_ready = lambda: ready_at.append(lines(sink))
+        return runner
+
+    async def alone() -> None:
+        runner = consumer()
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(1.0)
+        runner.request_stop()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(alone())
+    assert ready_at == []  # its producer never came: nothing to make room for
+
+    async def with_its_producer() -> None:
+        runner = consumer()
+        task = asyncio.create_task(runner.run())
+        await group_mod.run_group(cfg, "src", opts)
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(asyncio.wait_for(with_its_producer(), 60))
+    assert ready_at == [0]  # once, before the sink wrote its first line
+    assert lines(sink) > 0
