@@ -1,3 +1,3 @@
-from copilot.cli import main
+from copilot.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -270,6 +270,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(lambda: _dispatch(args))
 
 
+def entry() -> None:
+    """The ``gamecopilot`` command: :func:`main`, then exit.  A stop that left a stage's call
+    running (a model load in native code, see copilot.worker) exits without interpreter teardown,
+    which could crash around that thread; everything is closed and written by then."""
+    code = main()
+    from copilot.worker import abandoned_calls
+
+    if abandoned_calls():
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _run_delegated(name: str, argv: list[str]) -> int:
     import importlib
 

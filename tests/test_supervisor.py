@@ -506,10 +506,12 @@ class SlowToLoad(Stage):
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load(atari_clip: Path,
+@pytest.mark.parametrize("command", ["replay", "stage"])
+def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load(command: str, atari_clip: Path,
                                                                                  tmp_path: Path) -> None:
     """The group's stop used to wait for the worker thread (the load) with the event loop
-    blocked, so the supervisor ran out its 5 s stop timeout and terminated the group."""
+    blocked: under a run, the supervisor ran out its 5 s stop timeout and terminated the group;
+    a group started by hand (``gamecopilot stage``) waited for the whole load."""
     import yaml
 
     marker = tmp_path / "loading"
@@ -520,9 +522,13 @@ def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load
     del data["links"]["loud"]
     config = tmp_path / "slow.yaml"
     config.write_text(yaml.safe_dump(data))
-    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "-q", "--config", str(config)]
+    if command == "replay":
+        args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "-q", "--config", str(config)]
+    else:  # the loading group alone, in the command's own process
+        args = [sys.executable, "-m", "copilot", "stage", "work", "-c", str(config), "-i", str(atari_clip), "-q"]
+
     def loading(proc: subprocess.Popen[bytes]) -> set[int]:
-        kids = wait_for_children(proc, 2)
+        kids = wait_for_children(proc, 2) if command == "replay" else set()
         deadline = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
