@@ -271,21 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``gamecopilot`` command: :func:`main`, then exit.  A stop that left a stage's call
-    running (a model load in native code, see copilot.worker) exits without interpreter teardown,
-    which could crash around that thread; everything is closed and written by then."""
+    """The ``gamecopilot`` command: :func:`main`, then exit (see copilot.worker.exit_process)."""
     code = main()
-    from copilot.worker import abandoned_calls
+    from copilot.worker import exit_process
 
-    if abandoned_calls():
-        import logging
-        import os
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)
 
 
 def _run_delegated(name: str, argv: list[str]) -> int:

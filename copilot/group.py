@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from copilot.messages import Control, Envelope, Metrics
 from copilot.reach import ConnectionWatch
 from copilot.registry import resolve_stage
 from copilot.stage import Source, StageContext, StageRunner
-from copilot.worker import abandoned_calls
+from copilot.worker import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -512,11 +511,4 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         if not (runners and runners[0].error_reported):
             log.error("group %s failed: %s", group, describe_failure(exc))
         code = 1
-    if abandoned_calls():
-        # A stage's worker is still inside a call a stop cut short (a model load, in native
-        # code): interpreter teardown around it could crash.  Everything is closed and reported.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)  # (without teardown if a stop left a stage's call running)

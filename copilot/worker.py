@@ -12,10 +12,13 @@ Calls run one at a time, in order, so a stage's ``close`` that queues a last cal
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -29,6 +32,18 @@ _abandoned = threading.Event()
 def abandoned_calls() -> bool:
     """True once a worker was shut down with a call still running in this process."""
     return _abandoned.is_set()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``.  If a stop left a call running (a model load in native
+    code), interpreter teardown around that thread could crash: everything is closed and
+    written by now, so logs and stdio are flushed and the process ends at once."""
+    if abandoned_calls():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class StageWorker(concurrent.futures.Executor):
