@@ -282,10 +282,11 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
     return parse_pipeline(with_absolute_paths(load_yaml(path), path), str(path))
 
 
-def link_specs(cfg: PipelineConfig, *, run_dir: str | None) -> dict[str, LinkSpec]:
-    """Resolve endpoints: explicit ones stay; others are ``ipc://`` in ``run_dir`` or inproc."""
+def link_specs(cfg: PipelineConfig, *, run_dir: str | None, keys: CurveKeys | None = None) -> dict[str, LinkSpec]:
+    """Resolve endpoints: explicit ones stay; others are ``ipc://`` in ``run_dir`` or inproc.
+    ``keys``: the pipeline's, when the caller has read them already (else read here)."""
     out = {}
-    keys = curve_keys(cfg)
+    keys = keys or curve_keys(cfg)
     for name, lc in cfg.links.items():
         if lc.endpoint:
             endpoint = lc.endpoint

@@ -125,7 +125,7 @@ class GroupRunner:
             self._metrics.setsockopt(zmq.SNDHWM, 8)
             secure_client(self._metrics, keys, self.opts.metrics_endpoint)
             self._metrics.connect(self.opts.metrics_endpoint)
-        specs = link_specs(self.cfg, run_dir=self.opts.run_dir)
+        specs = link_specs(self.cfg, run_dir=self.opts.run_dir, keys=keys)
         sup = self.cfg.supervisor
         for sc in self.cfg.stages_in(self.group):
             for link in sc.outputs.values():
@@ -181,6 +181,10 @@ class GroupRunner:
         except KeyError:  # an outside producer (the link has its own endpoint)
             return None
 
+    def _outside_inputs(self) -> list[Subscriber]:
+        """The subscribers whose producer is in another group (or outside the pipeline)."""
+        return [sub for sub in self.subscribers if self._producer_group(sub.spec.name) != self.group]
+
     def _producer_hint(self, link: str) -> str:
         group = self._producer_group(link)
         if group is None:
@@ -191,9 +195,8 @@ class GroupRunner:
         """A group started by hand says, in a line per producer, what it waits for: a producer
         that ended before this group started (its notes), or one that has sent nothing for a while."""
         subs: dict[str, list[Subscriber]] = {}
-        for sub in self.subscribers:
-            if self._producer_group(sub.spec.name) != self.group:
-                subs.setdefault(sub.spec.name, []).append(sub)
+        for sub in self._outside_inputs():
+            subs.setdefault(sub.spec.name, []).append(sub)
         ended: dict[str, list[str]] = {}  # producer hint -> links it ended
         when: dict[str, str] = {}
         for link in subs:
@@ -307,17 +310,15 @@ class GroupRunner:
         """Call ``on_ready`` (the CLI empties its output files then) now, or, for a group that
         only consumes (no source of its own), when the first message comes from another group:
         one started by hand whose producer never comes must not cost the old outputs."""
-        outside = [sub for sub in self.subscribers if self._producer_group(sub.spec.name) != self.group]
+        outside = self._outside_inputs()
         if not outside or any(isinstance(r.stage, Source) for r in self.runners):
             on_ready()
             return
-        called = False
 
-        def once() -> None:
-            nonlocal called
-            if not called:
-                called = True
-                on_ready()
+        def once() -> None:  # whichever input comes first; the others forget it
+            for sub in outside:
+                sub.on_first_message = None
+            on_ready()
 
         for sub in outside:
             sub.on_first_message = once

@@ -109,10 +109,12 @@ def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:
         )
 
 
-def bind(sock: zmq.Socket[Any], endpoint: str, what: str, binder: str = "the link's producer") -> None:
-    """``sock.bind``, with an address this host cannot take (not one of its own, a port another
-    program holds, a privileged port) reported as bad input in one line instead of a crash the
-    supervisor would restart in vain."""
+def bind(sock: zmq.Socket[Any], endpoint: str, what: str, keys: CurveKeys | None,
+         binder: str = "the link's producer") -> None:
+    """``sock.bind`` as a CURVE server when ``keys`` are set (tcp:// only), with an address this
+    host cannot take (not one of its own, a port another program holds, a privileged port)
+    reported as bad input in one line instead of a crash the supervisor would restart in vain."""
+    secure_server(sock, keys, endpoint)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -175,9 +177,8 @@ class Publisher:
         sock.setsockopt(zmq.SNDHWM, max(1, spec.hwm))
         try:
             check_bind_endpoint(spec.endpoint, curve=spec.curve is not None)
-            secure_server(sock, spec.curve, spec.endpoint)
             prepare_ipc(spec.endpoint)
-            bind(sock, spec.endpoint, f"links.{spec.name}")
+            bind(sock, spec.endpoint, f"links.{spec.name}", spec.curve)
         except BaseException:
             sock.close(linger=0)
             raise

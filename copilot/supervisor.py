@@ -28,7 +28,6 @@ import zmq
 from copilot.clock import SYSTEM_CLOCK
 from copilot.codec import Codec, CodecError
 from copilot.config import PipelineConfig, curve_keys, is_local_host, link_specs
-from copilot.curve import secure_server
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
 from copilot.links import bind, check_ipc_endpoint, contexts, prepare_ipc
@@ -314,19 +313,18 @@ class Supervisor:
                 check_ipc_endpoint(endpoint)
             except ValueError as exc:
                 raise UsageError(f"supervisor {what} socket: {exc}") from None
-        link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir)  # (a link's path too long: refused here)
+        keys = curve_keys(self.cfg, self.source)
+        # (a link's path too long: refused here)
+        link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir, keys=keys)
         prepare_ipc(self._control_ep)
         prepare_ipc(self._metrics_ep)
-        keys = curve_keys(self.cfg, self.source)
         self._ctrl = sync.socket(zmq.ROUTER)
         self._ctrl.setsockopt(zmq.LINGER, 0)
-        secure_server(self._ctrl, keys, self._control_ep)
         self._metrics_sock = sync.socket(zmq.PULL)
         self._metrics_sock.setsockopt(zmq.LINGER, 0)
-        secure_server(self._metrics_sock, keys, self._metrics_ep)
         try:
-            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", "the supervisor")
-            bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", "the supervisor")
+            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", keys, "the supervisor")
+            bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", keys, "the supervisor")
         except UsageError:
             self._ctrl.close()
             self._metrics_sock.close()

@@ -557,7 +557,6 @@ def _is_helper_thread(t: threading.Thread) -> bool:
     # pyzmq's zero-copy garbage collector: one per process, started on the first big send; and
     # the CurveZMQ handler (copilot.curve), one per process, started by the first secured bind
     name = type(t).__name__
-    name = type(t).__name__
     return name in ("GarbageCollectorThread", "AuthenticationThread") and type(t).__module__.startswith("zmq.")
 
 

@@ -12,6 +12,7 @@ Calls run one at a time, in order, so a stage's ``close`` that queues a last cal
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -51,7 +52,7 @@ class StageWorker(concurrent.futures.Executor):
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._queue: queue.Queue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._queue: queue.Queue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
         self._queue = queue.Queue(MAX_WAITING)
         self._running: concurrent.futures.Future[Any] | None = None
         self._shutdown = False
@@ -65,12 +66,11 @@ class StageWorker(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        call = (lambda: fn(*args, **kwargs)) if kwargs else fn
         with self._lock:
             if self._shutdown:
                 raise RuntimeError(f"stage {self._name}: its worker is shut down")
             try:
-                self._queue.put_nowait((fut, call, () if kwargs else args))
+                self._queue.put_nowait((fut, functools.partial(fn, *args, **kwargs)))
             except queue.Full:
                 raise RuntimeError(f"stage {self._name}: more than {MAX_WAITING} blocking calls waiting "
                                    "(await each run_blocking)") from None
@@ -84,19 +84,19 @@ class StageWorker(concurrent.futures.Executor):
             item = self._queue.get()
             if item is None:
                 return
-            fut, fn, args = item
+            fut, call = item
             if not fut.set_running_or_notify_cancel():
                 continue
             self._running = fut
             try:
-                result = fn(*args)
+                result = call()
             except BaseException as exc:  # handed to the awaiting coroutine, as an executor does
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
             finally:
                 self._running = None
-                del fut, fn, args, item
+                del fut, call, item
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
