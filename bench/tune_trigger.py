@@ -21,10 +21,12 @@ the chosen settings, never the other way round (:mod:`bench.pools`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +219,26 @@ def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
     return wake_figures(evaluate(pred, [meta, *truth] if meta else truth))
 
 
+@contextlib.contextmanager
+def _preparing(total: int) -> Iterator[Callable[[str | None], None]]:
+    """A progress bar on stderr over the recordings being made and decoded; ``step(None)`` is one done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("recordings", total=total)
+
+    def step(what: str | None) -> None:
+        if what is None:
+            bar.advance(task)
+        else:
+            bar.update(task, description=what)
+
+    with bar:
+        yield step
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m bench.tune_trigger", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", default=None, help="a named set of recordings: " + ", ".join(POOLS))
@@ -244,9 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.dump).mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     runs = []
-    for game, seed in selection(args.pool, args.games, args.seeds):
-        video, truth = ensure_recording(game, seed, data, args.seconds)
-        runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
+    wanted = selection(args.pool, args.games, args.seeds)
+    with _preparing(len(wanted)) as step:  # a first run records and decodes every game: ~40 s each
+        for game, seed in wanted:
+            step(f"{game} s{seed}: recording")
+            video, truth = ensure_recording(game, seed, data, args.seconds)
+            step(f"{game} s{seed}: signals")
+            runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
+            step(None)
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         changes = dict(base) | dict(zip(grid_keys, combo, strict=True))
         prof = with_trigger(profile, changes)
