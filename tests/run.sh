@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh Debian machine, then the suite itself.
 #   bash tests/run.sh [PYTEST ARGS...]
-# System packages (only what is missing, only as root): Xvfb and PulseAudio for the live
-# capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests.  Python packages go
+# System packages (only what is missing, only as root): Xvfb, PulseAudio and xdotool (--window)
+# for the live capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests.  Python packages go
 # into .venv (created if absent) from pyproject.toml's dev extra.  No model is downloaded:
 # the tests use the weights that ship inside the wheels and tiny models built in-process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-declare -A APT_FOR=([Xvfb]=xvfb [pulseaudio]=pulseaudio [parec]=pulseaudio-utils [espeak-ng]=espeak-ng)
+declare -A APT_FOR=([Xvfb]=xvfb [pulseaudio]=pulseaudio [parec]=pulseaudio-utils [xdotool]=xdotool [espeak-ng]=espeak-ng)
 missing=()
 for prog in "${!APT_FOR[@]}"; do
   command -v "$prog" >/dev/null 2>&1 || missing+=("${APT_FOR[$prog]}")

@@ -17,7 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_window_game import ROOT, _start_game, _stop, _wait_ready, display, needs_pulse, needs_xvfb, pulse
+from tests.test_window_game import (
+    ROOT,
+    _start_game,
+    _stop,
+    _wait_ready,
+    display,
+    needs_pulse,
+    needs_xdotool,
+    needs_xvfb,
+    pulse,
+)
 
 __all__ = ["display", "pulse"]  # fixtures used below
 
@@ -35,6 +45,7 @@ def _live(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[dict, str]: 
 
 
 @needs_xvfb
+@needs_xdotool
 @needs_pulse
 @pytest.mark.slow
 def test_live_captures_a_game_window_and_its_sound(display: str, pulse: dict[str, str], tmp_path: Path) -> None:
@@ -87,6 +98,7 @@ def test_live_bad_input_is_one_line(tmp_path: Path) -> None:
 
 
 @needs_xvfb
+@needs_xdotool
 def test_live_record_replays_what_was_captured(display: str, tmp_path: Path) -> None:
     import av
 

@@ -23,6 +23,7 @@ mss = pytest.importorskip("mss")
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_xvfb = pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed")
+needs_xdotool = pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not installed (--window)")
 needs_pulse = pytest.mark.skipif(
     shutil.which("pulseaudio") is None or shutil.which("parec") is None,
     reason="pulseaudio / pulseaudio-utils are not installed",
