@@ -46,6 +46,8 @@ from copilot.stage import Source, StageContext, StageRunner
 from copilot.worker import exit_process
 
 log = logging.getLogger(__name__)
+# how long a failing group waits after queueing its one line for the supervisor (see report_failure)
+FAILURE_FLUSH_S = 0.2
 
 SUBSCRIBE_TIMEOUT_S = 10.0
 # a group started by hand (``gamecopilot stage``, no supervisor) says what it waits for when an
@@ -344,6 +346,9 @@ class GroupRunner:
                 self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
             )
             self.error_reported = True
+            # the send only queued it: the process exits next, and pyzmq does not flush queued
+            # messages at exit, so give ZeroMQ's I/O thread a moment to put this line on the wire
+            await asyncio.sleep(FAILURE_FLUSH_S)
 
     async def run(self) -> None:
         if not self.runners:

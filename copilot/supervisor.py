@@ -36,6 +36,8 @@ from copilot.messages import Control, Envelope, Metrics, StageMetrics
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
+# a group that exited on bad input said why just before; its line can come this long after the exit
+BAD_INPUT_GRACE_S = 2.0
 
 
 @dataclass
@@ -51,6 +53,7 @@ class GroupState:
     local: bool = True
     error: str | None = None  # the last error the group reported
     failed: bool = False  # given up on: a usage error, or too many restarts
+    bad_exit_at: float | None = None  # when it was seen gone with the bad-input exit code
 
 
 @dataclass
@@ -97,6 +100,8 @@ class Supervisor:
         self._interrupted = False
         self._stop_signal: int | None = None
         self._usage_error: str | None = None
+        self._usage_exit: str | None = None  # a group exited on bad input before its message came
+        self._ctrl: Any = None  # the control ROUTER socket, bound by run()
         self._ctx = mp.get_context("spawn")
         self._run_dir = ""  # made by run(), removed when it ends
         self.clock = SYSTEM_CLOCK
@@ -178,8 +183,16 @@ class Supervisor:
         env = Envelope.wrap(Control(action=action, detail=detail or {}), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
                             t_capture_ns=self.clock.now_ns())
         ident = f"{st.name}#{st.incarnation}".encode()
+        if self._ctrl is None:
+            return
         with contextlib.suppress(zmq.ZMQError):
             self._ctrl.send_multipart([ident, *self._codec.encode(env)], flags=zmq.NOBLOCK)
+
+    def _read_control(self, now: float) -> None:
+        """Handle every control message that has come (none before :meth:`run` binds the socket)."""
+        if self._ctrl is not None:
+            for frames in _drain(self._ctrl):
+                self._handle_ctrl(frames, now)
 
     def _handle_ctrl(self, frames: list[bytes], now: float) -> None:
         ident = frames[0].decode(errors="replace")
@@ -318,15 +331,16 @@ class Supervisor:
         link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir, keys=keys)
         prepare_ipc(self._control_ep)
         prepare_ipc(self._metrics_ep)
-        self._ctrl = sync.socket(zmq.ROUTER)
-        self._ctrl.setsockopt(zmq.LINGER, 0)
+        self._ctrl = ctrl = sync.socket(zmq.ROUTER)
+        ctrl.setsockopt(zmq.LINGER, 0)
         self._metrics_sock = sync.socket(zmq.PULL)
         self._metrics_sock.setsockopt(zmq.LINGER, 0)
         try:
-            bind(self._ctrl, self._control_ep, "supervisor.control_endpoint", keys, "the supervisor")
+            bind(ctrl, self._control_ep, "supervisor.control_endpoint", keys, "the supervisor")
             bind(self._metrics_sock, self._metrics_ep, "supervisor.metrics_endpoint", keys, "the supervisor")
         except UsageError:
-            self._ctrl.close()
+            ctrl.close()
+            self._ctrl = None
             self._metrics_sock.close()
             raise
         self._started = False
@@ -353,7 +367,8 @@ class Supervisor:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._reap()
-            self._ctrl.close(linger=0)
+            ctrl.close(linger=0)
+            self._ctrl = None
             self._metrics_sock.close(linger=0)
         wall_s = (self._t_end_ns - t_start_ns) / 1e9
         stages = self.stage_metrics()
@@ -368,7 +383,7 @@ class Supervisor:
             started=self._started,
             lost_inputs=dict(self._lost_inputs),
             failed={g.name: g.error or "failed" for g in self.groups.values() if g.failed},
-            usage_error=self._usage_error,
+            usage_error=self._usage_error or self._usage_exit,
         )
 
     async def _loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -380,8 +395,7 @@ class Supervisor:
         while True:
             await asyncio.sleep(TICK_S)
             now = loop.time()
-            for frames in _drain(self._ctrl):
-                self._handle_ctrl(frames, now)
+            self._read_control(now)
             for frames in _drain(self._metrics_sock):
                 self._handle_metrics(frames)
             # start once every group is ready
@@ -457,6 +471,25 @@ class Supervisor:
                     self._spawn(g)
                 continue
             alive = self._alive(g)
+            if not alive:
+                self._read_control(now)  # what it said just before it exited comes first
+                if g.done or g.failed or self._stopping:
+                    continue
+            if not alive and g.process is not None and g.process.exitcode == UsageError.exit_code:
+                # bad input: a restart would only fail again.  Its one line may still be on the way
+                # (it comes through the socket, the exit through the process): wait for it a little
+                if g.bad_exit_at is None:
+                    g.bad_exit_at = now
+                if now - g.bad_exit_at < BAD_INPUT_GRACE_S:
+                    continue
+                log.debug("group %s exited on bad input and did not say why", g.name)
+                g.failed = True
+                if g.error is None:
+                    g.error = f"exited with code {UsageError.exit_code} (bad input)"
+                if self._usage_exit is None:
+                    self._usage_exit = f"group {g.name} stopped on bad input"
+                self.request_stop(interrupted=False)
+                continue
             if not alive and g.process is not None and g.process.exitcode == -signal.SIGTERM:
                 # terminated from outside before it could stop gracefully (still starting): a stop
                 # request for the run, as a SIGTERM to a running group is, not a crash to restart

@@ -572,6 +572,34 @@ def test_a_group_that_keeps_failing_is_given_up_and_reported(atari_clip: Path, t
     assert all(m.count == 0 for m in result.stages if m.stage == "replay")
 
 
+class ExitsOnBadInput(Stage):
+    """Ends its process with the bad-input exit code before its group could say why, as a group
+    does when its error message is still on the way when the supervisor sees it gone."""
+
+    async def start(self) -> None:
+        os._exit(2)
+
+    async def process(self, msg: Any) -> None:  # pragma: no cover - never reached
+        pass
+
+
+def test_a_group_that_exits_on_bad_input_is_not_restarted_even_before_it_says_why(atari_clip: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The supervisor used to see the process gone before the group's one line came, warn
+    "exited (code 2); restarting" and restart it; exit code 2 is bad input, never restarted."""
+    data = two_groups(tmp_path / "sink.jsonl")
+    data["stages"].append({"name": "bad", "kind": f"{__name__}:ExitsOnBadInput", "inputs": ["audio"],
+                           "placement": {"group": "work"}})
+    data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=3)
+    cfg = parse_pipeline(data, "bad-input")
+    sup = Supervisor(cfg, data, "bad-input", RunOptions(speed=None, lossless=True,
+                                                        stage_overrides={"replay": {"path": str(atari_clip)}}))
+    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    assert result.restarts["work"] == 0
+    assert result.usage_error == "group work stopped on bad input"
+    assert set(result.failed) == {"work"}
+
+
 def test_a_sink_that_cannot_open_its_file_is_bad_input(atari_clip: Path, tmp_path: Path) -> None:
     """An output path in a missing directory is the user's mistake: reported once, not restarted."""
     data = two_groups(tmp_path / "no" / "such" / "dir" / "sink.jsonl")
