@@ -542,6 +542,19 @@ def test_ctrl_c_while_a_stage_loads_its_model_stops_without_waiting_for_the_load
     assert not [p for p in kids if pid_alive(p)]  # the load thread did not keep its process alive
 
 
+def run_with_a_work_stage(cls: str, atari_clip: Path, tmp_path: Path, *, max_restarts: int) -> Any:
+    """Run the two-group pipeline with one more stage of class ``cls`` (defined here) in ``work``.
+    (Its kind is a module path: the spawned groups cannot see classes registered here.)"""
+    data = two_groups(tmp_path / "sink.jsonl")
+    data["stages"].append({"name": "extra", "kind": f"{__name__}:{cls}", "inputs": ["audio"],
+                           "placement": {"group": "work"}})
+    data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=max_restarts)
+    cfg = parse_pipeline(data, cls)
+    sup = Supervisor(cfg, data, cls, RunOptions(speed=None, lossless=True,
+                                                stage_overrides={"replay": {"path": str(atari_clip)}}))
+    return asyncio.run(asyncio.wait_for(sup.run(), 60))
+
+
 class AlwaysFailing(Stage):
     """Fails at every start with an error that is not bad input (a device that fell over)."""
 
@@ -553,16 +566,8 @@ class AlwaysFailing(Stage):
 
 
 def test_a_group_that_keeps_failing_is_given_up_and_reported(atari_clip: Path, tmp_path: Path) -> None:
-    """A stage that fails at every start, not with bad input, is restarted, then given up.
-    (Its kind is a module path: the spawned groups cannot see classes registered here.)"""
-    data = two_groups(tmp_path / "sink.jsonl")
-    data["stages"].append({"name": "fails", "kind": f"{__name__}:AlwaysFailing", "inputs": ["audio"],
-                           "placement": {"group": "work"}})
-    data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=1)
-    cfg = parse_pipeline(data, "failing")
-    sup = Supervisor(cfg, data, "failing", RunOptions(speed=None, lossless=True,
-                                                      stage_overrides={"replay": {"path": str(atari_clip)}}))
-    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    """A stage that fails at every start, not with bad input, is restarted, then given up."""
+    result = run_with_a_work_stage("AlwaysFailing", atari_clip, tmp_path, max_restarts=1)
     assert set(result.failed) == {"work"}
     assert result.failed["work"] == "RuntimeError: the device fell over"
     assert result.restarts["work"] == 1
@@ -587,14 +592,7 @@ def test_a_group_that_exits_on_bad_input_is_not_restarted_even_before_it_says_wh
                                                                                   tmp_path: Path) -> None:
     """The supervisor used to see the process gone before the group's one line came, warn
     "exited (code 2); restarting" and restart it; exit code 2 is bad input, never restarted."""
-    data = two_groups(tmp_path / "sink.jsonl")
-    data["stages"].append({"name": "bad", "kind": f"{__name__}:ExitsOnBadInput", "inputs": ["audio"],
-                           "placement": {"group": "work"}})
-    data["supervisor"].update(restart_backoff_s=[0.05], max_restarts=3)
-    cfg = parse_pipeline(data, "bad-input")
-    sup = Supervisor(cfg, data, "bad-input", RunOptions(speed=None, lossless=True,
-                                                        stage_overrides={"replay": {"path": str(atari_clip)}}))
-    result = asyncio.run(asyncio.wait_for(sup.run(), 60))
+    result = run_with_a_work_stage("ExitsOnBadInput", atari_clip, tmp_path, max_restarts=3)
     assert result.restarts["work"] == 0
     assert result.usage_error == "group work stopped on bad input"
     assert set(result.failed) == {"work"}
