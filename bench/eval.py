@@ -7,7 +7,8 @@ exchange").  :func:`evaluate` returns::
      "critical": {"moments", "found", "recall"},
      "wake_precision", "wakes_per_min", "false_wakes_per_min",
      "timing_error_s": {"mean", "median", "mean_abs", "n"},
-     "counts": {...}, "duration_s", "tolerance", "critical_window", "pred_kinds": {...}}
+     "counts": {...}, "wakes": [{"index", "t", "outcome"}],
+     "duration_s", "tolerance", "critical_window", "pred_kinds": {...}}
 
 The rules are in :data:`MATCHING_RULES` (shown by ``gamecopilot eval --help``).
 """
@@ -61,6 +62,8 @@ Wakes per minute: wakes / minutes of footage (the truth meta "seconds", else the
   event time; 0.0 when that is 0).  False wakes: wakes with no truth event within the
   tolerance, in no moment's window and with no reward within 1.5 s; wakes that are
   neither matched nor false are "redundant" (a second wake for the same thing).
+Each wake's outcome ("wakes" in the JSON: the index of the predicted event, its t):
+  moment or reward (matched), redundant, or false.
 Timing error: pred t - truth t over the matched pairs of the "all" matching (negative =
   early): mean, median, mean of |dt|; null when nothing matched."""
 
@@ -337,6 +340,14 @@ def evaluate(
         return any(abs(t - x) <= reward_window + _EPS for x in rewards)
 
     false_wakes = sum(1 for t in wt if not justified(t))
+    by_moment = {i for i, _ in moment_pairs}
+    by_reward = {rest[n] for n, _ in reward_pairs}
+    outcomes = [
+        {"index": i, "t": pt[i],
+         "outcome": "moment" if n in by_moment else "reward" if n in by_reward
+         else "redundant" if justified(pt[i]) else "false"}
+        for n, i in enumerate(wakes)
+    ]
 
     if duration_s is None and meta is not None:
         seconds = meta.get("seconds")
@@ -376,6 +387,7 @@ def evaluate(
             "redundant_wakes": len(wakes) - matched_wakes - false_wakes,
         },
         "pred_kinds": pred_kinds,
+        "wakes": outcomes,
         "duration_s": duration_s,
         "tolerance": tolerance,
         "critical_window": [before, after],

@@ -11,7 +11,7 @@ trigger stage would see them, with any parameters, and scored with ``bench.eval`
 Usage::
 
     python -m bench.tune_trigger --pool train --data /tmp/atari [--set fire_threshold=0.7 ...]
-        [--grid KEY=V1,V2 ...] [--per-game]
+        [--grid KEY=V1,V2 ...] [--per-game] [--by-class] [--jobs N]
     python -m bench.tune_trigger --games Breakout Pong --seeds 0 1 2 --data /tmp/atari
 
 Prints per-game scores and averages for each parameter setting, and how many games fail a
@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import signal
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +36,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from bench.datasets.atari import resolve_game
 from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
-from copilot.args import OneLineParser, seed_number
+from copilot.args import OneLineParser, positive_int, seed_number
 from copilot.errors import UsageError
 from copilot.profile import Profile, check_trigger, load_profile, resolve_profile
 from stages.replay import resampled_samples
@@ -124,17 +128,89 @@ def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[s
 
 
 def cached_signals(video: str | Path, refresh: bool = False) -> dict[str, np.ndarray]:
-    """Signals of ``video``, from ``<stem>.signals.npz`` beside it when present."""
+    """Signals of ``video``, from ``<stem>.signals.npz`` beside it when present and current.
+
+    The cache is written under a temporary name and renamed when complete, so a run that is
+    interrupted, or two runs sharing ``--data``, never leave a half-written cache; one that
+    cannot be read (a cache left by an older, non-atomic writer) is recomputed."""
     v = Path(video)
     cache = v.with_suffix(".signals.npz")
-    if cache.exists() and not refresh and cache.stat().st_mtime >= v.stat().st_mtime:
-        with np.load(cache) as z:
-            if "version" in z.files and int(z["version"]) == SIGNALS_VERSION:
-                return {k: z[k] for k in z.files}
+    if not refresh:
+        sig = _load_cache(cache, v)
+        if sig is not None:
+            return sig
     sig = extract_signals(v)
     sig["version"] = np.array(SIGNALS_VERSION)
-    np.savez_compressed(cache, **sig)  # type: ignore[arg-type]
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **sig)  # type: ignore[arg-type]
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sig
+
+
+def _load_cache(cache: Path, video: Path) -> dict[str, np.ndarray] | None:
+    """The cached signals, or None when missing, older than the video, of another version or unreadable."""
+    try:
+        if cache.stat().st_mtime < video.stat().st_mtime:
+            return None
+        with np.load(cache) as z:
+            if "version" not in z.files or int(z["version"]) != SIGNALS_VERSION:
+                return None
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def prepare(game: str, seed: int, data: Path, seconds: float, refresh: bool) -> tuple[Path, Path]:
+    """Make one recording if missing and cache its signals: ``(video, truth)``.
+
+    The slow part of a first run (~40 s a recording); :func:`prepare_all` runs it in worker
+    processes."""
+    video, truth = ensure_recording(game, seed, data, seconds)
+    cached_signals(video, refresh)
+    return video, truth
+
+
+def _prepare_job(job: tuple[str, int, Path, float, bool]) -> tuple[str, int, Path, Path]:
+    game, seed = job[0], job[1]
+    return (game, seed, *prepare(*job))
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them (no traceback from each worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def prepare_all(wanted: list[tuple[str, int]], data: Path, seconds: float, refresh: bool, jobs: int,
+                step: Callable[[str | None], None]) -> dict[tuple[str, int], tuple[Path, Path]]:
+    """:func:`prepare` every recording, ``jobs`` at a time; ``step`` reports progress."""
+    todo = [(g, s, data, seconds, refresh) for g, s in wanted]
+    done: dict[tuple[str, int], tuple[Path, Path]] = {}
+    if jobs <= 1 or len(todo) <= 1:
+        for game, seed in wanted:
+            step(f"{game} s{seed}")
+            done[(game, seed)] = prepare(game, seed, data, seconds, refresh)
+            step(None)
+        return done
+    import multiprocessing
+
+    # spawn, not fork: the progress bar runs a thread, and forking a threaded process can deadlock
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_ignore_sigint)
+    try:
+        step(f"{len(todo)} recordings, {min(jobs, len(todo))} at a time")
+        for game, seed, video, truth in pool.imap_unordered(_prepare_job, todo):
+            done[(game, seed)] = (video, truth)
+            step(None)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return done
 
 
 def observations(sig: dict[str, np.ndarray]) -> list[tuple[float, str, dict[str, float]]]:
@@ -214,9 +290,45 @@ def fails_a_game_line(row: dict[str, Any]) -> bool:
     return bool(row["crit_recall"] < 0.75 or row["excess_wakes"] > 4.0)
 
 
-def score(pred: list[dict[str, Any]], truth_path: Path) -> dict[str, float]:
+def score(pred: list[dict[str, Any]], truth_path: Path, classes: WakeClasses | None = None) -> dict[str, float]:
+    """The acceptance figures of one recording; ``classes``, when given, counts its wakes."""
     meta, truth = read_truth(truth_path)
-    return wake_figures(evaluate(pred, [meta, *truth] if meta else truth))
+    result = evaluate(pred, [meta, *truth] if meta else truth)
+    if classes is not None:
+        classes.add(pred, result["wakes"], truth_path.name.removesuffix(".truth.jsonl"))
+    return wake_figures(result)
+
+
+class WakeClasses:
+    """Wakes grouped by what woke them, and how each fared against the truth (``--by-class``).
+
+    A class is the wake's priority, its kind and the families that agreed on it (those at
+    ``agree_min`` or more in its evidence): which kinds of wake are worth their cost."""
+
+    def __init__(self, agree_min: float) -> None:
+        self.agree_min = agree_min
+        self.counts: dict[tuple[str, str, str], dict[str, int]] = {}
+        self.games: dict[tuple[str, str, str], set[str]] = {}
+
+    def add(self, pred: list[dict[str, Any]], outcomes: list[dict[str, Any]], game: str) -> None:
+        for w in outcomes:
+            e = pred[w["index"]]
+            fams = (e.get("evidence") or {}).get("families") or {}
+            agreeing = "+".join(sorted(f for f, v in fams.items() if v >= self.agree_min)) or "-"
+            key = (str(e.get("priority")), str(e.get("kind")), agreeing)
+            row = self.counts.setdefault(key, {"wakes": 0, "matched": 0, "false": 0})
+            row["wakes"] += 1
+            row["matched"] += w["outcome"] in ("moment", "reward")
+            row["false"] += w["outcome"] == "false"
+            self.games.setdefault(key, set()).add(game)
+
+    def table(self) -> str:
+        lines = [f"    {'priority':<9}{'kind':<22}{'families':<26}{'wakes':>6}{'matched':>9}{'false':>7}{'games':>7}"]
+        for key, row in sorted(self.counts.items(), key=lambda kv: -kv[1]["wakes"]):
+            n = row["wakes"]
+            lines.append(f"    {key[0]:<9}{key[1]:<22}{key[2]:<26}{n:>6}{row['matched'] / n:>9.2f}"
+                         f"{row['false'] / n:>7.2f}{len(self.games[key]):>7}")
+        return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -252,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                     help="trigger settings to sweep, every combination (repeatable)")
     ap.add_argument("--refresh", action="store_true", help="recompute cached signals")
+    ap.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                    help="recordings made and decoded at once, one process each (default: the CPU count)")
     ap.add_argument("--per-game", action="store_true")
+    ap.add_argument("--by-class", action="store_true",
+                    help="also show wakes by priority, kind and agreeing families, and how they fared")
     ap.add_argument("--dump", default=None, help="write predicted events to this directory")
     args = ap.parse_args(argv)
 
@@ -267,17 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     runs = []
     wanted = selection(args.pool, args.games, args.seeds)
+    for game, _seed in wanted:  # an unknown game is refused before any work starts
+        resolve_game(game)
     with _preparing(len(wanted)) as step:  # a first run records and decodes every game: ~40 s each
-        for game, seed in wanted:
-            step(f"{game} s{seed}: recording")
-            video, truth = ensure_recording(game, seed, data, args.seconds)
-            step(f"{game} s{seed}: signals")
-            runs.append((game, seed, truth, observations(cached_signals(video, args.refresh))))
-            step(None)
+        prepared = prepare_all(wanted, data, args.seconds, args.refresh, args.jobs, step)
+    for game, seed in wanted:
+        video, truth = prepared[(game, seed)]
+        runs.append((game, seed, truth, observations(cached_signals(video))))
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         changes = dict(base) | dict(zip(grid_keys, combo, strict=True))
         prof = with_trigger(profile, changes)
         rows = []
+        classes = WakeClasses(prof.trigger.agree_min) if args.by_class else None
         t0 = time.perf_counter()
         for game, seed, truth, obs in runs:
             pred = replay_detector(obs, prof)
@@ -285,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open(Path(args.dump) / truth.name.replace(".truth.jsonl", ".events.jsonl"), "w") as fh:
                     for e in pred:
                         fh.write(json.dumps(e) + "\n")
-            r = score(pred, truth) | {"game": game, "seed": seed}
+            r = score(pred, truth, classes) | {"game": game, "seed": seed}
             rows.append(r)
             if args.per_game:
                 mark = "!" if fails_a_game_line(r) else " "
@@ -299,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  wprec {s['wake_precision']:.3f}  excess {s['excess_wakes']:+.2f} (worst {s['worst_excess']:+.2f})"
               f"  ann R {s['ann_recall']:.3f} P {s['ann_precision']:.3f}"
               f"  games failing a per-game line: {sum(map(fails_a_game_line, rows))}/{len(rows)}")
+        if classes is not None:
+            print(classes.table())
         sys.stdout.flush()
     return 0
 

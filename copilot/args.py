@@ -17,12 +17,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def seed_number(text: str) -> int:
-    """A random seed: an integer >= 0 (numpy and the emulator refuse negative ones deep inside)."""
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def seed_number(text: str) -> int:
+    """A random seed: an integer >= 0 (numpy and the emulator refuse negative ones deep inside)."""
+    return _whole_number(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (processes, jobs)."""
+    return _whole_number(text, 1)

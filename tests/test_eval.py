@@ -145,6 +145,8 @@ def test_wakes() -> None:
     assert r["wake_precision"] == pytest.approx(3 / 5)
     assert r["wakes_per_min"] == pytest.approx(2.5)
     assert r["false_wakes_per_min"] == pytest.approx(0.5)
+    assert [(w["index"], w["outcome"]) for w in r["wakes"]] == [
+        (0, "moment"), (1, "moment"), (2, "redundant"), (3, "reward"), (4, "false")]
 
 
 def test_zero_denominators() -> None:

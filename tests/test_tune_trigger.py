@@ -37,3 +37,71 @@ def test_a_bad_setting_is_a_usage_error_before_any_recording_is_made(
     with pytest.raises(UsageError, match=message):
         main(["--games", "Pong", "--data", str(tmp_path), *args])
     assert not list(tmp_path.iterdir()), "nothing was recorded for a run that could not start"
+
+
+def _figures(out: str) -> list[str]:
+    """The tuner's printed figures, without the timing in brackets."""
+    return [line.split("[")[0] for line in out.splitlines()]
+
+
+def test_recordings_prepared_in_worker_processes_give_the_same_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ale_py")
+    args = ["--games", "Pong", "Breakout", "--seconds", "3", "--data", str(tmp_path), "--per-game"]
+    assert main([*args, "--jobs", "2"]) == 0
+    parallel = capsys.readouterr().out
+    caches = sorted(p.name for p in tmp_path.glob("*.signals.npz"))
+    assert caches == ["breakout_s0.signals.npz", "pong_s0.signals.npz"]
+    assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
+    assert main([*args, "--jobs", "1", "--refresh"]) == 0  # computed again, in this process
+    assert _figures(capsys.readouterr().out) == _figures(parallel)
+    assert "Breakout" in parallel and "Pong" in parallel
+
+
+def test_an_unreadable_signals_cache_is_computed_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ale_py")
+    import numpy as np
+
+    from bench.tune_trigger import SIGNALS_VERSION
+
+    args = ["--games", "Pong", "--seconds", "2", "--data", str(tmp_path), "--jobs", "1"]
+    assert main(args) == 0
+    first = _figures(capsys.readouterr().out)
+    cache = tmp_path / "pong_s0.signals.npz"
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a run killed while writing it
+    assert main(args) == 0
+    assert _figures(capsys.readouterr().out) == first
+    with np.load(cache) as z:
+        assert int(z["version"]) == SIGNALS_VERSION
+
+
+def test_an_unknown_game_is_refused_before_any_recording_is_made(tmp_path: Path) -> None:
+    pytest.importorskip("ale_py")
+    with pytest.raises(UsageError, match="unknown Atari game 'Pongg'"):
+        main(["--games", "Pong", "Pongg", "--data", str(tmp_path), "--jobs", "2"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_wakes_are_grouped_by_priority_kind_and_agreeing_families() -> None:
+    from bench.eval import evaluate
+    from bench.tune_trigger import WakeClasses
+
+    def wake(t: float, kind: str, families: dict[str, float], priority: str = "high") -> dict[str, object]:
+        return {"t": t, "kind": kind, "priority": priority, "evidence": {"families": families}}
+
+    truth = [{"t": 10.0, "kind": "life_lost"}, {"t": 30.0, "kind": "reward"}]
+    pred = [
+        wake(9.0, "sound", {"audio": 0.9, "scene": 0.5}),  # before the death: matched
+        wake(20.0, "sound", {"audio": 0.8, "scene": 0.4, "motion": 0.1}),  # nothing near: false
+        wake(30.5, "hud_change", {"hud": 0.6}, "critical"),  # the reward
+        {"t": 40.0, "kind": "hud_change", "priority": "low", "evidence": {}},  # not a wake
+    ]
+    classes = WakeClasses(agree_min=0.33)
+    classes.add(pred, evaluate(pred, truth)["wakes"], "game")
+    assert classes.counts == {
+        ("high", "sound", "audio+scene"): {"wakes": 2, "matched": 1, "false": 1},  # motion 0.1 did not agree
+        ("critical", "hud_change", "hud"): {"wakes": 1, "matched": 1, "false": 0},
+    }
+    table = classes.table().splitlines()
+    assert "families" in table[0] and "audio+scene" in table[1]  # the most frequent class first
