@@ -44,10 +44,14 @@ def _finite(value: Any) -> Any:
 
 
 def run_tool(main: Callable[[], int], prog: str) -> None:
-    """Run a bench tool's ``main`` as a program: bad input is one line on stderr and exit 2."""
+    """Run a bench tool's ``main`` as a program: bad input is one line on stderr and exit 2;
+    Ctrl-C is one line and exit 130 (what was finished, recordings and caches, is kept)."""
     try:
         code = main()
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
     sys.exit(code)

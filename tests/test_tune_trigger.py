@@ -105,3 +105,15 @@ def test_wakes_are_grouped_by_priority_kind_and_agreeing_families() -> None:
     }
     table = classes.table().splitlines()
     assert "families" in table[0] and "audio+scene" in table[1]  # the most frequent class first
+
+
+def test_ctrl_c_ends_a_bench_tool_with_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.output import run_tool
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        run_tool(interrupted, "python -m bench.tune_trigger")
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "python -m bench.tune_trigger: interrupted\n"
