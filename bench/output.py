@@ -54,4 +54,9 @@ def run_tool(main: Callable[[], int], prog: str) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # output piped into `head`, which has read enough: not an error to show
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        code = 1
     sys.exit(code)

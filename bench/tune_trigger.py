@@ -167,8 +167,8 @@ def _load_cache(cache: Path, video: Path) -> dict[str, np.ndarray] | None:
 def prepare(game: str, seed: int, data: Path, seconds: float, refresh: bool) -> tuple[Path, Path]:
     """Make one recording if missing and cache its signals: ``(video, truth)``.
 
-    The slow part of a first run (~40 s a recording); :func:`prepare_all` runs it in worker
-    processes."""
+    The slow part of a first run (15-45 s a recording on this project's 2-core machines);
+    :func:`prepare_all` runs it in worker processes."""
     video, truth = ensure_recording(game, seed, data, seconds)
     cached_signals(video, refresh)
     return video, truth
@@ -187,10 +187,11 @@ def _ignore_sigint() -> None:
 def prepare_all(wanted: list[tuple[str, int]], data: Path, seconds: float, refresh: bool, jobs: int,
                 step: Callable[[str | None], None]) -> dict[tuple[str, int], tuple[Path, Path]]:
     """:func:`prepare` every recording, ``jobs`` at a time; ``step`` reports progress."""
-    todo = [(g, s, data, seconds, refresh) for g, s in wanted]
+    # each recording once: two workers must never make the same files
+    todo = [(g, s, data, seconds, refresh) for g, s in dict.fromkeys(wanted)]
     done: dict[tuple[str, int], tuple[Path, Path]] = {}
     if jobs <= 1 or len(todo) <= 1:
-        for game, seed in wanted:
+        for game, seed, *_ in todo:
             step(f"{game} s{seed}")
             done[(game, seed)] = prepare(game, seed, data, seconds, refresh)
             step(None)
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = selection(args.pool, args.games, args.seeds)
     for game, _seed in wanted:  # an unknown game is refused before any work starts
         resolve_game(game)
-    with _preparing(len(wanted)) as step:  # a first run records and decodes every game: ~40 s each
+    with _preparing(len(wanted)) as step:  # a first run records and decodes every game
         prepared = prepare_all(wanted, data, args.seconds, args.refresh, args.jobs, step)
     for game, seed in wanted:
         video, truth = prepared[(game, seed)]

@@ -117,3 +117,23 @@ def test_ctrl_c_ends_a_bench_tool_with_one_line_and_exit_130(capsys: pytest.Capt
         run_tool(interrupted, "python -m bench.tune_trigger")
     assert exc.value.code == 130
     assert capsys.readouterr().err == "python -m bench.tune_trigger: interrupted\n"
+
+
+def test_a_bench_tool_piped_into_head_stops_without_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    script = ("from bench.output import run_tool\n"
+              "def main():\n"
+              "    for _ in range(100000):\n"
+              "        print('a line of figures')\n"
+              "    return 0\n"
+              "run_tool(main, 'tool')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"a line of figures\n"
+    proc.stdout.close()  # what `head -1` does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
