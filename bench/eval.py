@@ -339,15 +339,14 @@ def evaluate(
             return True
         return any(abs(t - x) <= reward_window + _EPS for x in rewards)
 
-    false_wakes = sum(1 for t in wt if not justified(t))
-    by_moment = {i for i, _ in moment_pairs}
     by_reward = {rest[n] for n, _ in reward_pairs}
     outcomes = [
         {"index": i, "t": pt[i],
-         "outcome": "moment" if n in by_moment else "reward" if n in by_reward
+         "outcome": "moment" if n in used_wakes else "reward" if n in by_reward
          else "redundant" if justified(pt[i]) else "false"}
         for n, i in enumerate(wakes)
     ]
+    false_wakes = sum(1 for o in outcomes if o["outcome"] == "false")  # a matched wake is always justified
 
     if duration_s is None and meta is not None:
         seconds = meta.get("seconds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -55,8 +56,6 @@ def run_tool(main: Callable[[], int], prog: str) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # output piped into `head`, which has read enough: not an error to show
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         code = 1
     sys.exit(code)

@@ -19,10 +19,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _whole_number(text: str, minimum: int) -> int:
     try:
-        value = int(text)
+        value: int | None = int(text)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
+        value = None
+    if value is None or value < minimum:
         raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
 

@@ -180,11 +180,11 @@ class Supervisor:
 
     # -- control ------------------------------------------------------------------------------
     def _send(self, st: GroupState, action: str, detail: dict[str, Any] | None = None) -> None:
+        if self._ctrl is None:  # not bound yet, or the run is over
+            return
         env = Envelope.wrap(Control(action=action, detail=detail or {}), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
                             t_capture_ns=self.clock.now_ns())
         ident = f"{st.name}#{st.incarnation}".encode()
-        if self._ctrl is None:
-            return
         with contextlib.suppress(zmq.ZMQError):
             self._ctrl.send_multipart([ident, *self._codec.encode(env)], flags=zmq.NOBLOCK)
 
