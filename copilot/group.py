@@ -149,7 +149,9 @@ class GroupRunner:
                 resume_media_s=self.opts.resume_media_s.get(sc.name),
             )
             subs = [
-                Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock) for link in sc.inputs
+                Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock,
+                           same_process=self._producer_group(link) == self.group)
+                for link in sc.inputs
             ]
             self.subscribers.extend(subs)
             self.runners.append(StageRunner(cls(ctx, params), subs))

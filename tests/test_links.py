@@ -194,6 +194,40 @@ def test_ordered_delivers_everything_in_order_with_backpressure(transport: str, 
     asyncio.run(main())
 
 
+def test_a_consumer_in_the_producers_process_reads_the_inproc_alias(tmp_path: Path) -> None:
+    """An ipc link with a local alias serves both kinds of consumer the same messages; the one in
+    the producer's process takes them over inproc (no kernel copy of each frame)."""
+    path = f"{tmp_path}/link-{uuid.uuid4().hex[:8]}"
+    spec = LinkSpec(name="l", endpoint=f"ipc://{path}", local_endpoint=f"inproc://{path}", policy="ordered", hwm=4,
+                    block_ms=None)
+    n = 50
+
+    async def main() -> None:
+        pub = Publisher(spec)
+        here, there = Subscriber(spec, same_process=True), Subscriber(spec)
+        try:
+            assert here.endpoint == f"inproc://{path}" and there.endpoint == f"ipc://{path}"
+            assert await pub.wait_subscribers(2, 10.0)
+
+            async def produce() -> None:
+                for i in range(n):
+                    assert await pub.send(frame(i, side=64))
+                assert await pub.end_stream(eos())
+
+            got_here, got_there, _ = await asyncio.gather(
+                read_until_eos(here, latest=False), read_until_eos(there, latest=False), produce())
+            for got in (got_here, got_there):
+                assert [e.seq for e in got] == list(range(1, n + 1))
+                assert [int(e.payload.image[0, 0, 0]) for e in got] == [i % 256 for i in range(n)]
+            assert pub.drops.total == 0 and here.drops.total == 0 and there.drops.total == 0
+        finally:
+            here.close()
+            there.close()
+            pub.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_ordered_drop_after_block_ms_is_counted_and_warned(
     transport: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
