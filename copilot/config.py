@@ -284,9 +284,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
 
 def link_specs(cfg: PipelineConfig, *, run_dir: str | None, keys: CurveKeys | None = None) -> dict[str, LinkSpec]:
     """Resolve endpoints: explicit ones stay; others are ``ipc://`` in ``run_dir`` or inproc.
-    An ``ipc://`` link also gets an inproc alias (``local_endpoint``) for the consumers that run
-    in its producer's process.  ``keys``: the pipeline's, when the caller has read them already
-    (else read here)."""
+    ``keys``: the pipeline's, when the caller has read them already (else read here)."""
     out = {}
     keys = keys or curve_keys(cfg)
     for name, lc in cfg.links.items():
@@ -303,7 +301,6 @@ def link_specs(cfg: PipelineConfig, *, run_dir: str | None, keys: CurveKeys | No
         out[name] = LinkSpec(
             name=name,
             endpoint=endpoint,
-            local_endpoint=("inproc://" + endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None,
             policy=lc.policy,
             hwm=lc.hwm,
             max_age_ms=lc.max_age_ms,

@@ -150,7 +150,7 @@ class GroupRunner:
             )
             subs = [
                 Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock,
-                           same_process=self._producer_group(link) == self.group)
+                           via=self.publishers[link].local_endpoint if link in self.publishers else None)
                 for link in sc.inputs
             ]
             self.subscribers.extend(subs)

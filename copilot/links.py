@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,10 +64,6 @@ class LinkSpec:
     block_ms: float | None = 2000.0
     # the pipeline's CurveZMQ keypair: set on tcp:// links when the pipeline has curve_keys
     curve: CurveKeys | None = None
-    # an inproc:// alias the producer binds as well, for consumers in its own process: they
-    # take each message by reference instead of through the kernel (a 640x480 frame is 0.9 MB,
-    # and every ipc:// consumer costs the producer a copy of it)
-    local_endpoint: str | None = None
 
 
 @dataclass
@@ -183,8 +180,17 @@ class Publisher:
             check_bind_endpoint(spec.endpoint, curve=spec.curve is not None)
             prepare_ipc(spec.endpoint)
             bind(sock, spec.endpoint, f"links.{spec.name}", spec.curve)
-            if spec.local_endpoint:
-                sock.bind(spec.local_endpoint)
+            last = sock.getsockopt(zmq.LAST_ENDPOINT)  # before the alias is bound
+            self._bound = last.decode() if isinstance(last, bytes) and last else spec.endpoint
+            # An inproc:// alias for consumers in this process (see Subscriber's ``via``): they take
+            # each message by reference, where every ipc:// or tcp:// consumer costs the producer a
+            # copy through the kernel (a 640x480 frame is 0.9 MB).  Unique per socket, so a producer
+            # made again in this process never finds its name still taken by the last one.  Not on
+            # a CURVE link: the socket's security would apply to the alias too.
+            self.local_endpoint: str | None = None
+            if not spec.endpoint.startswith("inproc://") and spec.curve is None:
+                self.local_endpoint = f"inproc://link-alias/{spec.name}/{uuid.uuid4().hex}"
+                sock.bind(self.local_endpoint)
         except BaseException:
             sock.close(linger=0)
             raise
@@ -194,8 +200,7 @@ class Publisher:
     @property
     def endpoint(self) -> str:
         """The endpoint actually bound (a ``tcp://127.0.0.1:*`` wildcard resolved to its port)."""
-        last = self._sock.getsockopt(zmq.LAST_ENDPOINT)
-        return last.decode() if isinstance(last, bytes) and last else self.spec.endpoint
+        return self._bound
 
     def _poll_subscriptions(self) -> None:
         while True:
@@ -351,9 +356,9 @@ class Subscriber:
     """
 
     def __init__(self, spec: LinkSpec, *, lossless: bool = False, clock: Clock = SYSTEM_CLOCK,
-                 same_process: bool = False):
-        """``same_process``: the producer runs in this process, so the link's ``local_endpoint``
-        (when it has one) is used instead of its ``endpoint``."""
+                 via: str | None = None):
+        """``via``: connect there instead of ``spec.endpoint`` (the ``local_endpoint`` of a
+        producer in this process)."""
         self.spec = spec
         self.lossless = lossless
         self.clock = clock
@@ -376,8 +381,7 @@ class Subscriber:
         if is_tcp(spec.endpoint):
             self.watch = ConnectionWatch(sock, spec.endpoint, f"the producer of link {spec.name}", contexts()[1],
                                          curve=spec.curve is not None)
-        # the endpoint this consumer reads from
-        self.endpoint = spec.local_endpoint if same_process and spec.local_endpoint else spec.endpoint
+        self.endpoint = via or spec.endpoint  # where this consumer reads from
         sock.connect(self.endpoint)
         self._sock = sock
         self._sync = sock

@@ -178,11 +178,9 @@ def test_link_endpoints_resolve_per_run() -> None:
     assert inproc["v"].endpoint == "inproc://t/v" and inproc["v"].policy == "latest" and inproc["v"].hwm == 2
     assert inproc["v"].max_age_ms == 250
     assert inproc["a"].endpoint == "tcp://127.0.0.1:7777"
-    assert inproc["v"].local_endpoint is None
     ipc = link_specs(cfg, run_dir="/tmp/run")
     assert ipc["v"].endpoint == "ipc:///tmp/run/v"
-    assert ipc["v"].local_endpoint == "inproc:///tmp/run/v"  # for consumers in the producer's process
-    assert ipc["a"].endpoint == "tcp://127.0.0.1:7777" and ipc["a"].local_endpoint is None
+    assert ipc["a"].endpoint == "tcp://127.0.0.1:7777"
 
 
 def test_a_stage_kind_may_be_a_module_path() -> None:

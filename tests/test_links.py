@@ -194,19 +194,21 @@ def test_ordered_delivers_everything_in_order_with_backpressure(transport: str, 
     asyncio.run(main())
 
 
-def test_a_consumer_in_the_producers_process_reads_the_inproc_alias(tmp_path: Path) -> None:
-    """An ipc link with a local alias serves both kinds of consumer the same messages; the one in
-    the producer's process takes them over inproc (no kernel copy of each frame)."""
-    path = f"{tmp_path}/link-{uuid.uuid4().hex[:8]}"
-    spec = LinkSpec(name="l", endpoint=f"ipc://{path}", local_endpoint=f"inproc://{path}", policy="ordered", hwm=4,
-                    block_ms=None)
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_a_consumer_in_the_producers_process_may_read_its_inproc_alias(transport: str, tmp_path: Path) -> None:
+    """A producer also binds an inproc alias; a consumer in its process that reads it gets the same
+    messages as one on the link's own endpoint, by reference (no kernel copy of each frame)."""
     n = 50
 
     async def main() -> None:
-        pub = Publisher(spec)
-        here, there = Subscriber(spec, same_process=True), Subscriber(spec)
+        pub = Publisher(LinkSpec(name="l", endpoint=endpoint(transport, tmp_path), policy="ordered", hwm=4,
+                                 block_ms=None))
+        spec = LinkSpec(name="l", endpoint=pub.endpoint, policy="ordered", hwm=4, block_ms=None)
+        alias = pub.local_endpoint
+        assert alias is not None and alias.startswith("inproc://")
+        here, there = Subscriber(spec, via=alias), Subscriber(spec)
         try:
-            assert here.endpoint == f"inproc://{path}" and there.endpoint == f"ipc://{path}"
+            assert here.endpoint == alias and there.endpoint == pub.endpoint
             assert await pub.wait_subscribers(2, 10.0)
 
             async def produce() -> None:
@@ -226,6 +228,22 @@ def test_a_consumer_in_the_producers_process_reads_the_inproc_alias(tmp_path: Pa
             pub.close()
 
     asyncio.run(main())
+
+
+def test_a_producer_made_again_in_the_same_process_binds_a_fresh_alias(tmp_path: Path) -> None:
+    ep = endpoint("ipc", tmp_path)
+    first = Publisher(LinkSpec(name="l", endpoint=ep))
+    first.close()
+    again = Publisher(LinkSpec(name="l", endpoint=ep))  # its alias never collides with the closing one's
+    try:
+        assert again.local_endpoint is not None and again.local_endpoint != first.local_endpoint
+    finally:
+        again.close()
+    inproc = Publisher(LinkSpec(name="l", endpoint=endpoint("inproc", tmp_path)))
+    try:
+        assert inproc.local_endpoint is None  # an inproc link needs no alias
+    finally:
+        inproc.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
