@@ -375,13 +375,14 @@ class Subscriber:
         hwm = spec.hwm if (spec.policy == "ordered" or lossless) else max(1, spec.hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        secure_client(sock, spec.curve, spec.endpoint)
-        # across hosts, a handshake that fails (another key file) is said, not retried in silence
-        self.watch: ConnectionWatch | None = None
-        if is_tcp(spec.endpoint):
-            self.watch = ConnectionWatch(sock, spec.endpoint, f"the producer of link {spec.name}", contexts()[1],
-                                         curve=spec.curve is not None)
         self.endpoint = via or spec.endpoint  # where this consumer reads from
+        secure_client(sock, spec.curve, self.endpoint)
+        # across hosts, a handshake that fails (another key file) is said, not retried in silence;
+        # a consumer reading its producer's inproc alias has no handshake to watch
+        self.watch: ConnectionWatch | None = None
+        if is_tcp(self.endpoint):
+            self.watch = ConnectionWatch(sock, self.endpoint, f"the producer of link {spec.name}", contexts()[1],
+                                         curve=spec.curve is not None)
         sock.connect(self.endpoint)
         self._sock = sock
         self._sync = sock
