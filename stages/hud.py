@@ -363,6 +363,7 @@ class HudAnalyzer:
         self._last_step: np.ndarray | None = None  # per cell, media time of its last step
         self._cell_of_row: np.ndarray | None = None
         self._cell_of_col: np.ndarray | None = None
+        self._row_starts = self._col_starts = np.zeros(0, np.intp)  # first row / column of each cell
         self._region_px: list[tuple[str, tuple[int, int, int, int]]] = []
         self._t_prev: float | None = None
         self._t_first: float | None = None
@@ -380,6 +381,8 @@ class HudAnalyzer:
         self._n_recent = np.zeros((self.gy, self.gx), np.float32)  # steps, decayed over rate_tau
         self._cell_of_row = np.minimum(np.arange(h) * self.gy // h, self.gy - 1)
         self._cell_of_col = np.minimum(np.arange(w) * self.gx // w, self.gx - 1)
+        self._row_starts = np.searchsorted(self._cell_of_row, np.arange(self.gy))
+        self._col_starts = np.searchsorted(self._cell_of_col, np.arange(self.gx))
         fh, fw = full_hw
         self._region_px = []
         for r in self.regions:
@@ -414,16 +417,22 @@ class HudAnalyzer:
         return round(float(np.count_nonzero(gone & in_cells)) / n, 3)
 
     def _cell_sums(self, mask: np.ndarray) -> np.ndarray:
+        """How many pixels of ``mask`` (bool, thumbnail-sized) are set in each grid cell.
+
+        Runs two to three times a frame, so it avoids widening the mask: the bools are read as
+        bytes and summed along the contiguous rows first, each cell's run into int16 (no cell is
+        32,767 px wide), then down the columns into int32.
+        """
         assert self._cell_of_row is not None and self._cell_of_col is not None
         h, w = mask.shape
         if h < self.gy or w < self.gx:
             # a frame smaller than the grid (a tiny window): some cells hold no pixel, which
             # reduceat cannot express; slower, but such frames are tiny
             sums = np.zeros((self.gy, self.gx), np.int64)
-            np.add.at(sums, (self._cell_of_row[:, None], self._cell_of_col[None, :]), mask)
+            np.add.at(sums, (self._cell_of_row[:, None], self._cell_of_col[None, :]), mask.astype(np.int64))
             return sums
-        rows = np.add.reduceat(mask, np.searchsorted(self._cell_of_row, np.arange(self.gy)), axis=0)
-        return np.add.reduceat(rows, np.searchsorted(self._cell_of_col, np.arange(self.gx)), axis=1)
+        cols = np.add.reduceat(mask.view(np.uint8), self._col_starts, axis=1, dtype=np.int16)
+        return np.add.reduceat(cols, self._row_starts, axis=0, dtype=np.int32)
 
     def _news(self, news: np.ndarray, weighted: np.ndarray, step: np.ndarray, before: np.ndarray,
               after: np.ndarray, t_at: float, cell_px: float) -> dict[str, float]:
@@ -465,7 +474,7 @@ class HudAnalyzer:
         if ring:
             prev = ring[-1]
             changed = np.abs(gray - prev) > self.threshold
-            cell_changed = self._cell_sums(changed.astype(np.int32)) > 0
+            cell_changed = self._cell_sums(changed) > 0
             alpha = 1.0 - float(np.exp(-dt / self.tau))
             self._activity += alpha * (cell_changed.astype(np.float32) - self._activity)
             self._act_norm += alpha * (1.0 - self._act_norm)  # bias correction of the EMA's start
@@ -485,7 +494,7 @@ class HudAnalyzer:
                 steady &= np.abs(later - at) <= self.threshold // 2
             step = jumped & steady & (self._held >= self.stable_before)
             # a change that did not hold is something passing by: such cells are not HUD
-            passing = self._cell_sums((jumped & ~steady).astype(np.int32)) >= self.min_cell_px
+            passing = self._cell_sums(jumped & ~steady) >= self.min_cell_px
             if passing.mean() < 0.25:  # a flash over the whole screen says nothing about any one cell
                 self._n_trans += passing
             # how long each pixel has held its value, as of ring[1]
@@ -494,11 +503,11 @@ class HudAnalyzer:
             t_at = self._times[1]
             self._times.pop(0)
             if step.any():
-                counts = self._cell_sums(step.astype(np.int32))
+                counts = self._cell_sums(step)
                 still = np.clip(1.0 - self._activity / (self.busy_rate * self._act_norm), 0.0, 1.0)
                 if not self.auto:
                     still = np.zeros_like(still)
-                weighted = counts * still
+                weighted = counts.astype(np.float64) * still
                 stepped = weighted >= self.min_cell_px
                 moved = counts >= self.min_cell_px  # a clock's busy digits too, for its beat
                 cell_px = step.size / (self.gx * self.gy)

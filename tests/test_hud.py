@@ -306,3 +306,22 @@ def test_a_frame_smaller_than_the_cell_grid_is_handled(w: int, h: int) -> None:
             img[: max(1, h // 4), : max(1, w // 4)] = 255  # a corner steps and stays
         values, _ = hud.update(img, i / 30)
         assert all(np.isfinite(v) for v in values.values()), values
+
+
+@pytest.mark.parametrize(("w", "h", "stride", "grid"), [(640, 480, 2, (32, 24)), (1920, 1080, 2, (32, 24)),
+                                                   (1000, 700, 3, (32, 24)), (640, 480, 1, (2, 2))])
+def test_cell_sums_count_every_set_pixel_in_its_cell(w: int, h: int, stride: int, grid: tuple[int, int]) -> None:
+    """The fast per-cell sums (bytes summed into int16 along rows, then down columns) equal a
+    plain scatter-add, on grids that divide the thumbnail evenly and unevenly, and with cells
+    too big for int16 (a 2x2 grid on 640x480 at stride 1: 76,800 px a cell, all set)."""
+    hud = HudAnalyzer(stride=stride, grid=grid)
+    hud.update(np.zeros((h, w, 3), np.uint8), 0.0)  # sets the grid up for this size
+    th, tw = -(-h // stride), -(-w // stride)
+    rng = np.random.default_rng(w)
+    for mask in (rng.random((th, tw)) < 0.3, np.ones((th, tw), bool), np.zeros((th, tw), bool)):
+        want = np.zeros((hud.gy, hud.gx), np.int64)
+        assert hud._cell_of_row is not None and hud._cell_of_col is not None
+        np.add.at(want, (hud._cell_of_row[:, None], hud._cell_of_col[None, :]), mask.astype(np.int64))
+        got = hud._cell_sums(mask)
+        assert got.shape == want.shape and np.array_equal(got, want)
+        assert int(got.sum()) == int(np.count_nonzero(mask))

@@ -9,7 +9,7 @@ import pytest
 
 from copilot.messages import Features, VideoFrame
 from copilot.testing import make_envelope, run_stage
-from stages.motion import MotionAnalyzer, colour_histogram
+from stages.motion import MotionAnalyzer, colour_histogram, gray_thumbnail
 from stages.thumbnail import ThumbnailAnalyzer, thumbnail_vector
 
 
@@ -107,3 +107,21 @@ def test_vanish_is_high_when_sprites_go_away_and_stay_away() -> None:
     flicker = MotionAnalyzer()  # sprites blinking every other frame are not gone
     vals = [flicker.update(sprites(8) if i % 2 else sprites(0), i / 30) for i in range(60)]
     assert max(v["vanish"] for v in vals[20:]) < 0.05
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_gray_thumbnail_is_the_integer_luma_of_every_strided_pixel(stride: int,
+                                                                  frames: list[tuple[float, np.ndarray]]) -> None:
+    """The fast path (channel views summed straight into int16) equals (R + 2G + B) >> 2 computed
+    plainly in int32, for RGB, for BGRA (the same channels reordered) and for gray frames."""
+    rng = np.random.default_rng(stride)
+    for rgb in (frames[len(frames) // 2][1], rng.integers(0, 256, (97, 131, 3), np.uint8),
+                np.full((8, 8, 3), 255, np.uint8)):
+        s = rgb[::stride, ::stride].astype(np.int32)
+        want = (s[..., 0] + 2 * s[..., 1] + s[..., 2]) >> 2
+        got = gray_thumbnail(rgb, stride)
+        assert got.dtype == np.int16 and np.array_equal(got, want)
+        bgra = np.concatenate([rgb[..., ::-1], np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=2)
+        assert np.array_equal(gray_thumbnail(bgra, stride, "bgra"), want)
+        gray = rgb[..., 1]
+        assert np.array_equal(gray_thumbnail(gray, stride), gray[::stride, ::stride])
