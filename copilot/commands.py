@@ -132,16 +132,19 @@ def _empty_outputs(outputs: Sequence[tuple[str, Path]]) -> None:
             raise UsageError(f"{flag}: cannot write {path} ({exc.strerror})") from exc
 
 
-def resolve_profile_option(profile: str | None) -> str | None:
-    """Validate ``--profile`` (a name under configs/profiles or a YAML path); its resolved path."""
-    try:
-        from copilot.profile import load_profile, resolve_profile
-    except ImportError:  # profiles arrive with the trigger detector
-        if profile:
-            raise UsageError("--profile: this build has no game profiles") from None
-        return None
+def resolve_profile_option(profile: str | None, cfg: Any = None) -> str | None:
+    """Validate ``--profile`` (a name under configs/profiles or a YAML path); its resolved path.
+
+    With the parsed pipeline ``cfg``, each of its stages validates the profile sections it owns
+    (the trigger its settings and the weights against the signals declared upstream of it), so a
+    wrong key ends in one line before any group starts or any output is emptied.
+    """
+    from copilot.profile import check_sections, load_profile, resolve_profile
+
     path = resolve_profile(profile)
-    load_profile(path)
+    prof = load_profile(path)
+    if cfg is not None:
+        check_sections(prof, {s.name: resolve_stage(s.kind) for s in cfg.stages}, str(path), cfg)
     return str(path)
 
 
@@ -228,7 +231,7 @@ def execute(
         args.config, input_file=input_file, start=start, until=until, source=source
     )
     _check_asr_stage(args, cfg, str(cfg_path))
-    profile = resolve_profile_option(getattr(args, "profile", None))  # before any output file is emptied
+    profile = resolve_profile_option(getattr(args, "profile", None), cfg)  # before any output file is emptied
     to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
                                kept=[(cfg_path, "the pipeline config"), (profile, "the profile")],
@@ -467,7 +470,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.group not in cfg.groups():
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
     _check_asr_stage(args, cfg, str(args.config))
-    profile = resolve_profile_option(args.profile)  # before any output file is emptied
+    profile = resolve_profile_option(args.profile, cfg)  # before any output file is emptied
     run_dir = shared_run_dir(cfg.name)
     to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, args.input, kept=[(args.config, "the pipeline config"), (profile, "the profile")],

@@ -42,6 +42,7 @@ from copilot.links import Publisher, Subscriber, contexts
 from copilot.messages import Control, Envelope, Metrics
 from copilot.reach import ConnectionWatch
 from copilot.registry import resolve_stage
+from copilot.signals import pipeline_signals
 from copilot.stage import Source, StageContext, StageRunner
 from copilot.worker import exit_process
 
@@ -147,6 +148,8 @@ class GroupRunner:
                 incarnation=self.opts.incarnation,
                 session_start_ns=self.opts.session_start_ns,
                 resume_media_s=self.opts.resume_media_s.get(sc.name),
+                input_signals=tuple(pipeline_signals(self.cfg, sc.name)) if getattr(cls, "reads_signals", False)
+                else (),
             )
             subs = [
                 Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock,

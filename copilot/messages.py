@@ -20,7 +20,7 @@ import numpy as np
 WIRE_VERSION = 1
 
 Priority = Literal["critical", "high", "normal", "low"]
-PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
+PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low")
 
 
 class TraceStamp(msgspec.Struct, array_like=True, frozen=True):
@@ -64,6 +64,50 @@ class Event(msgspec.Struct, tag="event", kw_only=True):
     priority: Priority = "normal"
     score: float = 0.0
     evidence: dict[str, Any] = {}
+
+    def record(self) -> dict[str, Any]:
+        """The event as one line of an events JSONL file (``t``, ``kind``, ``priority``, ``score``,
+        ``evidence``): the one place that format is built."""
+        return {"t": self.t, "kind": self.event_kind, "priority": self.priority, "score": self.score,
+                "evidence": self.evidence}
+
+
+class Cue(msgspec.Struct, tag="cue", kw_only=True):
+    """Discrete news from a producer: something happened at ``t`` that may deserve an event.
+
+    Graded signals (``Features``) say *how unusual* a moment looks; a cue says *what*
+    happened: a HUD area went back to an earlier content, a lives icon went away, an OCR rule
+    fired, a keyword was read on screen or heard.  The producer names the event ``kind`` it
+    would make and suggests a ``priority``; the trigger opens (or joins) an episode with it
+    and fuses it with the graded signals around ``t``.  ``reason`` is the human sentence that
+    goes into the event's evidence.  ``weak`` news (a score digit stepping) is not enough on
+    its own to emit an annotation; ``late`` news (keyword spotting, ASR) comes long after
+    ``t``, so the trigger's media-time merge never waits for it.
+    """
+
+    t: float
+    kind: str
+    priority: Priority = "normal"
+    reason: str = ""
+    evidence: dict[str, Any] = {}
+    weak: bool = False
+    late: bool = False
+
+
+class GameState(msgspec.Struct, tag="state", kw_only=True):
+    """The parsed HUD/OCR values, published when they change.
+
+    ``values`` are the numbers (``score``, ``health``, ``health_ratio`` ...), ``text`` the text
+    read for each field, ``previous`` each number's value before its latest change and
+    ``changed_at`` the media time of that change: enough for a reader (the trigger's evidence,
+    later the reasoner and the timeline) to say "health 100 -> 40 at 12.3 s" without keeping
+    its own history.
+    """
+
+    values: dict[str, float] = {}
+    text: dict[str, str] = {}
+    previous: dict[str, float] = {}
+    changed_at: dict[str, float] = {}
 
 
 class Transcript(msgspec.Struct, tag="transcript", kw_only=True):
@@ -126,12 +170,14 @@ class Control(msgspec.Struct, tag="control", kw_only=True):
     detail: dict[str, Any] = {}
 
 
-Payload = VideoFrame | AudioChunk | Features | Event | Transcript | Advice | Metrics | Control
+Payload = VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Advice | Metrics | Control
 
 PAYLOAD_TYPES: tuple[type, ...] = (
     VideoFrame,
     AudioChunk,
     Features,
+    Cue,
+    GameState,
     Event,
     Transcript,
     Advice,

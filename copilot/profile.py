@@ -28,8 +28,8 @@ import msgspec
 
 from copilot.config import config_dir, load_yaml, msgspec_error
 from copilot.errors import UsageError
+from copilot.messages import Priority
 
-Priority = Literal["critical", "high", "normal", "low"]
 FieldType = Literal["int", "float", "percent", "fraction", "text"]
 RuleOp = Literal["drop_pct", "drop", "rise", "below", "above", "change"]
 
@@ -77,60 +77,24 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def event_kind(self) -> str:
         return self.kind or f"{self.field}_{self.op}"
 
+    def fires(self, prev: float, value: float) -> bool:
+        """Whether the field moving from ``prev`` to ``value`` fires this rule."""
+        op, v = self.op, self.value
+        if op == "drop_pct":
+            return prev > 0 and (prev - value) / prev * 100.0 > v
+        if op == "drop":
+            return prev - value >= max(v, 1e-12)
+        if op == "rise":
+            return value - prev >= max(v, 1e-12)
+        if op == "below":
+            return prev >= v > value
+        if op == "above":
+            return prev <= v < value
+        return abs(value - prev) >= max(v, 1e-12)  # change
 
-class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """TriggerDetector settings (see :mod:`stages.trigger` for what each does)."""
-
-    # adaptive baselines
-    history_s: float = 18.0  # how far back the rarity of a signal value is judged
-    block_s: float = 0.7  # the past is kept as the peak of each block this long
-    warmup_s: float = 1.0  # no events before this much media time has been seen
-    rarity_margin: float = 1.1  # a value is compared with past peaks divided by this (>1: must clearly exceed)
-    solo_factor: float = 0.9  # the score of an episode that only one signal family saw is scaled by this
-    min_score: float = 0.35  # episodes scoring under this emit nothing (rules and keywords always do)
-    rarity_ref: float = 1.2  # rarity at which a signal counts fully (1 = reached once in ~10 blocks)
-    # fusion and hysteresis
-    fire_threshold: float = 0.55  # fused significance to open an episode
-    release_threshold: float = 0.3  # it must fall under this before another can open
-    agreement_bonus: float = 0.75  # extra score per additional independent signal family
-    agree_min: float = 0.33  # a further family adds to the score only from this score on
-    window_s: float = 0.4  # signals this close together count as simultaneous
-    # timing
-    coalesce_s: float = 0.25  # signals within this window after the onset join one event
-    refractory_s: float = 0.45  # no new event of the same priority class this soon after one
-    max_wakes_per_min: float = 30.0  # wake budget (critical + high events), sliding minute
-    # budget of the high wakes alone: a game scoring all the time must not wake the model all the
-    # time; critical events (a death, a game over) are limited only by max_wakes_per_min (0: no limit)
-    max_high_per_min: float = 0.0
-    critical_gap_s: float = 1.5  # a critical event this soon after a wake is only an annotation (normal)
-    wake_gap_s: float = 3.2  # a high event this soon after a wake is only an annotation (normal)
-    budget_window_s: float = 60.0
-    max_delay_s: float = 0.45  # an event is decided at most this long after its t
-    # priorities from the fused score (rules and keywords set theirs directly)
-    critical_score: float = 2.5
-    high_score: float = 1.15
-    normal_score: float = 0.55
-    annotate_hud: bool = True  # a step in a small HUD area is at least a low-priority event
-    annotate_min_novel_s: float = 0.5  # ... when its cell had not stepped for this long (a gauge ticking is not)
-    annotate_fresh: bool = True  # ... and the area shows a content it never showed before (not a blink, a gauge)
-    # an event under wake priority (normal, low) is emitted only with HUD evidence or a reason (a rule, a
-    # keyword, a HUD revert): a sound or a picture change alone is rarely a reward or a death
-    annotate_need_hud: bool = True
-    # ... and one whose only evidence is a HUD step too small to count as ``hud.steps`` (a few pixels,
-    # nothing else moved, sounded or went back) is not emitted either: it is rarely a score change
-    annotate_need_steps: bool = True
-    revert_priority: Priority = "critical"  # a HUD area going back to an earlier state (a counter reset)
-    # ... but only an area that has shown at most this many contents: a lives or level counter
-    # shows a handful, a gauge, a timer or a score dozens and goes back routinely (0: no limit)
-    revert_max_states: int = 6
-    quiet_s: float = 20.0  # a step in a HUD cell that had been still this long (s) is a quiet_priority event (0: off)
-    quiet_priority: Priority = "high"
-    quiet_by_area: bool = False  # judge the stepped cell with its row neighbours (the rest of its number), not alone
-    quiet_min_lost: float = 0.3  # ... and at least this share of its stepped pixels went to the background (0: any)
-    quiet_icon_s: float = 8.0  # ... or still this long (0: off) when nearly all its pixels went to the background
-    quiet_icon_lost: float = 0.8  # ... at least this share (an icon gone, not a digit changed)
-    quiet_max_cells: int = 8  # ... when at most this many such cells stepped (more is a redraw, not a HUD)
-    quiet_gap_s: float = 3.0  # ... and no other quiet step came this soon before (a sprite creeping over still cells)
+    def reason(self, prev: float, value: float) -> str:
+        """The sentence an event fired by this rule carries in its evidence."""
+        return f"rule {self.field} {self.op} {self.value:g}: {prev:g} -> {value:g}"
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -142,9 +106,12 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ocr_fields: list[OcrField] = []
     rules: list[Rule] = []
     keywords: dict[str, Priority] = {}  # text on screen (full-frame OCR) or in speech (ASR) -> priority
-    weights: dict[str, float] = {}
-    trigger: TriggerParams = msgspec.field(default_factory=TriggerParams)
+    weights: dict[str, float] = {}  # by signal family (or single signal): the stages of the pipeline declare them
     auto_hud: bool = True  # find static HUD areas from pixels (besides the profile regions)
+    # sections owned by a stage kind, validated by that stage (see check_sections): the core does not
+    # know their keys.  ``trigger``: the TriggerDetector's settings; ``hud``: the HUD cue policy's.
+    trigger: dict[str, Any] = {}
+    hud: dict[str, Any] = {}
 
     def region(self, name: str) -> Region:
         for r in self.regions:
@@ -231,55 +198,34 @@ def parse_profile(data: Any, source: str = "<profile>") -> Profile:
     for word in prof.keywords:
         if not word.strip():
             raise UsageError(f"{source}: keywords: expected words or phrases, got an empty one")
-    from stages.trigger import SIGNALS  # the detector owns the signal names (pure Python, no heavy import)
-
-    families = {fam for fam, _ in SIGNALS.values()}
-    for key, w in prof.weights.items():
-        if key not in families and key not in SIGNALS:
-            known = ", ".join(sorted(families))
-            raise UsageError(f"{source}: weights.{key}: no signal family or signal named {key!r}"
-                             f" (families: {known}; or a signal such as audio.onset)")
+    for key, w in prof.weights.items():  # the names are checked against the pipeline's declared signals
         if not (math.isfinite(w) and w >= 0):
             raise UsageError(f"{source}: weights.{key}: expected a finite weight >= 0, got {w}")
-    check_trigger(prof.trigger, source)
     return prof
-
-
-# trigger settings that must be over 0 (a history, a block or a budget window of 0 s divides by
-# zero; a rarity margin or reference of 0 makes every value count fully); every other number is >= 0
-_POSITIVE = frozenset({"history_s", "block_s", "rarity_margin", "rarity_ref", "max_wakes_per_min", "budget_window_s"})
-_FRACTIONS = frozenset({"quiet_min_lost", "quiet_icon_lost"})
-
-
-def check_trigger(t: TriggerParams, source: str) -> None:
-    """:class:`UsageError` naming ``source`` and the key for a trigger setting out of its range."""
-    for f in msgspec.structs.fields(TriggerParams):
-        value = getattr(t, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            what = "a finite number"
-        elif f.name in _POSITIVE and value <= 0:
-            what = "a number > 0"
-        elif value < 0:
-            what = "a number >= 0"
-        elif f.name in _FRACTIONS and value > 1:
-            what = "a share in [0, 1]"
-        else:
-            continue
-        raise UsageError(f"{source}: trigger.{f.name}: expected {what}, got {value}")
-    checks = [
-        ("max_delay_s", t.max_delay_s <= 0.5, "seconds in [0, 0.5] (events must be causal)"),
-        ("release_threshold", t.release_threshold <= t.fire_threshold, "a value <= fire_threshold"),
-    ]
-    for key, ok, what in checks:
-        if not ok:
-            raise UsageError(f"{source}: trigger.{key}: expected {what}, got {getattr(t, key)}")
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and validate a profile YAML file (:class:`UsageError` on any problem)."""
     return parse_profile(load_yaml(path), str(path))
+
+
+# the profile sections a stage kind owns: section -> the classmethod of the stage class that validates it
+SECTION_CHECK = "check_profile"
+
+
+def check_sections(prof: Profile, stage_classes: Mapping[str, Any], source: str, context: Any = None) -> None:
+    """Let each stage of a pipeline validate the profile sections it owns, before anything runs.
+
+    ``stage_classes`` maps stage names to their classes; a class with a ``check_profile(profile,
+    source, context)`` classmethod validates its sections (the trigger its ``trigger`` section and
+    the profile's weights against the signals declared upstream of it, the HUD stage its ``hud``
+    section) and raises :class:`UsageError` naming ``source`` and the key.  ``context`` is what the
+    caller knows of the pipeline (the parsed config).
+    """
+    for name, cls in stage_classes.items():
+        check = getattr(cls, SECTION_CHECK, None)
+        if check is not None:
+            check(prof, source, context, name)
 
 
 def profile_from_options(options: Mapping[str, Any]) -> Profile:

@@ -44,6 +44,7 @@ from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.links import ProducerGone, Publisher, Subscriber
 from copilot.messages import Control, Envelope, Payload, TraceStamp
 from copilot.metrics import StageRecorder
+from copilot.signals import Signal
 from copilot.worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class StageContext:
     incarnation: int = 0
     session_start_ns: int | None = None
     resume_media_s: float | None = None
+    # ``(producer stage, Signal)`` for every graded signal the stages feeding this one declare (see
+    # :mod:`copilot.signals`); filled by the group for a stage class that sets ``reads_signals``
+    input_signals: tuple[tuple[str, Any], ...] = ()
 
 
 class Stage:
@@ -82,6 +86,8 @@ class Stage:
     kind: ClassVar[str] = ""
     Params: ClassVar[type[msgspec.Struct]] = NoParams
     output_ports: ClassVar[tuple[str, ...]] = ()
+    # the graded signals this stage emits as Features values (see copilot.signals): what the trigger scores
+    signals: ClassVar[tuple[Signal, ...]] = ()
     min_inputs: ClassVar[int] = 1
     # > 0: after an input, a port quiet this long (media s) gets a progress heartbeat (see above)
     progress_s: ClassVar[float] = 0.0

@@ -299,6 +299,7 @@ async def arun_stage(
     timeout_s: float = 60.0,
     check_leaks: bool = True,
     restart: dict[str, Any] | None = None,
+    input_signals: Iterable[tuple[str, Any]] = (),
 ) -> StageResult:
     """Coroutine form of :func:`run_stage`, for tests that already run an event loop."""
     cls = _stage_class(stage)
@@ -306,6 +307,7 @@ async def arun_stage(
     stage_name = name or cls.kind or cls.__name__.lower()
     envs = make_envelopes(inputs, clock=clk, step_s=step_s)
     before = set(asyncio.all_tasks())
+    restart = {**(restart or {}), "input_signals": tuple(input_signals)}
     if transport == "direct":
         outputs = _Outputs(stage_name, cls.output_ports)
         ctx = StageContext(name=stage_name, clock=clk, outputs=outputs, speed=speed, options=dict(options or {}),
@@ -401,6 +403,7 @@ def run_stage(
     timeout_s: float = 60.0,
     check_leaks: bool = True,
     restart: dict[str, Any] | None = None,
+    input_signals: Iterable[tuple[str, Any]] = (),
 ) -> StageResult:
     """Run one stage (a class or a registered kind) over ``inputs`` and return its outputs.
 
@@ -410,14 +413,16 @@ def run_stage(
     stage takes no inputs and runs its ``produce``.  The stage must finish within
     ``timeout_s``; tasks it leaves running raise :class:`LeakError`.  ``restart`` runs it as a
     group restart would (the :class:`StageContext` fields ``incarnation``,
-    ``session_start_ns``, ``resume_media_s``).
+    ``session_start_ns``, ``resume_media_s``).  ``input_signals`` are the ``(producer, Signal)`` pairs a
+    stage that reads declared signals (the trigger) gets from its pipeline (``StageContext.input_signals``).
 
     >>> res = run_stage("audio_level", [audio_chunk(amplitude=0.5)])      # doctest: +SKIP
     >>> res["features"][0].values["rms_db"]                               # doctest: +SKIP
     """
     return asyncio.run(
         arun_stage(stage, inputs, params=params, clock=clock, options=options, speed=speed, step_s=step_s,
-                   name=name, transport=transport, timeout_s=timeout_s, check_leaks=check_leaks, restart=restart)
+                   name=name, transport=transport, timeout_s=timeout_s, check_leaks=check_leaks, restart=restart,
+                   input_signals=input_signals)
     )
 
 

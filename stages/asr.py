@@ -28,7 +28,9 @@ import msgspec
 import numpy as np
 
 from copilot.errors import UsageError
-from copilot.messages import AudioChunk, Envelope, Transcript
+from copilot.keywords import match_keywords
+from copilot.messages import PRIORITIES, AudioChunk, Cue, Envelope, Priority, Transcript
+from copilot.profile import profile_from_options
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 from engines.onnx_session import SessionConfig
@@ -67,6 +69,18 @@ class AsrParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("post_roll_s must be <= min_silence_s (audio after the end is not buffered longer)")
 
 
+def spoken_keyword_cue(t: float, said: str, keywords: dict[str, Priority]) -> Cue | None:
+    """A late cue when speech that started at ``t`` says one of the profile's keywords (the most
+    urgent one names it), else None.  Late: a transcript comes after its segment ended and Whisper
+    ran, seconds after ``t``, so the trigger's merge must never wait for it."""
+    found = match_keywords([said], keywords) if keywords and said else []
+    if not found:
+        return None
+    best = min(found, key=lambda kw: PRIORITIES.index(keywords[kw]))
+    return Cue(t=t, kind="spoken_keyword", priority=keywords[best], reason=f"heard {best!r}: {said.strip()!r}",
+               late=True, evidence={"keyword": best, "text": said.strip()})
+
+
 class _AudioBuffer:
     """The last ``keep_s`` seconds of 16 kHz audio with media times, cut by time span."""
 
@@ -99,7 +113,7 @@ class AsrStage(Stage):
     """faster-whisper on VAD-cut speech segments; emits Transcript messages."""
 
     Params = AsrParams
-    output_ports = ("transcripts",)
+    output_ports = ("transcripts", "cues")
 
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         super().__init__(ctx, params)
@@ -111,10 +125,12 @@ class AsrStage(Stage):
         self._worker: asyncio.Task[None] | None = None
         self._last: Envelope | None = None
         self.transcribed = 0
+        self._keywords: dict[str, Priority] = {}
         self.dropped_segments = 0
 
     async def start(self) -> None:
         p = self.p
+        self._keywords = dict(profile_from_options(self.ctx.options).keywords)
         model = p.model or self.ctx.options.get("asr_model")
         if not model:
             self.log.info("asr: no model configured (params.model or --asr-model); passing nothing")
@@ -172,6 +188,9 @@ class AsrStage(Stage):
                         parent=parent,
                         t_media=t0,
                     )
+                    cue = spoken_keyword_cue(t0, text, self._keywords)
+                    if cue is not None:
+                        await self.emit("cues", cue, parent=parent, t_media=t0)
             except Exception:
                 self.log.exception("asr: transcription failed; segment skipped")
             finally:

@@ -33,6 +33,7 @@ import numpy as np
 
 from copilot.messages import AudioChunk, Envelope, Features
 from copilot.registry import register_stage
+from copilot.signals import AUDIO, TIMBRE, Signal
 from copilot.stage import Stage
 
 SILENCE_DB = -120.0
@@ -200,6 +201,13 @@ class AudioFeaturesStage(Stage):
 
     Params = AudioFeaturesParams
     output_ports = ("features",)
+    signals = (
+        Signal("audio.onset", AUDIO, floor=0.5),
+        Signal("audio.rise", AUDIO, floor=6.0),
+        # a timbre not heard lately (a jingle, a death tune, not the usual shot): its own family, so a
+        # new sound agreeing with a picture or HUD change adds to it rather than competing with the onset
+        Signal("audio.novelty", TIMBRE, floor=0.005),
+    )
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)

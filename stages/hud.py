@@ -25,7 +25,9 @@ gained), ``revert`` / ``revert_age`` / ``revert_states`` / ``revert_clock`` / ``
 :class:`HudMemory`), ``region.NAME`` (changed fraction of each profile region) and, in
 ``text["where"]``, the stepped cells' box.  The cells of a clock (a timer's digits, see
 :meth:`HudMemory._ticks`) count in none of these step figures: a timer ticking is no news.
-The numeric core is :class:`HudAnalyzer`.
+The numeric core is :class:`HudAnalyzer`.  What a step *means* (a counter going back, a lives
+icon going away, a score gone up) goes out as :class:`copilot.messages.Cue` news on the ``cues``
+port, decided by :class:`stages.hud_cues.HudCuePolicy` from the profile's ``hud`` section.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import numpy as np
 from copilot.messages import Envelope, Features, VideoFrame
 from copilot.profile import Profile, Region, profile_from_options
 from copilot.registry import register_stage
+from copilot.signals import HUD, Signal
 from copilot.stage import Stage
+from stages.hud_cues import HudCuePolicy, hud_cue_settings
 from stages.motion import gray_thumbnail
 
 
@@ -550,11 +554,24 @@ class HudStage(Stage):
     """Step changes in still screen areas and profile regions: ``Features(name="hud")``."""
 
     Params = HudParams
-    output_ports = ("features",)
+    output_ports = ("features", "cues")
+    signals = (
+        # step changes in still areas; "small" is the part inside small HUD areas (scores, lives), judged by
+        # how often it happens, not how big it is (a digit flip is a few pixels or many depending on the digits)
+        Signal("hud.small", HUD, floor=0.00003, binary=True, weak=True),
+        Signal("hud.steps", HUD, floor=0.0004),
+        Signal("hud.areas", HUD, floor=1.5, weak=True),
+    )
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
         self.analyzer: HudAnalyzer | None = None
+        self.cues: HudCuePolicy | None = None
+
+    @classmethod
+    def check_profile(cls, prof: Profile, source: str, cfg: object, name: str) -> None:
+        """The profile's ``hud`` section belongs to this stage: validated before anything runs."""
+        hud_cue_settings(prof.hud, source)
 
     async def start(self) -> None:
         p: HudParams = self.params  # type: ignore[assignment]
@@ -572,11 +589,15 @@ class HudStage(Stage):
             auto=prof.auto_hud if p.auto is None else p.auto,
             min_cell_px=p.min_cell_px,
         )
+        self.cues = HudCuePolicy(hud_cue_settings(prof.hud, str(self.ctx.options.get("profile") or prof.name)))
 
     async def process(self, msg: Envelope) -> None:
         frame = msg.payload
         if not isinstance(frame, VideoFrame) or self.analyzer is None:
             return
         values, where = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
+        if self.cues is not None:
+            for cue in self.cues.update(msg.t_media, values):
+                await self.emit("cues", cue, parent=msg)
         await self.emit("features", Features(name="hud", values=values, text={"where": where} if where else {}),
                         parent=msg)

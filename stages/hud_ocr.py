@@ -8,22 +8,24 @@ few milliseconds per crop.  To stay cheap it reads at most every ``interval_s`` 
 time, and only the regions whose pixels changed since their last read (enough pixels by
 enough: a single digit of a score must count, video compression noise must not).  Values are parsed
 by type (``int``, ``float``, ``percent`` like "75%", ``fraction`` like "75/100",
-``text``) and emitted as the whole current state::
+``text``) and published as the whole current state on the ``state`` port::
 
-    Features(name="hud_ocr", values={"score": 1200, "health": 75, "health_ratio": 0.75},
-             text={"score": "SCORE 1200", "health": "75%"})
+    GameState(values={"score": 1200, "health": 75, "health_ratio": 0.75},
+              text={"score": "SCORE 1200", "health": "75%"}, previous={"health": 100}, changed_at={...})
 
 ``percent`` fields add ``<name>_ratio`` (value / 100); ``fraction`` fields add
 ``<name>_max`` and ``<name>_ratio``; ``text`` fields appear in ``text`` only.  A read that
 does not parse (the HUD blinked, a flash covered it) keeps the last good value, so a flash
-never looks like a health drop.  State goes out when it changed.
+never looks like a health drop.  State goes out when it changed, and the profile's ``rules``
+on those values (a health drop of more than 30%) go out as :class:`copilot.messages.Cue` news on
+the ``cues`` port when they fire.
 
 Keyword spotting (the profile's ``keywords``: text -> priority) reads the whole frame with
 detector + recogniser, which costs 0.1-1 s on a busy CPU.  It is off unless the profile has
 keywords; it runs every ``keyword_interval_s`` of media time on its own worker thread,
 never holding up frames (latest wins: frames that arrive while a read runs are not
-queued), and emits ``Features(name="keywords", text={"matched": "GAME OVER", "lines": ...},
-values={"critical": 1.0})`` when a keyword appears that the previous read did not see.
+queued), and emits a late ``Cue(kind="keyword", priority=..., reason="keyword 'GAME OVER'")`` on
+``cues`` when a keyword appears that the previous read did not see.
 
 With the default profile (no regions, no keywords) the stage loads no model and returns at
 once for every frame.
@@ -42,8 +44,8 @@ import msgspec
 import numpy as np
 
 from copilot.keywords import match_keywords
-from copilot.messages import PRIORITIES, Envelope, Features, VideoFrame
-from copilot.profile import OcrField, Profile, Region, profile_from_options
+from copilot.messages import PRIORITIES, Cue, Envelope, GameState, Priority, VideoFrame
+from copilot.profile import OcrField, Profile, Region, Rule, profile_from_options
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 from copilot.worker import StageWorker
@@ -206,6 +208,20 @@ class HudOcrParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"{key}: no OCR model file at {path}")
 
 
+def rule_cues(t: float, before: dict[str, float], after: dict[str, float], rules: list[Rule]) -> list[Cue]:
+    """A cue for each profile rule that the state going from ``before`` to ``after`` at ``t`` fires
+    (a value seen for the first time fires nothing: there is no move to judge)."""
+    cues: list[Cue] = []
+    for key, value in after.items():
+        prev = before.get(key)
+        if prev is None or prev == value:
+            continue
+        cues.extend(Cue(t=t, kind=rule.event_kind(), priority=rule.priority, reason=rule.reason(prev, value),
+                        evidence={"field": key, "before": prev, "after": value})
+                    for rule in rules if rule.field == key and rule.fires(prev, value))
+    return cues
+
+
 def _gray(crop: np.ndarray) -> np.ndarray:
     if crop.ndim == 2:
         return crop.astype(np.int16)
@@ -218,7 +234,7 @@ class HudOcrStage(Stage):
     """RapidOCR (PP-OCR) on the profile's HUD regions and, at a low rate, keywords on the frame."""
 
     Params = HudOcrParams
-    output_ports = ("features",)
+    output_ports = ("state", "cues")
     # state goes out only when it changes: heartbeats tell the trigger that nothing changed, so it
     # need not wait for this stage (field reads finish within process; keywords are late inputs).
     # One per frame: the trigger's watermark moves only as fast as the heartbeats (0.1 s steps
@@ -230,7 +246,7 @@ class HudOcrStage(Stage):
         self.p: HudOcrParams = params  # type: ignore[assignment]
         self.profile: Profile | None = None
         self._regions: list[tuple[Region, list[OcrField]]] = []
-        self._keywords: dict[str, str] = {}
+        self._keywords: dict[str, Priority] = {}
         self._rec: Any = None
         self._full: Any = None
         self._prev: dict[str, np.ndarray] = {}
@@ -242,6 +258,9 @@ class HudOcrStage(Stage):
         self._field_values: dict[str, dict[str, float]] = {}
         self._field_text: dict[str, str] = {}
         self._emitted: tuple[Any, ...] | None = None
+        self._rules: list[Rule] = []
+        self._previous: dict[str, float] = {}  # each value before its latest change
+        self._changed_at: dict[str, float] = {}
         self._kw_exec: StageWorker | None = None  # keyword spotting's own thread, beside the regions' one
         self._kw_task: asyncio.Task[None] | None = None
         self._kw_next = -float("inf")
@@ -259,6 +278,7 @@ class HudOcrStage(Stage):
         self._regions = [(prof.region(name), fields) for name, fields in by_region.items()]
         self._field_order = [f.name for f in prof.ocr_fields]
         self._keywords = dict(prof.keywords)
+        self._rules = list(prof.rules)
         if not self._regions and not self._keywords:
             return  # nothing to read: no model is loaded and every frame returns at once
         from engines.onnx_session import SessionConfig
@@ -352,13 +372,26 @@ class HudOcrStage(Stage):
                 self._field_values[f.name] = field_values(f.name, parsed)
                 self._field_text[f.name] = line.text.strip()
         # the state in the profile's field order, whatever order the fields were last read in
+        before = self.values
         self.values = {k: v for name in self._field_order for k, v in self._field_values.get(name, {}).items()}
         self.text = {name: self._field_text[name] for name in self._field_order if name in self._field_text}
         state = (tuple(sorted(self.values.items())), tuple(sorted(self.text.items())))
         if state != self._emitted and (self.values or self.text):
             self._emitted = state
-            await self.emit("features", Features(name="hud_ocr", values=dict(self.values), text=dict(self.text)),
-                            parent=msg)
+            await self._publish(before, msg)
+
+    async def _publish(self, before: dict[str, float], msg: Envelope) -> None:
+        """The new state on ``state``, and a cue on ``cues`` for each profile rule its changes fire."""
+        for key, value in self.values.items():
+            prev = before.get(key)
+            if prev is not None and prev != value:
+                self._previous[key] = prev
+                self._changed_at[key] = round(msg.t_media, 4)
+        for cue in rule_cues(msg.t_media, before, self.values, self._rules):
+            await self.emit("cues", cue, parent=msg)
+        await self.emit("state", GameState(values=dict(self.values), text=dict(self.text),
+                                           previous={k: v for k, v in self._previous.items() if k in self.values},
+                                           changed_at=dict(self._changed_at)), parent=msg)
 
     # -- keywords ----------------------------------------------------------------------------
     async def _read_keywords(self, frame: VideoFrame, msg: Envelope) -> None:
@@ -385,12 +418,9 @@ class HudOcrStage(Stage):
         if not new:
             return
         prios = {self._keywords[k] for k in new}
-        await self.emit(
-            "features",
-            Features(
-                name="keywords",
-                text={"matched": "; ".join(new), "lines": " | ".join(texts)},
-                values={p: 1.0 for p in PRIORITIES if p in prios},
-            ),
-            parent=msg,
-        )
+        best = next(p for p in PRIORITIES if p in prios)
+        matched_text = "; ".join(new)
+        # late: read off a frame up to a second ago, so the trigger's merge must not wait for it
+        await self.emit("cues", Cue(t=msg.t_media, kind="keyword", priority=best, reason=f"keyword {matched_text!r}",
+                                    late=True, evidence={"matched": matched_text, "lines": " | ".join(texts)}),
+                        parent=msg)

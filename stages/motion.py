@@ -30,6 +30,7 @@ import numpy as np
 
 from copilot.messages import Envelope, Features, VideoFrame
 from copilot.registry import register_stage
+from copilot.signals import MOTION, SCENE, Signal
 from copilot.stage import Stage
 
 
@@ -144,6 +145,7 @@ class FrameDiffStage(Stage):
 
     Params = FrameDiffParams
     output_ports = ("features",)
+    signals = (Signal("motion.diff", MOTION, floor=0.01),)
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)
@@ -175,6 +177,14 @@ class MotionStage(Stage):
 
     Params = MotionParams
     output_ports = ("features",)
+    signals = (
+        Signal("motion.diff", MOTION, floor=0.01),  # routine movement: weighted low by default
+        # big picture changes: a cut, a flash, the whole screen redrawn
+        Signal("motion.hist", SCENE, floor=0.2),
+        Signal("motion.flash", SCENE, floor=0.03),
+        Signal("motion.reset", SCENE, floor=0.5),
+        Signal("motion.vanish", SCENE, floor=0.08),  # a lasting share of the foreground went away (enemies cleared)
+    )
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)

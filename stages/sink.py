@@ -44,7 +44,7 @@ def message_record(msg: Envelope) -> dict[str, Any]:
     """A JSON-ready record of a message.  Events follow DESIGN.md's events JSONL format."""
     p = msg.payload
     if isinstance(p, Event):
-        return {"t": p.t, "kind": p.event_kind, "priority": p.priority, "score": p.score, "evidence": p.evidence}
+        return p.record()
     body = msgspec.to_builtins(p, enc_hook=_drop_arrays)
     if isinstance(p, Features):
         body.pop("vector", None)

@@ -22,6 +22,7 @@ import numpy as np
 
 from copilot.messages import Envelope, Features, VideoFrame
 from copilot.registry import register_stage
+from copilot.signals import MOTION, SCENE, Signal
 from copilot.stage import Stage
 from stages.motion import rgb_view
 
@@ -84,6 +85,10 @@ class ThumbnailStage(Stage):
 
     Params = ThumbnailParams
     output_ports = ("features",)
+    signals = (
+        Signal("thumb.novelty", MOTION, floor=0.05),
+        Signal("thumb.novelty_long", SCENE, floor=0.2),  # a screen not seen lately
+    )
 
     def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
         super().__init__(ctx, params)

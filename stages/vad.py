@@ -23,6 +23,7 @@ import msgspec
 
 from copilot.messages import AudioChunk, Envelope, Features
 from copilot.registry import register_stage
+from copilot.signals import SPEECH, Signal
 from copilot.stage import Stage, StageContext
 from engines.onnx_session import SessionConfig
 from engines.silero_vad import SileroVad, SpeechEdge, SpeechSegmenter, VadResult, VadStream
@@ -86,6 +87,8 @@ class VadStage(Stage):
 
     Params = VadParams
     output_ports = ("features",)
+    # kept under the trigger's agree_min by its default weight: no tuning data has speech, so it is evidence
+    signals = (Signal("vad.speech_prob", SPEECH, floor=0.5),)
 
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         super().__init__(ctx, params)

@@ -9,22 +9,84 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import pytest
 
-from copilot.messages import Control, Event, Features
-from copilot.profile import OcrField, Profile, Region, Rule, TriggerParams
+from copilot.errors import UsageError
+from copilot.messages import PRIORITIES, Control, Cue, Event, Features, GameState
+from copilot.profile import OcrField, Profile, Region, Rule
+from copilot.signals import SignalTable
 from copilot.testing import make_envelope, run_stage
+from stages.asr import spoken_keyword_cue
+from stages.audio_features import AudioFeaturesStage
+from stages.hud import HudStage
+from stages.hud_cues import HudCuePolicy, HudCueSettings, hud_cue_settings
+from stages.hud_ocr import rule_cues
+from stages.motion import MotionStage
+from stages.thumbnail import ThumbnailStage
 from stages.trigger import RarityBaseline, TriggerDetector
+from stages.trigger_settings import TriggerParams, trigger_settings
+from stages.vad import VadStage
 
 FPS = 30
 
 
-def profile(**trigger: object) -> Profile:
-    return Profile(trigger=msgspec.structs.replace(TriggerParams(), **trigger))
+HUD_KEYS = frozenset(HudCueSettings.__struct_fields__)
 
 
-def run(det: TriggerDetector, seconds: float, signal_at: dict[int, list[tuple[str, dict[str, float]]]]) -> list:
+def profile(**settings: object) -> Profile:
+    """A default profile with these ``trigger`` (or, for HUD cue settings, ``hud``) settings."""
+    return Profile(trigger={k: v for k, v in settings.items() if k not in HUD_KEYS},
+                   hud={k: v for k, v in settings.items() if k in HUD_KEYS})
+
+
+BUILTIN = [(cls.kind, sig) for cls in (MotionStage, ThumbnailStage, HudStage, AudioFeaturesStage, VadStage)
+           for sig in cls.signals]
+
+
+class Fed:
+    """A TriggerDetector fed as the default pipeline feeds it: the built-in encoders' declared
+    signals, the HUD stage's cues beside its features, the OCR stage's game state and rule cues,
+    and keywords read or heard as late cues.  Tests speak in encoder outputs (``hud``, ``audio``,
+    ``hud_ocr``, ``keywords``, ``transcript``) and check the events."""
+
+    def __init__(self, prof: Profile | None = None) -> None:
+        self.profile = prof or Profile()
+        self.det = TriggerDetector(self.profile, SignalTable(BUILTIN))
+        self.hud = HudCuePolicy(hud_cue_settings(self.profile.hud))
+        self.state: dict[str, float] = {}
+        self.previous: dict[str, float] = {}
+
+    @property
+    def p(self) -> TriggerParams:
+        return self.det.p
+
+    def observe(self, t: float, name: str, values: dict[str, float], text: dict[str, str] | None = None) -> list:
+        det, out = self.det, []
+        if name == "hud":
+            for cue in self.hud.update(t, values):
+                out += det.observe_cue(t, cue)
+        elif name == "hud_ocr":
+            after = {**self.state, **values}
+            for cue in rule_cues(t, self.state, after, list(self.profile.rules)):
+                out += det.observe_cue(t, cue)
+            self.previous.update({k: v for k, v in self.state.items() if after.get(k, v) != v})
+            self.state = after
+            return out + det.observe_state(t, GameState(values=dict(after), previous=dict(self.previous)))
+        elif name == "keywords":
+            best = next(p for p in PRIORITIES if values.get(p, 0.0) > 0)
+            cue = Cue(t=t, kind="keyword", priority=best, reason=f"keyword {(text or {}).get('matched', '')!r}",
+                      late=True)
+            return out + det.observe_cue(t, cue)
+        elif name == "transcript":
+            heard = spoken_keyword_cue(t, (text or {}).get("text", ""), dict(self.profile.keywords))
+            return out + (det.observe_cue(t, heard) if heard is not None else [])
+        return out + det.observe(t, name, values)
+
+    def finish(self) -> list:
+        return self.det.finish()
+
+
+def run(det: Fed, seconds: float, signal_at: dict[int, list[tuple[str, dict[str, float]]]]) -> list:
     """Feed ``seconds`` of quiet 30 Hz hud/audio features, with extra signals at some frames."""
     out = []
     for i in range(int(seconds * FPS)):
@@ -63,7 +125,7 @@ def test_values_under_the_floor_never_count() -> None:
 
 # -- adaptation ------------------------------------------------------------------------------
 def test_a_change_repeated_every_second_stops_firing() -> None:
-    det = TriggerDetector(profile())
+    det = Fed(profile())
     signals: dict[int, list] = {}
     for k in range(10, 50):  # from 10 s on, the same HUD step + beep every second
         signals.update(beep_and_digit(k * FPS))
@@ -77,7 +139,7 @@ def test_a_change_repeated_every_second_stops_firing() -> None:
 
 
 def test_a_rare_moment_fires_again_after_routine_ones() -> None:
-    det = TriggerDetector(profile())
+    det = Fed(profile())
     signals = beep_and_digit(20 * FPS)
     events = [e for e in run(det, 25, signals) if e.event.priority != "low"]
     assert len(events) == 1
@@ -87,8 +149,8 @@ def test_a_rare_moment_fires_again_after_routine_ones() -> None:
 # -- agreement, coalescing, priorities -------------------------------------------------------
 def test_agreement_of_two_families_scores_more_than_one_loud_signal() -> None:
     prof = profile(annotate_need_hud=False)  # so that the sound alone is emitted and scored
-    alone = run(TriggerDetector(prof), 15, {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]})
-    both = run(TriggerDetector(prof), 15, beep_and_digit(10 * FPS))
+    alone = run(Fed(prof), 15, {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]})
+    both = run(Fed(prof), 15, beep_and_digit(10 * FPS))
     assert alone, "a loud sound alone is an event"
     best_alone = max(e.event.score for e in alone)
     best_both = max(e.event.score for e in both)
@@ -97,15 +159,15 @@ def test_agreement_of_two_families_scores_more_than_one_loud_signal() -> None:
 
 def test_under_wake_priority_a_sound_alone_is_not_emitted_but_one_with_a_hud_step_is() -> None:
     sound = {10 * FPS: [("audio", {"onset": 500.0, "rise": 80.0})]}
-    shown = run(TriggerDetector(profile(annotate_need_hud=False)), 15, sound)
+    shown = run(Fed(profile(annotate_need_hud=False)), 15, sound)
     assert [(e.event.event_kind, e.event.priority) for e in shown] == [("sound", "normal")]
-    assert not run(TriggerDetector(profile()), 15, sound), "annotate_need_hud (the default) drops it"
-    both = run(TriggerDetector(profile()), 15, beep_and_digit(10 * FPS))
+    assert not run(Fed(profile()), 15, sound), "annotate_need_hud (the default) drops it"
+    both = run(Fed(profile()), 15, beep_and_digit(10 * FPS))
     assert [e.event.event_kind for e in both] == ["hud_change+sound"]
 
 
 def test_signals_close_together_coalesce_into_one_event_with_both_in_evidence() -> None:
-    det = TriggerDetector(profile())
+    det = Fed(profile())
     signals = {300: [("hud", {"steps": 0.002, "small": 0.002})], 303: [("audio", {"onset": 80.0, "rise": 40.0})]}
     events = run(det, 15, signals)
     assert len(events) == 1
@@ -116,7 +178,7 @@ def test_signals_close_together_coalesce_into_one_event_with_both_in_evidence() 
 
 
 def test_a_hud_area_going_back_to_an_earlier_state_is_critical() -> None:
-    det = TriggerDetector(profile())
+    det = Fed(profile())
     events = run(det, 12, {300: [("hud", {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 8.0})]})
     assert [e.event.priority for e in events] == ["critical"]
     assert events[0].event.event_kind == "hud_revert"
@@ -125,23 +187,23 @@ def test_a_hud_area_going_back_to_an_earlier_state_is_critical() -> None:
 def test_a_revert_of_an_area_with_many_states_is_only_an_annotation() -> None:
     # a gauge or a timer (dozens of contents) goes back routinely: no wake, a low event
     gauge = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 8.0, "revert_states": 30.0}
-    events = run(TriggerDetector(profile(revert_max_states=8)), 12, {300: [("hud", gauge)]})
+    events = run(Fed(profile(revert_max_states=8)), 12, {300: [("hud", gauge)]})
     assert [e.event.priority for e in events] in (["low"], ["normal"])
     counter = dict(gauge, revert_states=4.0)  # a lives counter: a handful of contents
-    events = run(TriggerDetector(profile(revert_max_states=8)), 12, {300: [("hud", counter)]})
+    events = run(Fed(profile(revert_max_states=8)), 12, {300: [("hud", counter)]})
     assert [e.event.priority for e in events] == ["critical"]
 
 
 def test_a_step_in_a_long_still_hud_cell_wakes_once() -> None:
     quiet = {"steps": 0.001, "small": 0.001, "quiet": 40.0, "quiet_area": 40.0, "quiet_cells": 2.0}
     prof = profile(quiet_s=15.0, quiet_gap_s=3.0, quiet_max_cells=8)
-    events = run(TriggerDetector(prof), 14, {300: [("hud", quiet)], 330: [("hud", quiet)]})
+    events = run(Fed(prof), 14, {300: [("hud", quiet)], 330: [("hud", quiet)]})
     wakes = [e.event for e in events if e.event.priority in ("critical", "high")]
     assert [(e.event_kind, round(e.t)) for e in wakes] == [("hud_quiet_change", 10)], "the second is 1 s later"
     redraw = dict(quiet, quiet_cells=60.0)  # many cells at once: a redraw, not a HUD
-    events = run(TriggerDetector(prof), 14, {300: [("hud", redraw)]})
+    events = run(Fed(prof), 14, {300: [("hud", redraw)]})
     assert not [e for e in events if e.event.priority in ("critical", "high")]
-    off = run(TriggerDetector(profile(quiet_s=0.0)), 14, {300: [("hud", quiet)]})
+    off = run(Fed(profile(quiet_s=0.0)), 14, {300: [("hud", quiet)]})
     assert not [e for e in off if e.event.event_kind == "hud_quiet_change"]
 
 
@@ -151,13 +213,13 @@ def test_an_icon_gone_after_a_short_stillness_wakes_but_a_changed_digit_does_not
     background is still a lost icon, while the same step that mostly redraws pixels is a digit."""
     prof = profile(quiet_s=20.0, quiet_icon_s=8.0, quiet_icon_lost=0.8)
     icon = {"steps": 0.001, "small": 0.001, "quiet": 10.0, "quiet_area": 10.0, "quiet_cells": 1.0, "quiet_lost": 0.95}
-    events = run(TriggerDetector(prof), 14, {300: [("hud", icon)]})
+    events = run(Fed(prof), 14, {300: [("hud", icon)]})
     assert [(e.event.event_kind, e.event.priority) for e in events if e.event.priority == "high"] == [
         ("hud_quiet_change", "high")]
     digit = dict(icon, quiet_lost=0.4)
-    events = run(TriggerDetector(prof), 14, {300: [("hud", digit)]})
+    events = run(Fed(prof), 14, {300: [("hud", digit)]})
     assert not [e for e in events if e.event.event_kind == "hud_quiet_change"]
-    events = run(TriggerDetector(profile(quiet_s=20.0, quiet_icon_s=0.0)), 14, {300: [("hud", icon)]})
+    events = run(Fed(profile(quiet_s=20.0, quiet_icon_s=0.0)), 14, {300: [("hud", icon)]})
     assert not [e for e in events if e.event.event_kind == "hud_quiet_change"], "quiet_icon_s 0 turns it off"
 
 
@@ -166,7 +228,7 @@ def test_a_hud_step_is_annotated_unless_its_cell_ticks_all_the_time_or_it_shows_
     fresh = {"steps": 0.001, "small": 0.001, "fresh": 0.001, "novel": 30.0}
 
     def annotated(values: dict[str, float], p: Profile = prof) -> list:
-        events = run(TriggerDetector(p), 12, {300: [("hud", values)]})
+        events = run(Fed(p), 12, {300: [("hud", values)]})
         return [e for e in events if "a HUD area changed" in e.event.evidence.get("reasons", [])]
 
     found = annotated(fresh)
@@ -182,7 +244,7 @@ def test_a_hud_step_too_small_for_hud_steps_is_annotated_only_with_other_evidenc
     tiny = {"steps": 0.0002, "small": 0.0002, "fresh": 0.0002, "novel": 30.0}  # under the hud.steps floor
 
     def kinds(signals: list[tuple[str, dict[str, float]]], p: Profile) -> list[str]:
-        return [e.event.event_kind for e in run(TriggerDetector(p), 12, {300: signals})]
+        return [e.event.event_kind for e in run(Fed(p), 12, {300: signals})]
 
     assert kinds([("hud", tiny)], profile(annotate_need_steps=False)) == ["hud_change"]
     assert not kinds([("hud", tiny)], profile()), "a few pixels and nothing else: not emitted by default"
@@ -193,10 +255,10 @@ def test_a_hud_step_too_small_for_hud_steps_is_annotated_only_with_other_evidenc
 
 def test_a_second_critical_cue_right_after_a_wake_is_only_an_annotation() -> None:
     revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 4.0}
-    close = run(TriggerDetector(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 330: [("hud", revert)]})
+    close = run(Fed(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 330: [("hud", revert)]})
     assert [e.event.priority for e in close] == ["critical", "normal"], "1 s apart: one death, one wake"
     assert "demoted from critical" in close[1].event.evidence["notes"][0]
-    apart = run(TriggerDetector(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 360: [("hud", revert)]})
+    apart = run(Fed(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 360: [("hud", revert)]})
     assert [e.event.priority for e in apart] == ["critical", "critical"]
 
 
@@ -206,7 +268,7 @@ def test_ocr_rule_health_drop_is_critical_and_carries_state_before_and_after() -
         ocr_fields=[OcrField(name="health", region="hp", type="int")],
         rules=[Rule(field="health", op="drop_pct", value=30, priority="critical", kind="big_hit")],
     )
-    det = TriggerDetector(prof)
+    det = Fed(prof)
     out = []
     for i in range(12 * FPS):
         t = i / FPS
@@ -220,7 +282,7 @@ def test_ocr_rule_health_drop_is_critical_and_carries_state_before_and_after() -
 
 
 def test_keywords_set_their_priority() -> None:
-    det = TriggerDetector(Profile(keywords={"GAME OVER": "high"}))
+    det = Fed(Profile(keywords={"GAME OVER": "high"}))
     out = det.observe(5.0, "keywords", {"high": 1.0}, {"matched": "GAME OVER"})
     out += det.observe(5.5, "audio", {"onset": 0.0})
     out += det.finish()
@@ -228,7 +290,7 @@ def test_keywords_set_their_priority() -> None:
 
 
 def test_a_keyword_heard_in_speech_opens_an_event_at_the_start_of_the_speech() -> None:
-    det = TriggerDetector(Profile(keywords={"GAME OVER": "critical", "bonus": "normal"}))
+    det = Fed(Profile(keywords={"GAME OVER": "critical", "bonus": "normal"}))
     out = det.observe(5.0, "audio", {"onset": 0.0})
     out += det.observe(3.2, "transcript", {}, {"text": " Bonus! And... that is game over."})
     out += det.observe(5.1, "audio", {"onset": 0.0})
@@ -242,7 +304,7 @@ def test_a_late_keyword_is_judged_against_the_wakes_near_its_own_time() -> None:
     """A transcript decided after later wakes: the wake gap and refractory time compare it with
     the wakes nearest its moment, so a later wake neither demotes nor drops it."""
     revert = {"steps": 0.002, "small": 0.002, "revert": 1.0, "revert_age": 4.0}
-    det = TriggerDetector(Profile(keywords={"you died": "critical"}))
+    det = Fed(Profile(keywords={"you died": "critical"}))
     out = []
     for i in range(14 * FPS):
         t = i / FPS
@@ -263,7 +325,7 @@ def test_a_late_keyword_is_judged_against_the_wakes_near_its_own_time() -> None:
 def test_speech_without_a_keyword_or_without_keywords_is_no_event() -> None:
     for prof, text in ((Profile(keywords={"GAME OVER": "critical"}), "the gamer is over there"),
                        (Profile(), "game over")):
-        det = TriggerDetector(prof)
+        det = Fed(prof)
         out = det.observe(3.0, "transcript", {}, {"text": text})
         out += det.observe(4.0, "audio", {"onset": 0.0})
         assert out + det.finish() == []
@@ -273,16 +335,16 @@ def test_speech_without_a_keyword_or_without_keywords_is_no_event() -> None:
 def test_refractory_time_drops_a_second_event_of_the_same_priority() -> None:
     sig = {"hud": {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0}}
     signals = {300: [("hud", sig["hud"])], 312: [("hud", sig["hud"])]}  # 0.4 s apart
-    near = run(TriggerDetector(profile(refractory_s=1.0, coalesce_s=0.1)), 14, signals)
+    near = run(Fed(profile(refractory_s=1.0, coalesce_s=0.1)), 14, signals)
     assert len(near) == 1
-    far = run(TriggerDetector(profile(refractory_s=0.2, coalesce_s=0.1)), 14, signals)
+    far = run(Fed(profile(refractory_s=0.2, coalesce_s=0.1)), 14, signals)
     assert len(far) == 2
 
 
 def test_wake_budget_demotes_wakes_past_max_per_minute() -> None:
     revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0}
     signals = {int((5 + 5 * k) * FPS): [("hud", revert)] for k in range(6)}  # a critical cue every 5 s
-    events = run(TriggerDetector(profile(max_wakes_per_min=3.0)), 40, signals)
+    events = run(Fed(profile(max_wakes_per_min=3.0)), 40, signals)
     prios = [e.event.priority for e in events]
     assert prios[:3] == ["critical"] * 3
     assert prios[3:] and all(p == "normal" for p in prios[3:])
@@ -292,7 +354,7 @@ def test_wake_budget_demotes_wakes_past_max_per_minute() -> None:
 def test_a_wake_demoted_by_the_budget_is_kept_even_without_hud_evidence() -> None:
     # a big picture change (a flash, the screen redrawn) every 5 s: high wakes with no HUD step
     # (each bigger than any before, so each is as rare as can be)
-    det = TriggerDetector(profile(max_wakes_per_min=2.0))
+    det = Fed(profile(max_wakes_per_min=2.0))
     events = []
     for i in range(60 * FPS):
         t = i / FPS
@@ -313,12 +375,12 @@ def test_high_wake_budget_demotes_high_wakes_but_lets_critical_ones_through() ->
     revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 3.0}
     signals = {int((5 + 5 * k) * FPS): [("hud", quiet)] for k in range(4)}  # a high cue every 5 s
     signals[int(27 * FPS)] = [("hud", revert)]
-    events = run(TriggerDetector(profile(max_high_per_min=2.0, quiet_s=15.0)), 30, signals)
+    events = run(Fed(profile(max_high_per_min=2.0, quiet_s=15.0)), 30, signals)
     got = [(round(e.event.t), e.event.priority) for e in events if e.event.priority in ("critical", "high", "normal")]
     assert got == [(5, "high"), (10, "high"), (15, "normal"), (20, "normal"), (27, "critical")]
     demoted = next(e for e in events if round(e.event.t) == 15)
     assert "high-wake budget" in demoted.event.evidence["notes"][0]
-    unlimited = run(TriggerDetector(profile(quiet_s=15.0)), 30, signals)
+    unlimited = run(Fed(profile(quiet_s=15.0)), 30, signals)
     assert sum(e.event.priority == "high" for e in unlimited) == 4, "0 (the default) is no limit"
 
 
@@ -327,7 +389,7 @@ def test_every_event_is_decided_within_half_a_second_of_its_time() -> None:
     import random
 
     rng = random.Random(0)
-    det = TriggerDetector(profile())
+    det = Fed(profile())
     events = []
     for i in range(60 * FPS):
         t = i / FPS
@@ -350,10 +412,17 @@ def hud_with_a_revert_at_9s(i: int) -> dict[str, float]:
     return {"steps": 0.0, "small": 0.0, "revert": 0.0}
 
 
+def hud_envelopes(policy: HudCuePolicy, i: int) -> list[Any]:
+    """What the HUD stage sends for frame ``i``: its cues, then its features."""
+    t, values = i / FPS, hud_with_a_revert_at_9s(i)
+    cues = [make_envelope(c, t_media=t, source="hud") for c in policy.update(t, values)]
+    return [*cues, make_envelope(Features(name="hud", values=values), t_media=t, source="hud")]
+
+
 def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
-    envs = [make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=i / FPS, seq=i + 1)
-            for i in range(12 * FPS)]
-    res = run_stage("trigger", envs)
+    policy = HudCuePolicy()
+    envs = [env for i in range(12 * FPS) for env in hud_envelopes(policy, i)]
+    res = run_stage("trigger", envs, input_signals=BUILTIN)
     events = res["events"]
     assert len(events) == 1 and isinstance(events[0], Event)
     assert events[0].priority == "critical"
@@ -365,49 +434,28 @@ def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
 def test_trigger_stage_turns_a_late_transcript_with_a_keyword_into_an_event(tmp_path: Any) -> None:
     """A transcript comes well after its speech (the segment, then Whisper): it does not hold
     back the picture and HUD events, and its keyword still becomes an event at the speech."""
-    from copilot.messages import Transcript
-
     prof = tmp_path / "kw.yaml"
     prof.write_text("name: kw\nkeywords: {mission failed: critical}\n")
-    envs = []
+    envs, policy = [], HudCuePolicy()
     for i in range(12 * FPS):
-        envs.append(make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=i / FPS,
-                                  source="hud"))
-        if i == 6 * FPS:  # said from 2.5 s to 4 s, transcribed by 6 s
-            envs.append(make_envelope(Transcript(text="Mission failed.", t_start=2.5, t_end=4.0), t_media=2.5,
-                                      source="asr"))
-    res = run_stage("trigger", envs, options={"profile": str(prof)})
+        envs += hud_envelopes(policy, i)
+        if i == 6 * FPS:  # said from 2.5 s to 4 s, transcribed by 6 s: the ASR stage's late cue
+            heard = spoken_keyword_cue(2.5, "Mission failed.", {"mission failed": "critical"})
+            envs.append(make_envelope(heard, t_media=2.5, source="asr"))
+    res = run_stage("trigger", envs, options={"profile": str(prof)}, input_signals=BUILTIN)
     got = [(e.event_kind, e.priority, e.t) for e in res["events"]]
     assert got == [("spoken_keyword", "critical", 2.5), ("hud_revert", "critical", pytest.approx(9.0, abs=0.05))]
 
 
 def test_stage_overrides_validate_against_trigger_params() -> None:
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"refractory_s": "soon"}, TriggerParams)
-
-
-def test_inputs_from_several_streams_are_released_in_media_time_order() -> None:
-    from stages.trigger import MediaTimeOrder
-
-    o = MediaTimeOrder(idle_s=1.0)
-    o.push(0.10, "audio", {}, {})
-    o.push(0.20, "audio", {}, {})
-    assert o.pop_ready() == [(0.10, "audio", {}, {}), (0.20, "audio", {}, {})]  # one stream: nothing to wait for
-    o.push(0.30, "audio", {}, {})
-    o.push(0.05, "hud", {}, {})  # a slower encoder, behind
-    assert [t for t, *_ in o.pop_ready()] == [0.05]  # audio at 0.30 waits until hud gets there
-    o.push(0.40, "hud", {}, {})
-    assert [t for t, *_ in o.pop_ready()] == [0.30]
-    for k in range(5, 30):  # hud goes quiet: after idle_s it no longer holds audio back
-        o.push(k / 10, "audio", {}, {})
-    assert [t for t, *_ in o.pop_ready()][-1] == pytest.approx(2.9)
-    assert o.pop_ready(all_=True) == []
+    with pytest.raises(UsageError, match=r"trigger\.refractory_s"):
+        trigger_settings({}, "p.yaml", {"refractory_s": "soon"})
 
 
 def test_inputs_of_equal_media_time_give_the_same_events_whatever_order_they_come_in() -> None:
     # one frame's motion, HUD and audio features reach the detector from different processes
     def feed(order: list[str]) -> list[dict]:
-        det = TriggerDetector(profile())
+        det = Fed(profile())
         out = []
         for i in range(15 * FPS):
             t = i / FPS
@@ -428,63 +476,19 @@ def test_inputs_of_equal_media_time_give_the_same_events_whatever_order_they_com
     assert feed(["hud", "audio", "motion"]) == first
 
 
-def test_media_time_order_releases_equal_times_in_stream_name_order() -> None:
-    from stages.trigger import MediaTimeOrder
-
-    o = MediaTimeOrder(idle_s=1.0)
-    for name in ("thumb", "audio", "motion", "hud"):  # arrival order of one frame's features
-        o.push(0.5, name, {}, {})
-    assert [name for _, name, *_ in o.pop_ready()] == ["audio", "hud", "motion", "thumb"]
-
-
-def test_a_transcript_stamped_in_the_past_never_holds_the_other_streams_back() -> None:
-    """Whisper's text comes after its speech segment ended, stamped with the segment's start:
-    waiting for that stream would delay every event past the causal limit."""
-    from stages.trigger import MediaTimeOrder
-
-    o = MediaTimeOrder(idle_s=1.0)
-    o.push(10.0, "hud", {}, {})
-    o.push(10.0, "audio", {}, {})
-    assert [name for _, name, *_ in o.pop_ready()] == ["audio", "hud"]
-    o.push(9.6, "transcript", {}, {"text": "look out"})  # within idle_s of the newest input
-    o.push(10.1, "hud", {}, {})
-    o.push(10.1, "audio", {}, {})
-    assert o.watermark == 10.1
-    assert [name for _, name, *_ in o.pop_ready()] == ["transcript", "audio", "hud"]
-
-
-def test_a_producer_is_one_stream_whatever_names_its_inputs_carry() -> None:
-    """The VAD stage sends per-window ``vad`` features and, rarely, ``speech`` edges stamped
-    a little in the past: progress is the stage's, so an old edge holds nothing back."""
-    from stages.trigger import MediaTimeOrder
-
-    o = MediaTimeOrder(idle_s=1.0)
-    o.push(5.0, "hud", {}, {}, source="hud")
-    o.push(5.0, "vad", {}, {}, source="vad")
-    o.push(4.6, "speech", {"t_start": 3.0, "t_end": 4.6}, {"edge": "end"}, source="vad")
-    o.push(5.5, "hud", {}, {}, source="hud")
-    o.push(5.5, "vad", {}, {}, source="vad")
-    assert o.watermark == 5.5
-    keyed_by_name = MediaTimeOrder(idle_s=1.0)  # what keying by name did: the edge held everything at 4.6
-    for t, name in ((5.0, "hud"), (5.0, "vad"), (4.6, "speech"), (5.5, "hud"), (5.5, "vad")):
-        keyed_by_name.push(t, name, {}, {})
-    assert keyed_by_name.watermark == 4.6
-
-
 def trigger_run_with_a_sparse_producer(*, heartbeats: bool) -> Any:
     """12 s of per-frame HUD features with one revert at 9 s, and an OCR stage that says
     something only when the score changes (at 2 s and just before the revert), with or
     without its heartbeats."""
-    envs = []
+    envs, policy = [], HudCuePolicy()
     for i in range(12 * FPS):
         t = i / FPS
-        envs.append(make_envelope(Features(name="hud", values=hud_with_a_revert_at_9s(i)), t_media=t, source="hud"))
+        envs += hud_envelopes(policy, i)
         if i in (2 * FPS, 9 * FPS - 3):
-            envs.append(make_envelope(Features(name="hud_ocr", values={"score": float(i)}), t_media=t,
-                                      source="hud_ocr"))
+            envs.append(make_envelope(GameState(values={"score": float(i)}), t_media=t, source="hud_ocr"))
         elif heartbeats and i % 3 == 0:
             envs.append(make_envelope(Control(action="heartbeat"), t_media=t, source="hud_ocr"))
-    return run_stage("trigger", envs)
+    return run_stage("trigger", envs, input_signals=BUILTIN)
 
 
 def test_heartbeats_of_a_producer_that_emits_rarely_keep_events_on_time() -> None:
