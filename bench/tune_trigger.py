@@ -1,12 +1,14 @@
-"""Fast offline tuning of the TriggerDetector over cached per-frame signals.
+"""Fast offline tuning of the TriggerDetector over features the real pipeline recorded.
 
-Running the whole pipeline costs ~20 s per 90 s recording; the detector itself costs
-milliseconds.  So this tool decodes each recording once, runs the same encoder cores the
-stages use (:class:`stages.motion.MotionAnalyzer`, :class:`stages.hud.HudAnalyzer`,
-:class:`stages.thumbnail.ThumbnailAnalyzer`, :class:`stages.audio_features.AudioAnalyzer`),
-and caches their outputs as ``<stem>.signals.npz`` beside the recording.  The detector is
-then replayed over the cached signals (:func:`replay_detector`), in media-time order as the
-trigger stage would see them, with any parameters, and scored with ``bench.eval``.
+Running the whole pipeline costs ~10-25 s per 90 s recording; the detector itself costs
+milliseconds.  So this tool runs the real default pipeline (``configs/default.yaml``, exactly
+what ``gamecopilot annotate --features-out`` runs) once per recording and caches what its
+encoders sent the trigger as ``<stem>.<profile>.v<N>.features.jsonl`` beside the recording
+(with the pipeline's own events beside it).  The detector is then replayed over those
+features (:func:`replay_detector`), in the media-time order the trigger stage's merge releases
+them, with any settings, and scored with :mod:`copilot.scoring`.  Nothing here wires encoders
+by hand: a change to an encoder or to the default pipeline reaches the tuner (bump
+:data:`CACHE_VERSION` to record again).
 
 Usage::
 
@@ -26,9 +28,9 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,140 +43,146 @@ from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
 from copilot.args import OneLineParser, positive_int, seed_number
+from copilot.config import default_config_path, load_yaml, parse_pipeline
 from copilot.errors import UsageError
-from copilot.profile import Profile, check_trigger, load_profile, resolve_profile
-from stages.replay import resampled_samples
+from copilot.messages import Cue, Features, GameState
+from copilot.profile import Profile, load_profile, resolve_profile
+from copilot.signals import SignalTable, pipeline_signals
+from stages.hud_cues import HudCuePolicy, HudCueSettings, hud_cue_settings
+from stages.trigger import DetectorEvent, TriggerDetector
+from stages.trigger_settings import TriggerParams, trigger_settings
 
-MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")
-HUD_KEYS = ("steps", "cells", "novel", "peak", "age", "revert", "revert_age", "revert_states", "areas", "small",
-            "quiet", "quiet_cells", "quiet_area", "revert_clock", "quiet_lost", "clock", "fresh")
-THUMB_KEYS = ("novelty", "novelty_long")
-AUDIO_KEYS = ("rms_db", "peak_db", "flux", "onset", "rise", "offset", "novelty")
-# bump when an encoder changes, so cached signals are recomputed
-SIGNALS_VERSION = 33
-
-
-def extract_signals(video: str | Path, profile: Profile | None = None) -> dict[str, np.ndarray]:
-    """Decode ``video`` once and run every cheap encoder core over it."""
-    import av
-
-    from stages.audio_features import AudioAnalyzer
-    from stages.hud import HudAnalyzer
-    from stages.motion import MotionAnalyzer
-    from stages.thumbnail import ThumbnailAnalyzer
-
-    prof = profile or Profile()
-    motion = MotionAnalyzer()
-    hud = HudAnalyzer(regions=prof.regions, auto=prof.auto_hud)
-    thumb = ThumbnailAnalyzer()
-    audio = AudioAnalyzer()
-    vt: list[float] = []
-    mrows: list[list[float]] = []
-    hrows: list[list[float]] = []
-    trows: list[list[float]] = []
-    at: list[float] = []
-    arows: list[list[float]] = []
-    timing = {"motion": 0.0, "hud": 0.0, "thumb": 0.0, "audio": 0.0, "decode": 0.0}
-    with av.open(str(video)) as c:
-        streams: list[Any] = [c.streams.video[0]]
-        if c.streams.audio:
-            streams.append(c.streams.audio[0])
-        for s in streams:
-            s.thread_type = "AUTO"
-        resampler = av.AudioResampler(format="flt", layout=c.streams.audio[0].layout.name) if c.streams.audio else None
-        t0 = time.perf_counter()
-        for frame in c.decode(*streams):
-            t = frame.time
-            if t is None:
-                continue
-            if isinstance(frame, av.VideoFrame):
-                img = frame.to_ndarray(format="rgb24")
-                t1 = time.perf_counter()
-                timing["decode"] += t1 - t0
-                m = motion.update(img, t)
-                t2 = time.perf_counter()
-                h, _ = hud.update(img, t)
-                t3 = time.perf_counter()
-                _, th = thumb.update(img, t)
-                t4 = time.perf_counter()
-                timing["motion"] += t2 - t1
-                timing["hud"] += t3 - t2
-                timing["thumb"] += t4 - t3
-                vt.append(t)
-                mrows.append([m[k] for k in MOTION_KEYS])
-                hrows.append([h.get(k, 0.0) for k in HUD_KEYS])
-                trows.append([th[k] for k in THUMB_KEYS])
-            else:
-                assert resampler is not None
-                samples = resampled_samples(resampler, frame)
-                if samples is None:
-                    continue
-                t1 = time.perf_counter()
-                timing["decode"] += t1 - t0
-                a = audio.update(samples, frame.sample_rate)
-                timing["audio"] += time.perf_counter() - t1
-                at.append(t)
-                arows.append([a[k] for k in AUDIO_KEYS])
-            t0 = time.perf_counter()
-    return {
-        "video_t": np.array(vt),
-        "motion": np.array(mrows, np.float32).reshape(-1, len(MOTION_KEYS)),
-        "hud": np.array(hrows, np.float32).reshape(-1, len(HUD_KEYS)),
-        "thumb": np.array(trows, np.float32).reshape(-1, len(THUMB_KEYS)),
-        "audio_t": np.array(at),
-        "audio": np.array(arows, np.float32).reshape(-1, len(AUDIO_KEYS)),
-        "timing_s": np.array([timing[k] for k in ("decode", "motion", "hud", "thumb", "audio")]),
-    }
+# bump when an encoder or the default pipeline changes, so recorded features are made again
+CACHE_VERSION = 34
 
 
-def cached_signals(video: str | Path, refresh: bool = False) -> dict[str, np.ndarray]:
-    """Signals of ``video``, from ``<stem>.signals.npz`` beside it when present and current.
+def cache_paths(video: Path, profile: str | None) -> tuple[Path, Path]:
+    """``(features, events)`` the real pipeline recorded for ``video`` with ``profile``."""
+    tag = f"{Path(profile).stem if profile else 'default'}.v{CACHE_VERSION}"
+    return video.with_suffix(f".{tag}.features.jsonl"), video.with_suffix(f".{tag}.events.jsonl")
 
-    The cache is written under a temporary name and renamed when complete, so a run that is
-    interrupted, or two runs sharing ``--data``, never leave a half-written cache; one that
-    cannot be read (a cache left by an older, non-atomic writer) is recomputed."""
-    v = Path(video)
-    cache = v.with_suffix(".signals.npz")
-    if not refresh:
-        sig = _load_cache(cache, v)
-        if sig is not None:
-            return sig
-    sig = extract_signals(v)
-    sig["version"] = np.array(SIGNALS_VERSION)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+
+def record_features(video: Path, profile: str | None, features: Path, events: Path) -> None:
+    """Run the real default pipeline (``configs/default.yaml``) over ``video`` at max speed, as
+    ``gamecopilot annotate`` does, keeping everything its encoders sent the trigger.
+
+    Both files are written under temporary names and renamed when complete, so an interrupted
+    run, or two runs sharing ``--data``, never leave a half-written cache.
+    """
+    tmp_f = features.with_name(f".{features.name}.{os.getpid()}.partial")
+    tmp_e = events.with_name(f".{events.name}.{os.getpid()}.partial")
+    cmd = [sys.executable, "-m", "copilot", "annotate", str(video), "-o", str(tmp_e), "--features-out", str(tmp_f),
+           "-q", *(["--profile", profile] if profile else [])]
     try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **sig)  # type: ignore[arg-type]
-        os.replace(tmp, cache)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UsageError(f"{video}: the pipeline failed (exit {proc.returncode}): {last}")
+        os.replace(tmp_e, events)
+        os.replace(tmp_f, features)
     finally:
-        tmp.unlink(missing_ok=True)
-    return sig
+        tmp_f.unlink(missing_ok=True)
+        tmp_e.unlink(missing_ok=True)
 
 
-def _load_cache(cache: Path, video: Path) -> dict[str, np.ndarray] | None:
-    """The cached signals, or None when missing, older than the video, of another version or unreadable."""
-    try:
-        if cache.stat().st_mtime < video.stat().st_mtime:
-            return None
-        with np.load(cache) as z:
-            if "version" not in z.files or int(z["version"]) != SIGNALS_VERSION:
-                return None
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
+def cached_features(video: str | Path, profile: str | None = None, refresh: bool = False) -> Path:
+    """The features JSONL the real pipeline recorded for ``video``, recorded first when missing or
+    older than the video."""
+    v = Path(video)
+    features, events = cache_paths(v, profile)
+    fresh = all(p.exists() and p.stat().st_mtime >= v.stat().st_mtime for p in (features, events))
+    if refresh or not fresh:
+        record_features(v, profile, features, events)
+    return features
 
 
-def prepare(game: str, seed: int, data: Path, seconds: float, refresh: bool) -> tuple[Path, Path]:
+# what the trigger reads, by the record's message kind (the features sink's format, stages/sink.py)
+_READ: dict[str, type] = {"features": Features, "cue": Cue, "state": GameState}
+
+
+def observations(features: Path) -> list[tuple[float, str, int, int, Any]]:
+    """The recorded inputs of the trigger as ``(t, stream, rank, n, payload)`` in the order its
+    media-time merge releases them (see :class:`copilot.order.MediaTimeOrder` and TriggerStage)."""
+    obs: list[tuple[float, str, int, int, Any]] = []
+    with open(features, encoding="utf-8") as fh:
+        for n, line in enumerate(fh):
+            rec = json.loads(line)
+            kind = rec.get("kind")
+            if kind not in _READ:
+                continue
+            # a cue is nested under its kind (it has a t and a kind of its own); the others are flat
+            body = rec[kind] if kind == "cue" else {k: v for k, v in rec.items() if k not in ("t", "kind", "source")}
+            payload: Features | Cue | GameState = msgspec.convert(body, _READ[kind])
+            if isinstance(payload, Features):
+                obs.append((rec["t"], payload.name, 1, n, (rec["source"], payload)))
+            else:
+                obs.append((rec["t"], rec["source"], 0 if kind == "cue" else 1, n, (rec["source"], payload)))
+    obs.sort(key=lambda o: o[:4])
+    return obs
+
+
+def replay_detector(obs: list[tuple[float, str, int, int, Any]], profile: Profile) -> list[dict[str, Any]]:
+    """Run a fresh TriggerDetector over recorded inputs with ``profile``'s settings; the events as
+    events-JSONL records.
+
+    The HUD stage's cues are derived again from its recorded features with the profile's ``hud``
+    section (the same :class:`stages.hud_cues.HudCuePolicy` the stage runs), so HUD settings can be
+    tuned too; every other input is replayed as recorded.
+    """
+    table = SignalTable(pipeline_signals(default_pipeline(), "trigger"))
+    det = TriggerDetector(profile, table)
+    hud = HudCuePolicy(hud_cue_settings(profile.hud, profile.name))
+    hud_sources = {src for _, name, _, _, (src, p) in obs if isinstance(p, Features) and name == "hud"}
+    out: list[DetectorEvent] = []
+    for t, _, _, _, (src, p) in obs:
+        if isinstance(p, Features):
+            if p.name == "hud":
+                for cue in hud.update(t, p.values):
+                    out += det.observe_cue(t, cue)
+            out += det.observe(t, p.name, p.values)
+        elif isinstance(p, Cue):
+            if src not in hud_sources:
+                out += det.observe_cue(t, p)
+        else:
+            out += det.observe_state(t, p)
+    out += det.finish()
+    return [ev.record() for ev in out]
+
+
+def default_pipeline() -> Any:
+    """The default pipeline, parsed: what the recorded features came from."""
+    return parse_pipeline(load_yaml(default_config_path()), str(default_config_path()))
+
+
+def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:
+    """``profile`` with trigger (or HUD cue) settings changed; a setting that is unknown or of the
+    wrong type is a :class:`UsageError` naming it."""
+    if not changes:
+        return profile
+    hud_keys, trig_keys = set(HudCueSettings.__struct_fields__), set(TriggerParams.__struct_fields__)
+    unknown = sorted(set(changes) - hud_keys - trig_keys)
+    if unknown:
+        raise UsageError(f"no trigger or hud setting {', '.join(unknown)} (see stages/trigger_settings.py and"
+                         " stages/hud_cues.py)")
+    trig = {**profile.trigger, **{k: v for k, v in changes.items() if k in trig_keys}}
+    hud = {**profile.hud, **{k: v for k, v in changes.items() if k in hud_keys}}
+    trigger_settings(trig, "trigger setting")
+    hud_cue_settings(hud, "hud setting")
+    return msgspec.structs.replace(profile, trigger=trig, hud=hud)
+
+
+def prepare(game: str, seed: int, data: Path, seconds: float, refresh: bool,
+            profile: str | None = None) -> tuple[Path, Path]:
     """Make one recording if missing and cache its signals: ``(video, truth)``.
 
     The slow part of a first run (15-45 s a recording on this project's 2-core machines);
     :func:`prepare_all` runs it in worker processes."""
     video, truth = ensure_recording(game, seed, data, seconds)
-    cached_signals(video, refresh)
+    cached_features(video, profile, refresh)
     return video, truth
 
 
-def _prepare_job(job: tuple[str, int, Path, float, bool]) -> tuple[str, int, Path, Path]:
+def _prepare_job(job: tuple[str, int, Path, float, bool, str | None]) -> tuple[str, int, Path, Path]:
     game, seed = job[0], job[1]
     return (game, seed, *prepare(*job))
 
@@ -185,15 +193,16 @@ def _ignore_sigint() -> None:
 
 
 def prepare_all(wanted: list[tuple[str, int]], data: Path, seconds: float, refresh: bool, jobs: int,
-                step: Callable[[str | None], None]) -> dict[tuple[str, int], tuple[Path, Path]]:
+                step: Callable[[str | None], None], profile: str | None = None
+                ) -> dict[tuple[str, int], tuple[Path, Path]]:
     """:func:`prepare` every recording, ``jobs`` at a time; ``step`` reports progress."""
     # each recording once: two workers must never make the same files
-    todo = [(g, s, data, seconds, refresh) for g, s in dict.fromkeys(wanted)]
+    todo = [(g, s, data, seconds, refresh, profile) for g, s in dict.fromkeys(wanted)]
     done: dict[tuple[str, int], tuple[Path, Path]] = {}
     if jobs <= 1 or len(todo) <= 1:
         for game, seed, *_ in todo:
             step(f"{game} s{seed}")
-            done[(game, seed)] = prepare(game, seed, data, seconds, refresh)
+            done[(game, seed)] = prepare(game, seed, data, seconds, refresh, profile)
             step(None)
         return done
     import multiprocessing
@@ -212,51 +221,6 @@ def prepare_all(wanted: list[tuple[str, int]], data: Path, seconds: float, refre
     finally:
         pool.join()
     return done
-
-
-def observations(sig: dict[str, np.ndarray]) -> list[tuple[float, str, dict[str, float]]]:
-    """The cached signals as ``(t, feature name, values)`` in media-time order."""
-    obs: list[tuple[float, str, dict[str, float]]] = []
-    for i, t in enumerate(sig["video_t"]):
-        t = float(t)
-        obs.append((t, "motion", dict(zip(MOTION_KEYS, map(float, sig["motion"][i]), strict=True))))
-        obs.append((t, "hud", dict(zip(HUD_KEYS, map(float, sig["hud"][i]), strict=True))))
-        obs.append((t, "thumb", dict(zip(THUMB_KEYS, map(float, sig["thumb"][i]), strict=True))))
-    for i, t in enumerate(sig["audio_t"]):
-        obs.append((float(t), "audio", dict(zip(AUDIO_KEYS, map(float, sig["audio"][i]), strict=True))))
-    obs.sort(key=lambda o: (o[0], o[1]))  # the order the stage's MediaTimeOrder releases them in
-    return obs
-
-
-def replay_detector(obs: list[tuple[float, str, dict[str, float]]], profile: Profile) -> list[dict[str, Any]]:
-    """Run a fresh TriggerDetector over ``obs``; the events as events-JSONL records."""
-    from stages.trigger import TriggerDetector
-
-    det = TriggerDetector(profile)
-    out = []
-    for t, name, values in obs:
-        for ev in det.observe(t, name, values):
-            out.append(ev.record())
-    for ev in det.finish():
-        out.append(ev.record())
-    return out
-
-
-def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:
-    """``profile`` with its trigger settings changed; a setting that is unknown or of the wrong
-    type is a :class:`UsageError` naming it."""
-    if not changes:
-        return profile
-    known = set(type(profile.trigger).__struct_fields__)
-    unknown = sorted(set(changes) - known)
-    if unknown:
-        raise UsageError(f"no trigger setting {', '.join(unknown)} (see copilot/profile.py TriggerParams)")
-    try:
-        trig = msgspec.convert(msgspec.to_builtins(profile.trigger) | changes, type(profile.trigger))
-    except msgspec.ValidationError as exc:
-        raise UsageError(f"trigger setting: {exc}") from None
-    check_trigger(trig, "trigger setting")
-    return msgspec.structs.replace(profile, trigger=trig)
 
 
 def parse_settings(items: list[str], *, sweep: bool) -> dict[str, list[Any]]:
@@ -373,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", default=None, help="write predicted events to this directory")
     args = ap.parse_args(argv)
 
+    prof_path = str(resolve_profile(args.profile)) if args.profile else None
     profile = load_profile(resolve_profile(args.profile))
     base = {k: v[0] for k, v in parse_settings(args.set, sweep=False).items()}
     grid = parse_settings(args.grid, sweep=True)
@@ -387,15 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     for game, _seed in wanted:  # an unknown game is refused before any work starts
         resolve_game(game)
     with _preparing(len(wanted)) as step:  # a first run records and decodes every game
-        prepared = prepare_all(wanted, data, args.seconds, args.refresh, args.jobs, step)
+        prepared = prepare_all(wanted, data, args.seconds, args.refresh, args.jobs, step, prof_path)
     for game, seed in wanted:
         video, truth = prepared[(game, seed)]
-        runs.append((game, seed, truth, observations(cached_signals(video))))
+        runs.append((game, seed, truth, observations(cache_paths(video, prof_path)[0])))
     for combo in itertools.product(*grid_vals) if grid_vals else [()]:
         changes = dict(base) | dict(zip(grid_keys, combo, strict=True))
         prof = with_trigger(profile, changes)
         rows = []
-        classes = WakeClasses(prof.trigger.agree_min) if args.by_class else None
+        classes = WakeClasses(trigger_settings(prof.trigger).agree_min) if args.by_class else None
         t0 = time.perf_counter()
         for game, seed, truth, obs in runs:
             pred = replay_detector(obs, prof)

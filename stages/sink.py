@@ -49,7 +49,10 @@ def message_record(msg: Envelope) -> dict[str, Any]:
     if isinstance(p, Features):
         body.pop("vector", None)
     body.pop("type", None)
-    return {"t": round(msg.t_media, 4), "kind": msg.kind, "source": msg.source, **body}
+    head = {"t": msg.t_media, "kind": msg.kind, "source": msg.source}
+    if head.keys() & body.keys():  # a payload with its own t or kind (a Cue): nested under its kind
+        return {**head, msg.kind: body}
+    return {**head, **body}
 
 
 def _drop_arrays(obj: Any) -> Any:

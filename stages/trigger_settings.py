@@ -16,6 +16,7 @@ import msgspec
 
 from copilot.config import msgspec_error
 from copilot.errors import UsageError
+from stages.hud_cues import HudCueSettings
 
 
 class TriggerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -92,6 +93,9 @@ def trigger_settings(data: Mapping[str, Any] | None, source: str = "<profile>",
                      overrides: Mapping[str, Any] | None = None) -> TriggerParams:
     """Validate a profile's ``trigger`` section (with ``overrides`` on top): one line per problem."""
     merged = {**(data or {}), **(overrides or {})}
+    moved = sorted(set(merged) & set(HudCueSettings.__struct_fields__) - set(TriggerParams.__struct_fields__))
+    if moved:  # the HUD's semantics were trigger settings before they became the hud stage's cues
+        raise UsageError(f"{source}: trigger.{moved[0]}: a HUD cue setting: put it in the profile's hud section")
     try:
         params = msgspec.convert(merged, TriggerParams)
     except msgspec.ValidationError as exc:

@@ -17,7 +17,7 @@ import pytest
 
 from copilot.clock import VirtualClock
 from copilot.keywords import match_keywords
-from copilot.messages import VideoFrame
+from copilot.messages import Cue, VideoFrame
 from copilot.stage import StageContext
 from copilot.testing import make_envelope, run_stage
 from stages.hud_ocr import HudOcrParams, HudOcrStage, parse_value
@@ -246,7 +246,7 @@ def test_stage_reads_hud_state_only_when_it_changes(tmp_path: Path) -> None:
         health = 100 if t < 2.0 else 60
         frames.append(VideoFrame(image=hud_frame(score, health), frame_index=i))
     res = run_stage("hud_ocr", frames, options={"profile": profile})
-    envs = res.envelopes("features")
+    envs = res.envelopes("state")
     states = [(round(e.t_media, 3), e.payload.values) for e in envs]
     assert [s[1] for s in states] == [
         {"score": 120.0, "health": 100.0, "health_ratio": 1.0},
@@ -257,11 +257,19 @@ def test_stage_reads_hud_state_only_when_it_changes(tmp_path: Path) -> None:
     # a change is read within one interval (0.25 s) of media time
     assert 1.0 <= states[1][0] <= 1.0 + 0.25 + 1e-6
     assert 2.0 <= states[2][0] <= 2.0 + 0.25 + 1e-6
+    # the game state says what each value was before its latest change, and when it changed
+    assert envs[2].payload.previous == {"score": 120.0, "health": 100.0, "health_ratio": 1.0}
+    assert envs[2].payload.changed_at["health"] == pytest.approx(envs[2].t_media, abs=1e-4)
+    # the profile's rule (health drops by more than 30%) fires once, as a cue at the change
+    cues = res.envelopes("cues")
+    assert [(c.payload.kind, c.payload.priority, c.t_media) for c in cues] == [
+        ("health_drop_pct", "critical", envs[2].t_media)]
+    assert cues[0].payload.reason == "rule health drop_pct 30: 100 -> 60"
     stage = res.stage
     assert isinstance(stage, HudOcrStage)
     assert stage.reads == 3  # first read + two changes, not one per frame or per interval
     # in between, heartbeats say the state has not changed (so the trigger need not wait for it)
-    beats = [e.t_media for e in res.heartbeats["features"]]
+    beats = [e.t_media for e in res.heartbeats["state"]]
     sent = sorted([*beats, *(t for t, _ in states)])
     assert len(beats) >= 80 and max(np.diff(sent)) <= 1 / 30 + 1e-3  # one per frame
 
@@ -270,7 +278,7 @@ def test_a_single_digit_change_is_read(tmp_path: Path) -> None:
     profile = write_profile(tmp_path, HUD_PROFILE)
     frames = [hud_frame(0, 100)] * 20 + [hud_frame(100, 100)] * 20 + [hud_frame(100, 90)] * 20
     res = run_stage("hud_ocr", [VideoFrame(image=f) for f in frames], options={"profile": profile})
-    assert [(f.values["score"], f.values["health"]) for f in res["features"]] == [(0, 100), (100, 100), (100, 90)]
+    assert [(f.values["score"], f.values["health"]) for f in res["state"]] == [(0, 100), (100, 100), (100, 90)]
 
 
 def test_video_compression_noise_is_not_a_change(tmp_path: Path) -> None:
@@ -280,7 +288,7 @@ def test_video_compression_noise_is_not_a_change(tmp_path: Path) -> None:
     noisy = [np.clip(base.astype(np.int16) + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
              for _ in range(60)]
     res = run_stage("hud_ocr", [VideoFrame(image=f) for f in noisy], options={"profile": profile})
-    assert [f.values["score"] for f in res["features"]] == [4200]
+    assert [f.values["score"] for f in res["state"]] == [4200]
     stage = res.stage
     assert isinstance(stage, HudOcrStage) and stage.reads == 1
 
@@ -291,16 +299,16 @@ def test_stage_keeps_last_value_when_a_read_fails(tmp_path: Path) -> None:
     blank[:40] = 0  # the HUD blinks off for a moment
     frames = [hud_frame(500, 80)] * 15 + [blank] * 15 + [hud_frame(500, 80)] * 15
     res = run_stage("hud_ocr", [VideoFrame(image=f) for f in frames], options={"profile": profile})
-    values = [f.values for f in res["features"]]
+    values = [f.values for f in res["state"]]
     assert values == [{"score": 500.0, "health": 80.0, "health_ratio": 0.8}]
 
 
 def test_default_profile_costs_nothing() -> None:
     frames = [VideoFrame(image=hud_frame(1, 2)) for _ in range(10)]
     res = run_stage("hud_ocr", frames, step_s=0.05)
-    assert res["features"] == []
+    assert res["state"] == []
     # nothing to say, but it says it keeps up: a heartbeat for every frame
-    assert [e.t_media for e in res.heartbeats["features"]] == pytest.approx([i * 0.05 for i in range(10)])
+    assert [e.t_media for e in res.heartbeats["state"]] == pytest.approx([i * 0.05 for i in range(10)])
     stage = res.stage
     assert isinstance(stage, HudOcrStage)
     assert stage._rec is None and stage._full is None  # no model was even loaded
@@ -334,7 +342,7 @@ def test_keywords_are_spotted_off_the_event_loop(tmp_path: Path) -> None:
 
     async def main() -> list[Any]:
         out = _Capture()
-        ctx = StageContext(name="hud_ocr", clock=VirtualClock(), outputs={"features": [out]},  # type: ignore[dict-item]
+        ctx = StageContext(name="hud_ocr", clock=VirtualClock(), outputs={"cues": [out]},  # type: ignore[dict-item]
                            options={"profile": profile})
         stage = HudOcrStage(ctx, HudOcrParams(keyword_interval_s=1.0))
         await stage.start()
@@ -355,6 +363,6 @@ def test_keywords_are_spotted_off_the_event_loop(tmp_path: Path) -> None:
     envs = asyncio.run(main())
     assert len(envs) == 1  # "GAME OVER" seen at 1.5 and 3.0: reported once, when it appeared
     kw = envs[0].payload
-    assert kw.name == "keywords" and kw.text["matched"] == "GAME OVER"
-    assert kw.values == {"critical": 1.0}
+    assert isinstance(kw, Cue) and kw.kind == "keyword" and kw.evidence["matched"] == "GAME OVER"
+    assert kw.priority == "critical" and kw.late and kw.t == 1.5
     assert envs[0].t_media == 1.5

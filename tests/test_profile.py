@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from copilot.commands import resolve_profile_option
+from copilot.config import default_config_path, load_yaml, parse_pipeline
 from copilot.errors import UsageError
 from copilot.profile import load_profile, profile_from_options, profiles_dir, resolve_profile
+
+
+def check_for_default_pipeline(path: Path) -> None:
+    """What the CLI does with ``--profile``: load it, then let the default pipeline's stages
+    validate the sections they own (the trigger's settings and weights, the HUD's cues)."""
+    cfg = parse_pipeline(load_yaml(default_config_path()), "default.yaml")
+    resolve_profile_option(str(path), cfg)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -66,9 +75,11 @@ def test_unknown_bare_name_lists_the_known_ones() -> None:
         # a 0 s block divided by zero in the detector (the run hung); any negative setting is a typo
         ("trigger: {block_s: 0}\n", r"trigger\.block_s: expected a number > 0, got 0"),
         ("trigger: {window_s: -1}\n", r"trigger\.window_s: expected a number >= 0, got -1"),
-        ("trigger: {quiet_max_cells: -3}\n", r"trigger\.quiet_max_cells: expected a number >= 0"),
+        ("hud: {quiet_max_cells: -3}\n", r"hud\.quiet_max_cells: expected a finite number >= 0"),
+        ("hud: {revert_max_states: many}\n", r"hud\.revert_max_states: expected `?int"),
+        ("trigger: {quiet_s: 20}\n", r"trigger\.quiet_s: a HUD cue setting: put it in the profile's hud section"),
         ("trigger: {fire_threshold: .nan}\n", r"trigger\.fire_threshold: expected a finite number"),
-        ("trigger: {quiet_icon_lost: 2}\n", r"trigger\.quiet_icon_lost: expected a share in \[0, 1\]"),
+        ("hud: {quiet_icon_lost: 2}\n", r"hud\.quiet_icon_lost: expected a share in \[0, 1\]"),
         ("regions: [{name: '', box: [0, 0, 0.2, 0.1]}]\n", r"regions\[0\]\.name: expected a name"),
         ("keywords: {'': critical}\n", r"keywords: expected words or phrases, got an empty one"),
         ("regions: [{name: hp, box: [0, 0, 0.2, 0.1]}]\nocr_fields: [{name: who, region: hp, type: text}]\n"
@@ -77,14 +88,15 @@ def test_unknown_bare_name_lists_the_known_ones() -> None:
          "rules: [{field: health, op: drop, value: -5}]\n", r"rules\[0\]\.value: drop expects an amount >= 0"),
         ("regions: [{name: hp, box: [0, 0, 0.2, 0.1]}]\nocr_fields: [{name: health, region: hp}]\n"
          "rules: [{field: health, op: below, value: .nan}]\n", r"rules\[0\]\.value: expected a finite number"),
-        ("weights: {sound: 2}\n", r"weights\.sound: no signal family or signal named 'sound' \(families: audio,"),
+        ("weights: {sound: 2}\n", r"weights\.sound: no stage of this pipeline declares a signal family or signal"
+                                  r" named 'sound' \(families: audio,"),
         ("- just\n- a list\n", r"expected a mapping"),
     ],
 )
 def test_validation_errors_are_one_line_naming_file_and_key(tmp_path: Path, text: str, pattern: str) -> None:
     p = write(tmp_path, text)
     with pytest.raises(UsageError) as info:
-        load_profile(p)
+        check_for_default_pipeline(p)
     msg = str(info.value)
     assert "\n" not in msg
     assert str(p) in msg
