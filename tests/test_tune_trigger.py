@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tune_trigger import main, parse_settings, with_trigger
+from bench.tune_trigger import CACHE_VERSION, main, parse_settings, with_trigger
 from copilot.errors import UsageError
 from copilot.profile import Profile
 
@@ -15,19 +15,19 @@ def test_settings_parse_to_typed_values_and_sweeps_to_lists() -> None:
     assert parse_settings(["fire_threshold=0.6", "annotate_hud=false"], sweep=False) == {
         "fire_threshold": [0.6], "annotate_hud": [False]}
     assert parse_settings(["quiet_s=10,20"], sweep=True) == {"quiet_s": [10, 20]}
-    prof = with_trigger(Profile(), {"fire_threshold": 0.6, "quiet_s": 10})
-    assert prof.trigger.fire_threshold == 0.6 and prof.trigger.quiet_s == 10.0
+    prof = with_trigger(Profile(), {"fire_threshold": 0.6, "quiet_s": 10})  # a trigger and a HUD cue setting
+    assert prof.trigger == {"fire_threshold": 0.6} and prof.hud == {"quiet_s": 10}
     assert with_trigger(Profile(), {}) == Profile()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "nosuch=1"], "no trigger setting nosuch"),
+        (["--set", "nosuch=1"], "no trigger or hud setting nosuch"),
         (["--set", "fire_threshold"], "expected KEY=VALUE"),
         (["--grid", "fire_threshold"], "expected KEY=V1,V2"),
-        (["--set", "fire_threshold=high"], "Expected `float`"),
-        (["--grid", "quiet_s=10,often"], "Expected `float`"),
+        (["--set", "fire_threshold=high"], r"trigger\.fire_threshold: expected float"),
+        (["--grid", "quiet_s=10,often"], r"hud\.quiet_s: expected float"),
         (["--set", "block_s=0"], r"trigger\.block_s: expected a number > 0"),  # divided by zero in the detector
     ],
 )
@@ -51,29 +51,36 @@ def test_recordings_prepared_in_worker_processes_give_the_same_figures(
     args = ["--games", "Pong", "Breakout", "--seconds", "3", "--data", str(tmp_path), "--per-game"]
     assert main([*args, "--jobs", "2"]) == 0
     parallel = capsys.readouterr().out
-    caches = sorted(p.name for p in tmp_path.glob("*.signals.npz"))
-    assert caches == ["breakout_s0.signals.npz", "pong_s0.signals.npz"]
+    caches = sorted(p.name for p in tmp_path.glob("*.features.jsonl"))
+    assert caches == [f"breakout_s0.default.v{CACHE_VERSION}.features.jsonl",
+                      f"pong_s0.default.v{CACHE_VERSION}.features.jsonl"]
     assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
     assert main([*args, "--jobs", "1", "--refresh"]) == 0  # computed again, in this process
     assert _figures(capsys.readouterr().out) == _figures(parallel)
     assert "Breakout" in parallel and "Pong" in parallel
 
 
-def test_an_unreadable_signals_cache_is_computed_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("ale_py")
-    import numpy as np
+def test_the_tuner_replays_what_the_real_pipeline_sent_its_trigger(atari_clip: Path, tmp_path: Path) -> None:
+    """No hand-wired copy of the pipeline: the features are what ``annotate`` ran, and replayed with
+    the profile's own settings they give the very events the pipeline wrote."""
+    import json
+    import shutil
 
-    from bench.tune_trigger import SIGNALS_VERSION
+    from bench.tune_trigger import cache_paths, cached_features, observations, replay_detector
+    from copilot.profile import load_profile, resolve_profile
 
-    args = ["--games", "Pong", "--seconds", "2", "--data", str(tmp_path), "--jobs", "1"]
-    assert main(args) == 0
-    first = _figures(capsys.readouterr().out)
-    cache = tmp_path / "pong_s0.signals.npz"
-    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a run killed while writing it
-    assert main(args) == 0
-    assert _figures(capsys.readouterr().out) == first
-    with np.load(cache) as z:
-        assert int(z["version"]) == SIGNALS_VERSION
+    video = tmp_path / "clip.mp4"
+    shutil.copy(atari_clip, video)
+    features = cached_features(video)
+    kinds = {json.loads(line)["kind"] for line in features.read_text().splitlines()}
+    assert {"features", "cue"} <= kinds  # graded signals and the HUD's cues, as the trigger got them
+    pipeline = [json.loads(line) for line in cache_paths(video, None)[1].read_text().splitlines()]
+    replayed = replay_detector(observations(features), load_profile(resolve_profile(None)))
+    assert len(pipeline) >= 3
+    assert sorted(map(json.dumps, replayed)) == sorted(map(json.dumps, pipeline))
+    changed = replay_detector(observations(features),
+                              with_trigger(load_profile(resolve_profile(None)), {"annotate_hud": False}))
+    assert changed != replayed  # and the settings (here a HUD cue setting) do take effect
 
 
 def test_an_unknown_game_is_refused_before_any_recording_is_made(tmp_path: Path) -> None:
