@@ -6,7 +6,7 @@ stages use (:class:`stages.motion.MotionAnalyzer`, :class:`stages.hud.HudAnalyze
 :class:`stages.thumbnail.ThumbnailAnalyzer`, :class:`stages.audio_features.AudioAnalyzer`),
 and caches their outputs as ``<stem>.signals.npz`` beside the recording.  The detector is
 then replayed over the cached signals (:func:`replay_detector`), in media-time order as the
-trigger stage would see them, with any parameters, and scored with ``bench.eval``.
+trigger stage would see them, with any parameters, and scored with ``copilot.scoring``.
 
 Usage::
 
@@ -37,12 +37,12 @@ import msgspec
 import numpy as np
 
 from bench.datasets.atari import resolve_game
-from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
 from copilot.args import OneLineParser, positive_int, seed_number
 from copilot.errors import UsageError
 from copilot.profile import Profile, check_trigger, load_profile, resolve_profile
+from copilot.scoring import evaluate, read_truth, wake_figures
 from stages.replay import resampled_samples
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")

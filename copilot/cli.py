@@ -72,7 +72,7 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def _matching_rules() -> str:
-    from bench.eval import MATCHING_RULES
+    from copilot.scoring import MATCHING_RULES
 
     return MATCHING_RULES
 

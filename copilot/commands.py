@@ -350,7 +350,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bench.eval import evaluate_files, format_report
+    from copilot.scoring import evaluate_files, format_report
 
     result = evaluate_files(args.pred, args.truth, tolerance=args.tolerance, critical_window=args.critical_window)
     print(json.dumps(result) if args.json else format_report(result))

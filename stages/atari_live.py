@@ -31,7 +31,7 @@ picture (counted as ``late``) until it has caught up, instead of falling behind 
 ``truth_out`` (a param, or the run option of that name, which wins) writes the truth as it
 goes in DESIGN.md's ground-truth JSONL format (a meta line, then one line per event, flushed
 line by line so an interrupted run keeps what it wrote); on a clean end the meta line is
-rewritten with the length actually played.  ``bench.eval`` scores against it directly.
+rewritten with the length actually played.  ``copilot.scoring`` scores against it directly.
 """
 
 from __future__ import annotations
