@@ -36,13 +36,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from bench.datasets.atari import resolve_game
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
 from copilot.args import OneLineParser, positive_int, seed_number
 from copilot.errors import UsageError
 from copilot.profile import Profile, check_trigger, load_profile, resolve_profile
 from copilot.scoring import evaluate, read_truth, wake_figures
+from engines.atari_game import resolve_game
 from stages.replay import resampled_samples
 
 MOTION_KEYS = ("diff", "changed", "hist", "flash", "reset", "still", "vanish")

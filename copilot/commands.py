@@ -376,7 +376,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     if args.dataset != "atari":
         raise UsageError("dataset: choose a source: atari")
     try:
-        from bench.datasets.atari import make_atari_recording
+        from engines.atari_dataset import make_atari_recording
     except ImportError as exc:
         raise UsageError(f"dataset atari needs ale-py: pip install 'gameplay-copilot[atari]' ({exc})") from exc
     rec = make_atari_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,

@@ -19,7 +19,6 @@ import pytest
 
 pytest.importorskip("ale_py")
 
-from bench.datasets.atari import AUDIO_RATE, make_atari_recording
 from copilot.clock import VirtualClock
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber
@@ -28,6 +27,8 @@ from copilot.registry import resolve_stage
 from copilot.scoring import evaluate_files
 from copilot.stage import StageContext, StageRunner
 from copilot.testing import run_pipeline, run_stage
+from engines.atari_dataset import make_atari_recording
+from engines.atari_game import AUDIO_RATE
 from stages.atari_live import AtariLiveParams, AtariLiveStage
 
 ROOT = Path(__file__).resolve().parent.parent
