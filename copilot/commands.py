@@ -375,12 +375,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_dataset(args: argparse.Namespace) -> int:
     if args.dataset != "atari":
         raise UsageError("dataset: choose a source: atari")
+    from copilot.registry import resolve
+
     try:
-        from engines.atari_dataset import make_atari_recording
+        make_recording = resolve(args.dataset, "datasets")  # engines.atari_dataset (see pyproject.toml)
+        rec = make_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,
+                             policy=args.policy, progress=not args.quiet)
     except ImportError as exc:
         raise UsageError(f"dataset atari needs ale-py: pip install 'gameplay-copilot[atari]' ({exc})") from exc
-    rec = make_atari_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,
-                               policy=args.policy, progress=not args.quiet)
     print(f"{rec.video}\n{rec.truth}")
     print(f"{rec.frames} frames, {rec.seconds:.1f} s, {rec.events} truth events, {rec.episodes} games ended",
           file=sys.stderr)
