@@ -89,10 +89,8 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
     options: dict[str, Any] = {}
     asr_model = getattr(args, "asr_model", None)
     if asr_model:
-        from engines.whisper_asr import resolve_model_path
-
-        try:
-            options["asr_model"] = str(resolve_model_path(asr_model))
+        try:  # the asr stage knows what a model is (a directory, package:NAME) and where it lies
+            options["asr_model"] = resolve_stage("asr").resolve_model(asr_model)
         except UsageError as exc:
             raise UsageError(f"--asr-model: {exc}") from None
     outputs: dict[str, tuple[str, Path]] = {}  # option -> (its flag, path)
