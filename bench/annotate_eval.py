@@ -1,12 +1,12 @@
 """Measure the whole default pipeline against Atari ground truth: issue 4's acceptance.
 
 For each game and seed it makes (or reuses from ``--data``) a recording of random play
-(640x480, 30 fps, the game's audio, ``bench.datasets.atari``), runs::
+(640x480, 30 fps, the game's audio, ``engines.atari_dataset``), runs::
 
     gamecopilot annotate FILE -o EVENTS --metrics-out METRICS -q --profile PROFILE
 
 (the real pipeline at max speed, in its own processes), scores the events with
-``bench.eval.evaluate_files`` and prints one row per recording, the averages, and PASS or
+``copilot.scoring.evaluate_files`` and prints one row per recording, the averages, and PASS or
 FAIL for each acceptance line:
 
 * critical-moment recall >= 0.9 on average and >= 0.75 on every game;
@@ -44,7 +44,7 @@ DEV_GAMES = ["Breakout", "SpaceInvaders", "DemonAttack", "Pong"]
 
 def run_one(video: Path, truth: Path, out_dir: Path, profile: str, config: str | None) -> dict[str, Any]:
     """Annotate ``video`` with the CLI and score it; the row of figures."""
-    from bench.eval import evaluate_files, wake_figures
+    from copilot.scoring import evaluate_files, wake_figures
 
     events = out_dir / f"{video.stem}.events.jsonl"
     metrics = out_dir / f"{video.stem}.metrics.json"

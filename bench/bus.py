@@ -16,7 +16,6 @@ disturbs both alike.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -30,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from bench.output import check_output_path, emit_result
+from copilot.args import OneLineParser
 from copilot.curve import CurveKeys, secure_client, secure_server
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber, contexts
@@ -197,7 +197,15 @@ def _table(result: dict[str, Any]) -> Any:
     return table
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``gamecopilot bench bus`` (and ``python -m bench.bus``)."""
+    ap = OneLineParser(prog="gamecopilot bench bus", description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=300, help="frames per transport (default 300)")
+    ap.add_argument("--transports", default=",".join(TRANSPORTS),
+                    help="comma-separated, from inproc, ipc, tcp, tcp+curve (default: all)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("-o", "--output", help="also write the JSON here")
+    args = ap.parse_args(argv)
     transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
     bad = [t for t in transports if t not in TRANSPORTS]
     if bad or not transports:
@@ -209,3 +217,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_bench(args.frames, transports)
     emit_result(result, as_json=args.json, output=args.output, table=_table)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

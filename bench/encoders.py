@@ -147,7 +147,7 @@ class Inputs:
     source: str
 
     def video(self, size: tuple[int, int]) -> Iterator[Payload]:
-        from bench.datasets.atari import upscale_indices
+        from engines.atari_game import upscale_indices
 
         w, h = size
         rows, cols = upscale_indices(self.frames[0].shape[:2], (w, h))
@@ -180,8 +180,8 @@ def make_inputs(game: str, n_frames: int, audio_s: float, seed: int = 0) -> Inpu
         raw = (0.2 * np.sin(2 * np.pi * 440 * t) * (np.sin(2 * np.pi * 0.5 * t) > 0)).astype(np.float32)
         src_rate, source = 30720, f"synthetic frames and audio ({exc})"
     else:
-        from bench.datasets.atari import AUDIO_RATE as ATARI_RATE
-        from bench.datasets.atari import AtariGame
+        from engines.atari_game import AUDIO_RATE as ATARI_RATE
+        from engines.atari_game import AtariGame
 
         g = AtariGame(game, seed=seed)  # an unknown game is a UsageError
         frames, sound = [], []

@@ -9,7 +9,7 @@ tuned on a wide ``train`` pool and judged on a ``validation`` pool it was never 
 * ``validation``: 12 games at seed 0 drawn at random (``random.Random(20261123)``) from the
   37 Atari-57 games not used before; only ever scored, never tuned on.
 
-Every recording is 90 s of random play made by :func:`bench.datasets.atari.make_atari_recording`
+Every recording is 90 s of random play made by :func:`engines.atari_dataset.make_atari_recording`
 (``gamecopilot dataset atari``), so a pool is rebuilt from nothing but ale-py's ROMs.
 """
 
@@ -58,7 +58,8 @@ def selection(name: str | None, games: list[str], seeds: list[int]) -> list[tupl
 
 def ensure_recording(game: str, seed: int, data: Path, seconds: float = 90.0) -> tuple[Path, Path]:
     """``(video, truth)`` of one recording in ``data``, made first if either file is missing."""
-    from bench.datasets.atari import make_atari_recording, resolve_game
+    from engines.atari_dataset import make_atari_recording
+    from engines.atari_game import resolve_game
 
     rom = resolve_game(game)
     video, truth = data / f"{rom}_s{seed}.mp4", data / f"{rom}_s{seed}.truth.jsonl"

@@ -38,8 +38,6 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from bench.datasets.atari import resolve_game
-from bench.eval import evaluate, read_truth, wake_figures
 from bench.output import run_tool
 from bench.pools import POOLS, ensure_recording, selection
 from copilot.args import OneLineParser, positive_int, seed_number
@@ -47,7 +45,9 @@ from copilot.config import default_config_path, load_yaml, parse_pipeline
 from copilot.errors import UsageError
 from copilot.messages import Cue, Features, GameState
 from copilot.profile import Profile, load_profile, resolve_profile
+from copilot.scoring import evaluate, read_truth, wake_figures
 from copilot.signals import SignalTable, pipeline_signals
+from engines.atari_game import resolve_game
 from stages.hud_cues import HudCuePolicy, HudCueSettings, hud_cue_settings
 from stages.trigger import DetectorEvent, TriggerDetector
 from stages.trigger_settings import TriggerParams, trigger_settings

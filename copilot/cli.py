@@ -18,6 +18,15 @@ from copilot.errors import UsageError
 
 SPEEDS = "1|2|max or any positive factor"
 
+# ``gamecopilot bench NAME ARGS`` for a NAME other than pipeline hands ARGS to the tool registered
+# as NAME in the ``gamecopilot.benchmarks`` entry points (bench/ implements them; the core never
+# imports bench: see copilot/registry.py).  These are the ones ``--help`` lists.
+BENCHMARKS = {
+    "bus": "one hop of a 720p frame over inproc/ipc/tcp/tcp+curve: our links vs raw pyzmq",
+    "encoders": "per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
+    "atari": "the live Atari source at real time: fps, audio rate, drift",
+}
+
 
 def _time(text: str) -> float:
     from copilot.timefmt import parse_time
@@ -72,7 +81,7 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def _matching_rules() -> str:
-    from bench.eval import MATCHING_RULES
+    from copilot.scoring import MATCHING_RULES
 
     return MATCHING_RULES
 
@@ -190,14 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="output directory")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("bench", help="benchmarks: bus, pipeline, encoders, atari")
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(["pipeline", *BENCHMARKS]))
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
-    b = bsub.add_parser("bus", help="one hop of a 720p frame over inproc/ipc/tcp/tcp+curve: our links vs raw pyzmq")
-    b.add_argument("--frames", type=int, default=300, help="frames per transport (default 300)")
-    b.add_argument("--transports", default="inproc,ipc,tcp,tcp+curve",
-                   help="comma-separated, from inproc, ipc, tcp, tcp+curve (default: all)")
-    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    b.add_argument("-o", "--output", help="also write the JSON here")
     b = bsub.add_parser("pipeline", help="run a pipeline over a file at max speed and report per stage")
     b.add_argument("config", help="pipeline YAML")
     b.add_argument("file", help="input file")
@@ -206,9 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("-o", "--output", help="also write the metrics JSON here")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    b = bsub.add_parser("encoders", help="per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
-                        add_help=False)
-    b = bsub.add_parser("atari", help="the live Atari source at real time: fps, audio rate, drift", add_help=False)
+    for name, text in BENCHMARKS.items():  # each parses its own arguments (see main)
+        bsub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -242,26 +244,18 @@ def _run_command(args: argparse.Namespace) -> int:
 
         return getattr(commands, f"cmd_{cmd}")(args)  # type: ignore[no-any-return]
     if cmd == "bench":
-        if args.bench == "bus":
-            from bench.bus import main as bus_main
-
-            return bus_main(args)
         if args.bench == "pipeline":
             from copilot import commands
 
             return commands.cmd_bench_pipeline(args)
-        raise UsageError("bench: choose one of: bus, pipeline, encoders, atari")
+        raise UsageError("bench: choose one of: " + ", ".join(["pipeline", *BENCHMARKS]))
     raise UsageError(f"unknown command {cmd!r}")
-
-
-# Benchmarks with their own argument parsers: ``gamecopilot bench NAME ARGS`` hands ARGS over.
-_DELEGATED_BENCHES = {"encoders": "bench.encoders", "atari": "bench.atari_live"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    if len(raw) >= 2 and raw[0] == "bench" and raw[1] in _DELEGATED_BENCHES:
-        return _run_delegated(raw[1], raw[2:])
+    if len(raw) >= 2 and raw[0] == "bench" and _is_benchmark(raw[1]):
+        return _run_benchmark(raw[1], raw[2:])
     parser = build_parser()
     args = parser.parse_args(raw)
     if args.command is None:
@@ -278,10 +272,20 @@ def entry() -> None:
     exit_process(code)
 
 
-def _run_delegated(name: str, argv: list[str]) -> int:
-    import importlib
+def _is_benchmark(name: str) -> bool:
+    if name in BENCHMARKS:
+        return True
+    if name == "pipeline" or name.startswith("-"):
+        return False
+    from copilot.registry import available
 
-    return _guarded(lambda: int(importlib.import_module(_DELEGATED_BENCHES[name]).main(argv) or 0))
+    return name in available("benchmarks")
+
+
+def _run_benchmark(name: str, argv: list[str]) -> int:
+    from copilot.registry import resolve
+
+    return _guarded(lambda: int(resolve(name, "benchmarks")(argv) or 0))
 
 
 def _guarded(run: Callable[[], int]) -> int:

@@ -89,10 +89,8 @@ def _prepare_outputs(args: argparse.Namespace, *inputs: str | None,
     options: dict[str, Any] = {}
     asr_model = getattr(args, "asr_model", None)
     if asr_model:
-        from engines.whisper_asr import resolve_model_path
-
-        try:
-            options["asr_model"] = str(resolve_model_path(asr_model))
+        try:  # the asr stage knows what a model is (a directory, package:NAME) and where it lies
+            options["asr_model"] = resolve_stage("asr").resolve_model(asr_model)
         except UsageError as exc:
             raise UsageError(f"--asr-model: {exc}") from None
     outputs: dict[str, tuple[str, Path]] = {}  # option -> (its flag, path)
@@ -353,7 +351,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bench.eval import evaluate_files, format_report
+    from copilot.scoring import evaluate_files, format_report
 
     result = evaluate_files(args.pred, args.truth, tolerance=args.tolerance, critical_window=args.critical_window)
     print(json.dumps(result) if args.json else format_report(result))
@@ -378,12 +376,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_dataset(args: argparse.Namespace) -> int:
     if args.dataset != "atari":
         raise UsageError("dataset: choose a source: atari")
+    from copilot.registry import resolve
+
     try:
-        from bench.datasets.atari import make_atari_recording
+        make_recording = resolve(args.dataset, "datasets")  # engines.atari_dataset (see pyproject.toml)
+        rec = make_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,
+                             policy=args.policy, progress=not args.quiet)
     except ImportError as exc:
         raise UsageError(f"dataset atari needs ale-py: pip install 'gameplay-copilot[atari]' ({exc})") from exc
-    rec = make_atari_recording(args.game, args.seconds, args.output, fps=args.fps, seed=args.seed,
-                               policy=args.policy, progress=not args.quiet)
     print(f"{rec.video}\n{rec.truth}")
     print(f"{rec.frames} frames, {rec.seconds:.1f} s, {rec.events} truth events, {rec.episodes} games ended",
           file=sys.stderr)

@@ -1,11 +1,14 @@
-"""Registry of stage and engine kinds.
+"""Registry of stage and engine kinds, and of the tools the command line hands work to.
 
-The core never imports a stage by module name.  Kinds come from two places:
+The core never imports a stage, an engine or a ``bench`` module by name.  Kinds come from
+these places:
 
 * ``@register_stage("kind")`` on a class (tests, plugins imported by the user);
-* the ``gamecopilot.stages`` / ``gamecopilot.engines`` entry points in ``pyproject.toml``,
-  loaded lazily the first time a kind is asked for, so ``gamecopilot --help`` imports nothing
-  heavy and a stage's own dependencies load only when that stage is used;
+* the entry points in ``pyproject.toml`` (``gamecopilot.stages``, ``gamecopilot.engines``,
+  ``gamecopilot.datasets``: dataset makers behind ``gamecopilot dataset SOURCE``,
+  ``gamecopilot.benchmarks``: tools behind ``gamecopilot bench NAME``), loaded lazily the
+  first time a kind is asked for, so ``gamecopilot --help`` imports nothing heavy and a
+  stage's own dependencies load only when that stage is used;
 * ``module.path:ClassName``, imported when first asked for.  This is how a plugin reaches
   the placement groups: each runs in a process of its own (spawned), where a class the
   user's script registered by importing it does not exist.
@@ -22,8 +25,13 @@ from copilot.errors import UsageError
 
 T = TypeVar("T")
 
-_REGISTRIES: dict[str, dict[str, Any]] = {"stages": {}, "engines": {}}
-_ENTRY_GROUPS = {"stages": "gamecopilot.stages", "engines": "gamecopilot.engines"}
+_ENTRY_GROUPS = {
+    "stages": "gamecopilot.stages",
+    "engines": "gamecopilot.engines",
+    "datasets": "gamecopilot.datasets",  # SOURCE -> make(game, seconds, out_dir, **options)
+    "benchmarks": "gamecopilot.benchmarks",  # NAME -> main(argv) -> exit code
+}
+_REGISTRIES: dict[str, dict[str, Any]] = {family: {} for family in _ENTRY_GROUPS}
 
 
 def _register(family: str, kind: str) -> Callable[[T], T]:

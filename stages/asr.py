@@ -115,6 +115,14 @@ class AsrStage(Stage):
     Params = AsrParams
     output_ports = ("transcripts", "cues")
 
+    @classmethod
+    def resolve_model(cls, model: str) -> str:
+        """The model directory ``model`` names (a path or ``package:NAME``), checked before the
+        run starts (the CLI's ``--asr-model``); a :class:`UsageError` saying what is missing."""
+        from engines.whisper_asr import resolve_model_path
+
+        return str(resolve_model_path(model))
+
     def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
         super().__init__(ctx, params)
         self.p: AsrParams = params  # type: ignore[assignment]

@@ -1,7 +1,7 @@
 """A live Atari game as a source of frames, audio and ground truth: a game beside the copilot,
 without a screen or a sound card.
 
-The emulator (:class:`bench.datasets.atari.AtariGame`, 60 Hz, about 0.1 ms a step) is paced by
+The emulator (:class:`engines.atari_game.AtariGame`, 60 Hz, about 0.1 ms a step) is paced by
 the injected clock, so with ``speed`` 1 it plays at the console's own speed, at 2 twice as fast,
 and with ``speed`` None (``--speed max``) as fast as the links take it.  Every output frame
 carries three things, so video, audio and truth stay in lock-step:
@@ -31,7 +31,7 @@ picture (counted as ``late``) until it has caught up, instead of falling behind 
 ``truth_out`` (a param, or the run option of that name, which wins) writes the truth as it
 goes in DESIGN.md's ground-truth JSONL format (a meta line, then one line per event, flushed
 line by line so an interrupted run keeps what it wrote); on a clean end the meta line is
-rewritten with the length actually played.  ``bench.eval`` scores against it directly.
+rewritten with the length actually played.  ``copilot.scoring`` scores against it directly.
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ from typing import IO, Any, ClassVar
 import msgspec
 import numpy as np
 
-from bench.datasets.atari import (
+from copilot.errors import UsageError
+from copilot.messages import AudioChunk, Event, Priority, VideoFrame
+from copilot.registry import register_stage
+from copilot.stage import Source, StageContext
+from engines.atari_game import (
     AUDIO_RATE,
     EMULATOR_FPS,
     POLICIES,
@@ -56,10 +60,6 @@ from bench.datasets.atari import (
     resolve_game,
     upscale_indices,
 )
-from copilot.errors import UsageError
-from copilot.messages import AudioChunk, Event, Priority, VideoFrame
-from copilot.registry import register_stage
-from copilot.stage import Source, StageContext
 
 PRIORITY_OF: dict[str, Priority] = {"reward": "high", "life_lost": "critical", "game_over": "critical"}
 SOURCE_NAME = "atari_live"
@@ -68,7 +68,7 @@ SOURCE_NAME = "atari_live"
 class AtariLiveParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     game: str = "Breakout"
     seed: int = 0
-    policy: str = "random"  # random | sticky (see bench.datasets.atari)
+    policy: str = "random"  # random | sticky (see engines.atari_game)
     fps: int = 30  # output video fps; divides the emulator's 60 Hz
     width: int = 640  # 0 with height 0: the console's native 160x210
     height: int = 480

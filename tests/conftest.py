@@ -29,7 +29,7 @@ def leak_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakCheck]:
 def atari_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 12 s Breakout recording (640x480 30 fps H.264 + AAC) with its ground truth."""
     pytest.importorskip("ale_py")
-    from bench.datasets.atari import make_atari_recording
+    from engines.atari_dataset import make_atari_recording
 
     rec = make_atari_recording("Breakout", 12, tmp_path_factory.mktemp("clip"), fps=30, seed=0, progress=False)
     return Path(rec.video)

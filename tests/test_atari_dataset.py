@@ -12,13 +12,9 @@ import pytest
 pytest.importorskip("ale_py")
 av = pytest.importorskip("av")
 
-from bench.datasets.atari import (  # noqa: E402
-    AtariGame,
-    AtariRecording,
-    make_atari_recording,
-    resolve_game,
-)
 from copilot.errors import UsageError  # noqa: E402
+from engines.atari_dataset import AtariRecording, make_atari_recording  # noqa: E402
+from engines.atari_game import AtariGame, resolve_game  # noqa: E402
 
 SECONDS = 20
 FPS = 30

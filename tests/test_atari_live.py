@@ -19,15 +19,16 @@ import pytest
 
 pytest.importorskip("ale_py")
 
-from bench.datasets.atari import AUDIO_RATE, make_atari_recording
-from bench.eval import evaluate_files
 from copilot.clock import VirtualClock
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber
 from copilot.messages import AudioChunk, Envelope, Event, VideoFrame
 from copilot.registry import resolve_stage
+from copilot.scoring import evaluate_files
 from copilot.stage import StageContext, StageRunner
 from copilot.testing import run_pipeline, run_stage
+from engines.atari_dataset import make_atari_recording
+from engines.atari_game import AUDIO_RATE
 from stages.atari_live import AtariLiveParams, AtariLiveStage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -209,6 +209,11 @@ SAMPLE_TRUTH = str(ROOT / "bench" / "data" / "breakout_s0.truth.jsonl")
     # the bench tools' own parsers printed the whole usage block too
     (["bench", "encoders", "--frames", "abc"], "gamecopilot bench encoders: error: argument --frames"),
     (["bench", "atari", "--seconds", "0.01"], "--seconds must be at least 1 s of game time"),
+    (["bench", "bus", "--frames", "abc"], "gamecopilot bench bus: error: argument --frames"),
+    (["bench", "bus", "--transports", "udp"], "--transports: unknown udp"),
+    # the dataset maker is found through the registry (engines.atari_dataset), not imported by the core
+    (["dataset", "atari", "--game", "NoSuchGame", "--seconds", "1", "-o", "/tmp/never"],
+     "unknown Atari game 'NoSuchGame'"),
 ])
 def test_a_bad_time_window_or_missing_input_is_one_line(args: list[str], needle: str) -> None:
     res = gamecopilot(*args)

@@ -1,4 +1,4 @@
-"""Scoring predicted events against ground truth (bench.eval)."""
+"""Scoring predicted events against ground truth (copilot.scoring)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from bench.eval import (
+from copilot.errors import UsageError
+from copilot.scoring import (
     MATCHING_RULES,
     evaluate,
     evaluate_files,
@@ -17,7 +18,6 @@ from bench.eval import (
     load_truth,
     read_truth,
 )
-from copilot.errors import UsageError
 
 META = {"kind": "meta", "game": "Test", "seconds": 60.0, "fps": 30}
 

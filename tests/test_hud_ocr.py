@@ -112,7 +112,7 @@ def atari_frame() -> np.ndarray:
     """A real Breakout frame, nearest-upscaled to 640x480 as the dataset maker does."""
     ale = pytest.importorskip("ale_py")
     del ale
-    from bench.datasets.atari import AtariGame, upscale_indices
+    from engines.atari_game import AtariGame, upscale_indices
 
     game = AtariGame("Breakout", seed=1)
     s = None

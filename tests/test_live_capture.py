@@ -125,7 +125,7 @@ def test_live_record_replays_what_was_captured(display: str, tmp_path: Path) -> 
 
 def test_live_atari_game_writes_its_truth(tmp_path: Path) -> None:
     """``live --game`` needs no screen: the emulated game is the source and knows its truth."""
-    from bench.eval import evaluate_files, read_truth
+    from copilot.scoring import evaluate_files, read_truth
 
     truth = tmp_path / "truth.jsonl"
     events = tmp_path / "events.jsonl"

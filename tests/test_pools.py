@@ -11,7 +11,7 @@ pytest.importorskip("ale_py")
 
 
 def test_every_pool_names_real_games_and_validation_never_overlaps_training() -> None:
-    from bench.datasets.atari import resolve_game
+    from engines.atari_game import resolve_game
 
     for name, entries in POOLS.items():
         roms = [(resolve_game(g), s) for g, s in entries]  # raises on a name ale-py does not know

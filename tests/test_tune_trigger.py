@@ -91,8 +91,8 @@ def test_an_unknown_game_is_refused_before_any_recording_is_made(tmp_path: Path)
 
 
 def test_wakes_are_grouped_by_priority_kind_and_agreeing_families() -> None:
-    from bench.eval import evaluate
     from bench.tune_trigger import WakeClasses
+    from copilot.scoring import evaluate
 
     def wake(t: float, kind: str, families: dict[str, float], priority: str = "high") -> dict[str, object]:
         return {"t": t, "kind": kind, "priority": priority, "evidence": {"families": families}}

@@ -2,7 +2,7 @@
 
 ``python -m bench.games.window --game Breakout [--seconds N] [--seed S] [--title T]``
 
-The emulator (:class:`bench.datasets.atari.AtariGame`) runs at 60 Hz of wall-clock time;
+The emulator (:class:`engines.atari_game.AtariGame`) runs at 60 Hz of wall-clock time;
 its picture is drawn nearest-neighbour upscaled to 640x480 in a Tk window and its audio
 (u8, 30720 Hz) is piped to ``pacat`` (PulseAudio / PipeWire), so it plays on the default
 output, or on ``--sink``.  Without a sound server it prints one warning line and goes on
@@ -26,8 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from bench.datasets.atari import AUDIO_RATE, EMULATOR_FPS, AtariGame, upscale_indices
 from copilot.errors import UsageError
+from engines.atari_game import AUDIO_RATE, EMULATOR_FPS, AtariGame, upscale_indices
 
 WIDTH, HEIGHT = 640, 480
 _MAX_CATCH_UP = 6  # emulator frames per tick before we give up and re-anchor the clock

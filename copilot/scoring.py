@@ -1,4 +1,7 @@
-"""Score predicted events against ground truth.
+"""Score predicted events against ground truth (``gamecopilot eval``).
+
+Pure Python over the two JSONL files, so it is product code in the core; the trigger
+tuning tools in ``bench/`` use the same functions.
 
 Inputs are the events JSONL and ground-truth JSONL of DESIGN.md ("Files the tools
 exchange").  :func:`evaluate` returns::
