@@ -149,6 +149,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     media_s: float = 0.0
     slow: bool = False
     extra_ms: dict[str, LatencySummary] = {}  # stage-specific timings, e.g. a detector's decision delay
+    notes: dict[str, int] = {}  # stage-specific counts, e.g. events a restarted detector decided while warming up
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):

@@ -70,6 +70,7 @@ class StageRecorder:
         self.slow = False
         self.media_extent_s: float | None = None  # a source sets the media span it covered
         self.extra: dict[str, _Reservoir] = {}
+        self.notes: Counter[str] = Counter()  # stage-specific counts (events decided while warming up ...)
 
     def observe_extra(self, name: str, value_ms: float) -> None:
         """Record a stage-specific timing (reported as ``extra_ms.NAME`` with p50/p95/p99)."""
@@ -100,6 +101,10 @@ class StageRecorder:
             return 0.0
         return self.media_last - self.media_first
 
+    def note(self, name: str, n: int = 1) -> None:
+        """Count a stage-specific occurrence (reported as ``notes.NAME``)."""
+        self.notes[name] += n
+
     def drop(self, reason: str, n: int = 1) -> None:
         if n > 0:
             self.dropped[reason] += n
@@ -119,6 +124,7 @@ class StageRecorder:
             media_s=round(self.media_span(), 4),
             slow=self.slow,
             extra_ms={k: v for k, v in ((k, r.summary()) for k, r in self.extra.items()) if v is not None},
+            notes=dict(self.notes),
         )
 
 

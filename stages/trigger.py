@@ -192,6 +192,11 @@ class TriggerDetector:
         self._weights: dict[str, float] = {}
         self.decided: list[DetectorEvent] = []
 
+    @property
+    def started_at(self) -> float | None:
+        """The media time of the first input (None before any): where the baselines start."""
+        return self._t0
+
     # -- inputs ------------------------------------------------------------------------------
     def _arrive(self, t: float, out: list[DetectorEvent]) -> None:
         """An input of media time ``t``: decide everything before it first.
@@ -504,6 +509,7 @@ class TriggerStage(Stage):
         self.p = params
         self.detector: TriggerDetector | None = None
         self.order: MediaTimeOrder[_Input] = MediaTimeOrder(params.idle_s)
+        self._warm_from: float | None = -math.inf  # None: restarted, not warm since the first input's time
 
     @classmethod
     def check_profile(cls, prof: Profile, source: str, cfg: Any, name: str) -> None:
@@ -522,9 +528,30 @@ class TriggerStage(Stage):
         if not len(table):
             self.log.warning("no stage feeding %s declares a signal: only cues can make events", self.name)
         self.detector = TriggerDetector(prof, table, settings)
+        if self.ctx.incarnation > 0:
+            # a restarted detector has lost its baselines: rarity is judged against what it has seen since,
+            # so real deaths can come out low or normal until history_s of media has refilled them
+            self._warm_from = None
+            self.log.warning("%s restarted: its baselines refill over %.0f s of media; events decided until then"
+                             " carry a warming_up note", self.name, settings.history_s)
+
+    def _warming_up(self, de: DetectorEvent) -> None:
+        """After a restart, mark events decided before the baselines held ``history_s`` of media."""
+        det = self.detector
+        if det is None or det.started_at is None or self._warm_from == -math.inf:
+            return
+        if self._warm_from is None:
+            self._warm_from = det.started_at
+        seen = de.decided_at - self._warm_from
+        if seen < det.p.history_s:
+            de.event.evidence.setdefault("notes", []).append(
+                f"warming_up: the detector restarted; its baselines hold {seen:.1f} s of the {det.p.history_s:g} s"
+                " they judge by, so this priority may be too low")
+            self.recorder.note("warming_up")
 
     async def _emit_all(self, events: list[DetectorEvent], parent: Envelope | None) -> None:
         for de in events:
+            self._warming_up(de)
             self.recorder.observe_extra("decision_delay_ms", max(0.0, de.delay_s) * 1000.0)
             self.recorder.observe_extra("emit_lag_ms", max(0.0, self.order.newest - de.event.t) * 1000.0)
             await self.emit("events", de.event, parent=parent, t_media=de.event.t)

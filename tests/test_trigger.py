@@ -431,6 +431,20 @@ def test_trigger_stage_emits_events_and_records_decision_delay() -> None:
     assert 0 <= delay.p99 <= 500
 
 
+def test_a_restarted_trigger_marks_the_events_it_decides_while_its_baselines_refill() -> None:
+    """A restarted detect group loses the detector's history, so real deaths can come out low or
+    normal for a while: the events say so (and the metrics count them) instead of passing silently."""
+    policy = HudCuePolicy()
+    envs = [env for i in range(12 * FPS) for env in hud_envelopes(policy, i)]
+    first = run_stage("trigger", envs, input_signals=BUILTIN)
+    assert "notes" not in first["events"][0].evidence and first.metrics.notes == {}
+    again = run_stage("trigger", envs, input_signals=BUILTIN, restart={"incarnation": 1})
+    ev = again["events"][0]
+    assert [n.split(":")[0] for n in ev.evidence["notes"]] == ["warming_up"], ev.evidence
+    assert "hold 9.3 s of the 18 s" in ev.evidence["notes"][0]  # decided at 9.3 s, 9.3 s after its first input
+    assert again.metrics.notes == {"warming_up": 1}
+
+
 def test_trigger_stage_turns_a_late_transcript_with_a_keyword_into_an_event(tmp_path: Any) -> None:
     """A transcript comes well after its speech (the segment, then Whisper): it does not hold
     back the picture and HUD events, and its keyword still becomes an event at the speech."""
