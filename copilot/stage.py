@@ -25,7 +25,7 @@ Progress: a consumer that orders its inputs by media time (the trigger) must kno
 input has nothing earlier to say, or it waits.  A stage that emits rarely (state only when
 it changes) but has said all it will about an input once ``process`` returns sets
 ``progress_s``: when one of its ports has been quiet that long in media time, the runner
-sends a ``Control(action="heartbeat")`` on it stamped with the input's media time.
+sends a :class:`~copilot.messages.Heartbeat` on it stamped with the input's media time.
 Consumers see heartbeats in :meth:`Stage.on_progress`, never in ``process``.
 """
 
@@ -42,7 +42,7 @@ import msgspec
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.links import ProducerGone, Publisher, Subscriber
-from copilot.messages import Control, Envelope, Payload, TraceStamp
+from copilot.messages import EndOfStream, Envelope, Heartbeat, Payload, TraceStamp
 from copilot.metrics import StageRecorder
 from copilot.worker import StageWorker
 
@@ -153,7 +153,7 @@ class Stage:
                 continue
             self._port_t[port] = t_media
             cap = self.clock.now_ns() if t_capture_ns is None else t_capture_ns
-            env = Envelope.wrap(Control(action="heartbeat"), source=self.name, seq=0, t_media=t_media,
+            env = Envelope.wrap(Heartbeat(), source=self.name, seq=0, t_media=t_media,
                                 t_capture_ns=cap)
             for pub in self.ctx.outputs.get(port, []):
                 await pub.send(env)
@@ -284,7 +284,7 @@ class StageRunner:
         await asyncio.gather(*(
             p.end_stream(
                 Envelope.wrap(
-                    Control(action="eos", detail={"stage": self.stage.name}),
+                    EndOfStream(stage=self.stage.name),
                     source=self.stage.name,
                     seq=0,
                     t_media=0.0,
@@ -307,12 +307,11 @@ class StageRunner:
                 self._sync_drops()
                 return
             if msg.kind == "control":
-                action = msg.payload.action  # type: ignore[union-attr]
-                if action == "eos":
+                if isinstance(msg.payload, EndOfStream):
                     sub.unsubscribe()
                     self._sync_drops()
                     return
-                if action == "heartbeat":
+                if isinstance(msg.payload, Heartbeat):
                     async with self._lock:
                         await st.on_progress(msg)
                 continue

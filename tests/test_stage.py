@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from copilot.clock import MonotonicClock, VirtualClock
-from copilot.messages import AudioChunk, Control, Envelope, Event, Features, TraceStamp, VideoFrame
+from copilot.messages import AudioChunk, Envelope, Event, Features, Heartbeat, TraceStamp, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source, Stage, StageContext
 from copilot.testing import (
@@ -434,7 +434,7 @@ def test_a_stage_that_emits_rarely_sends_heartbeats_while_it_is_quiet() -> None:
     res = run_stage(OnChange, [Features(name="in", values={"x": v}) for v in values], step_s=1 / 30)
     assert [e.t_media for e in res.envelopes("features")] == pytest.approx([0.0, 1.0])
     beats = [e.t_media for e in res.heartbeats["features"]]
-    assert all(isinstance(e.payload, Control) and e.payload.action == "heartbeat" for e in res.heartbeats["features"])
+    assert all(isinstance(e.payload, Heartbeat) for e in res.heartbeats["features"])
     # one every progress_s of media time while nothing is emitted, none in the messages
     assert beats == sorted(beats) and len(beats) == pytest.approx(18, abs=2)
     sent = sorted([(t, "beat") for t in beats] + [(0.0, "msg"), (1.0, "msg")])
@@ -468,7 +468,7 @@ class Progress(Stage):
 
 def test_a_consumer_gets_heartbeats_in_on_progress_not_in_process() -> None:
     inputs = [make_envelope(Features(name="x"), t_media=0.0, source="a"),
-              make_envelope(Control(action="heartbeat"), t_media=0.5, source="a"),
+              make_envelope(Heartbeat(), t_media=0.5, source="a"),
               make_envelope(Features(name="x"), t_media=0.6, source="a")]
     res = run_stage(Progress, inputs)
     assert res.stage.seen == [("process", 0.0), ("progress", 0.5), ("process", 0.6)]  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from copilot.messages import Control, Event, Features
+from copilot.messages import Event, Features, Heartbeat
 from copilot.profile import OcrField, Profile, Region, Rule, TriggerParams
 from copilot.testing import make_envelope, run_stage
 from stages.trigger import RarityBaseline, TriggerDetector
@@ -483,7 +483,7 @@ def trigger_run_with_a_sparse_producer(*, heartbeats: bool) -> Any:
             envs.append(make_envelope(Features(name="hud_ocr", values={"score": float(i)}), t_media=t,
                                       source="hud_ocr"))
         elif heartbeats and i % 3 == 0:
-            envs.append(make_envelope(Control(action="heartbeat"), t_media=t, source="hud_ocr"))
+            envs.append(make_envelope(Heartbeat(), t_media=t, source="hud_ocr"))
     return run_stage("trigger", envs)
 
 
