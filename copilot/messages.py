@@ -12,13 +12,15 @@ msgpack: the codec (:mod:`copilot.codec`) moves them as separate ZeroMQ frames, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 import numpy as np
 
 # 2: control messages became one Struct per action (they were Control(action, detail))
 WIRE_VERSION = 2
+
+T = TypeVar("T")
 
 Priority = Literal["critical", "high", "normal", "low"]
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
@@ -224,3 +226,10 @@ class Envelope(msgspec.Struct, kw_only=True):
             payload=payload,
         )
 
+    def payload_as(self, typ: type[T]) -> T:
+        """The payload as a ``typ``, for a stage whose ``accepts`` lets only that through (the
+        runner has dropped anything else); a TypeError names the mismatch if one gets here."""
+        p = self.payload
+        if not isinstance(p, typ):
+            raise TypeError(f"a {type(p).__name__} payload from {self.source} where a {typ.__name__} was expected")
+        return p

@@ -495,3 +495,76 @@ def test_the_metrics_table_lists_each_stage_s_own_timings() -> None:
     table = metrics_table([plain, slow])
     assert [str(c.header) for c in table.columns][-1] == "note"
     assert list(table.columns[-1].cells) == ["", "[yellow]slow[/]"]
+
+
+class VideoOnly(Stage[CountParams]):
+    """Declares the one payload type it takes: the runner keeps everything else from ``process``."""
+
+    Params = CountParams
+    accepts = (VideoFrame,)
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+    async def process(self, msg: Envelope) -> None:
+        frame = msg.payload_as(VideoFrame)
+        await self.emit("out", Features(name="w", values={"w": frame.image.shape[1] * self.params.scale}), parent=msg)
+
+
+def test_the_runner_drops_and_counts_a_payload_the_stage_does_not_accept(caplog: pytest.LogCaptureFixture) -> None:
+    inputs = [video_frame(), audio_chunk(), Features(name="x"), audio_chunk(), video_frame()]
+    with caplog.at_level(logging.WARNING, logger="copilot.stage"):
+        res = run_stage(VideoOnly, inputs, params={"scale": 0.5})
+    assert [f.values["w"] for f in res["out"]] == [video_frame().image.shape[1] * 0.5] * 2
+    assert res.metrics.count == 2  # only what it processed
+    assert res.metrics.dropped == 3
+    assert res.metrics.dropped_by_reason == {"unaccepted_audio": 2, "unaccepted_features": 1}
+    warned = [r.getMessage() for r in caplog.records if "takes no" in r.getMessage()]
+    assert len(warned) == 2  # once per kind
+
+
+def test_a_stage_that_declares_nothing_takes_every_payload() -> None:
+    res = run_stage(Lifecycle, [video_frame(), audio_chunk(), Features(name="x")])
+    assert res.metrics.count == 3 and res.metrics.dropped == 0
+
+
+def test_payload_as_names_a_mismatch() -> None:
+    env = make_envelope(audio_chunk(), source="mic")
+    assert env.payload_as(AudioChunk) is env.payload
+    with pytest.raises(TypeError, match="AudioChunk payload from mic where a VideoFrame was expected"):
+        env.payload_as(VideoFrame)
+
+
+def test_check_on_the_base_class_has_nothing_to_check() -> None:
+    from copilot.stage import NoParams
+
+    assert Stage.check(NoParams()) is None
+    assert Lifecycle.check(CountParams()) is None  # inherited by a stage that does not define it
+
+
+class Picky(Stage[CountParams]):
+    """Refuses a scale of zero before the run starts."""
+
+    Params = CountParams
+
+    @classmethod
+    def check(cls, params: CountParams) -> None:
+        if params.scale == 0:
+            from copilot.errors import UsageError
+
+            raise UsageError("picky: scale must not be 0")
+
+
+def test_prepare_run_calls_every_stage_s_check(tmp_path: Path) -> None:
+    from copilot.commands import prepare_run
+    from copilot.errors import UsageError
+
+    def pipeline(scale: float) -> str:
+        cfg = tmp_path / f"p{scale}.yaml"
+        stages = [{"name": "src", "kind": "tests.test_stage:Counter", "outputs": {"out": "x"}},
+                  {"name": "picky", "kind": "tests.test_stage:Picky", "inputs": ["x"], "params": {"scale": scale}}]
+        cfg.write_bytes(msgspec.json.encode({"name": "p", "links": {"x": {}}, "stages": stages}))  # (JSON is YAML)
+        return str(cfg)
+
+    prepare_run(pipeline(2.0), input_file=None)
+    with pytest.raises(UsageError, match="picky: scale must not be 0"):
+        prepare_run(pipeline(0.0), input_file=None)
+
