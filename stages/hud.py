@@ -35,10 +35,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from copilot.messages import Envelope, Features, VideoFrame
+from copilot.messages import Features, VideoFrame
 from copilot.profile import Profile, Region, profile_from_options
 from copilot.registry import register_stage
-from copilot.stage import Stage
+from copilot.stage import StageContext
+from stages._analyzer import AnalyzerStage
 from stages.motion import gray_thumbnail
 
 
@@ -546,18 +547,19 @@ class HudAnalyzer:
 
 
 @register_stage("hud")
-class HudStage(Stage):
+class HudStage(AnalyzerStage[HudParams, VideoFrame]):
     """Step changes in still screen areas and profile regions: ``Features(name="hud")``."""
 
     Params = HudParams
+    accepts = (VideoFrame,)
     output_ports = ("features",)
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: HudParams) -> None:
         super().__init__(ctx, params)
         self.analyzer: HudAnalyzer | None = None
 
     async def start(self) -> None:
-        p: HudParams = self.params  # type: ignore[assignment]
+        p = self.params
         prof: Profile = profile_from_options(self.ctx.options)
         self.analyzer = HudAnalyzer(
             stride=p.stride,
@@ -573,10 +575,8 @@ class HudStage(Stage):
             min_cell_px=p.min_cell_px,
         )
 
-    async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame) or self.analyzer is None:
-            return
-        values, where = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
-        await self.emit("features", Features(name="hud", values=values, text={"where": where} if where else {}),
-                        parent=msg)
+    def analyze(self, frame: VideoFrame, t_media: float) -> Features | None:
+        if self.analyzer is None:
+            return None
+        values, where = self.analyzer.update(frame.image, t_media, frame.pixel_format)
+        return Features(name="hud", values=values, text={"where": where} if where else {})

@@ -568,3 +568,11 @@ def test_prepare_run_calls_every_stage_s_check(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="picky: scale must not be 0"):
         prepare_run(pipeline(0.0), input_file=None)
 
+
+def test_an_analyzer_stage_must_declare_its_input_type() -> None:
+    from stages._analyzer import AnalyzerStage
+
+    with pytest.raises(TypeError, match="accepts"):
+
+        class NoInput(AnalyzerStage[CountParams, VideoFrame]):
+            Params = CountParams
