@@ -198,14 +198,12 @@ def prepare_run(
     media_s: float | None = None
     for s in cfg.stages:
         cls = resolve_stage(s.kind)
-        check = getattr(cls, "check", None)
-        if check is not None:
-            params = msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params)
-            info = check(params)
-            duration = getattr(info, "duration_s", None)
-            if duration:
-                end = min(duration, until) if until is not None else duration
-                media_s = max(media_s or 0.0, end - start)
+        params = msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params)
+        info = cls.check(params)  # (Stage.check: before any group starts or any output is emptied)
+        duration = getattr(info, "duration_s", None)
+        if duration:
+            end = min(duration, until) if until is not None else duration
+            media_s = max(media_s or 0.0, end - start)
     return cfg, data, str(path), overrides, media_s
 
 

@@ -4,13 +4,15 @@ A group is what one OS process runs.  :func:`group_process_main` is the spawn ta
 supervisor starts; :func:`run_group` is the same thing as a coroutine, which tests and the
 single-host ``stage`` command call directly.
 
-Protocol with the supervisor (a DEALER to the supervisor's ROUTER, separate from data links):
-``ready`` once every output link sees its consumers, then wait for ``start`` (sources only
-begin then), ``heartbeat`` every ``heartbeat_s``, ``stop`` from the supervisor asks for a
-graceful end (sources stop, end of stream flows, stages flush), ``done`` when every stage of
-the group has finished.  ``inputs_ended`` from the supervisor names links whose producing
-group is done: a group restarted after their end of stream went out would otherwise wait
-for it forever.  Metrics go on their own PUSH link, latest-wins.
+Protocol with the supervisor (a DEALER to the supervisor's ROUTER, separate from data links),
+one control Struct of :mod:`copilot.messages` per step: ``Ready`` once every output link sees
+its consumers, then wait for ``Start`` (sources only begin then), ``Heartbeat`` every
+``heartbeat_s``, ``Stop`` from the supervisor asks for a graceful end (sources stop, end of
+stream flows, stages flush), ``Done`` (with the final ``Metrics``) when every stage of the
+group has finished, ``Error`` with one line when it fails.  ``InputsEnded`` from the
+supervisor names links whose producing group is done: a group restarted after their end of
+stream went out would otherwise wait for it forever.  Metrics go on their own PUSH link,
+latest-wins, as the ``Metrics`` Struct itself.
 
 A group started by hand (``gamecopilot stage``) has no supervisor to tell it that: a group
 that ends its links leaves a note per link in the run directory (cleared when it starts
@@ -39,7 +41,7 @@ from copilot.config import PipelineConfig, curve_keys, link_specs, parse_pipelin
 from copilot.curve import is_tcp, secure_client
 from copilot.errors import UsageError, first_line
 from copilot.links import Publisher, Subscriber, contexts
-from copilot.messages import Control, Envelope, Metrics
+from copilot.messages import Control, Done, Envelope, Error, Heartbeat, InputsEnded, Metrics, Ready, Start, Stop
 from copilot.reach import ConnectionWatch
 from copilot.registry import resolve_stage
 from copilot.signals import pipeline_signals
@@ -237,9 +239,9 @@ class GroupRunner:
             if not ok:
                 log.warning("group %s: link %s has fewer than %d consumers connected", self.group, link, n)
 
-    async def _send_ctrl(self, action: str, detail: dict[str, Any] | None = None) -> None:
+    async def _send_ctrl(self, payload: Control) -> None:
         if self._ctrl is not None:
-            frames = _encode_ctrl(self.codec, Control(action=action, detail=detail or {}), self.group, self.clock)  # type: ignore[arg-type]
+            frames = _encode_ctrl(self.codec, payload, self.group, self.clock)
             await self._ctrl.send_multipart(frames)
 
     def metrics_snapshot(self) -> Metrics:
@@ -262,14 +264,13 @@ class GroupRunner:
             except CodecError as exc:
                 log.warning("group %s: bad control message (%s)", self.group, exc)
                 continue
-            if env.kind == "control":
-                action = env.payload.action  # type: ignore[union-attr]
-                if action == "start":
-                    self._start.set()
-                elif action == "stop":
-                    self.request_stop()
-                elif action == "inputs_ended":
-                    self.inputs_ended(env.payload.detail.get("links", ()))  # type: ignore[union-attr]
+            p = env.payload
+            if isinstance(p, Start):
+                self._start.set()
+            elif isinstance(p, Stop):
+                self.request_stop()
+            elif isinstance(p, InputsEnded):
+                self.inputs_ended(p.links)
 
     async def _heartbeat_loop(self) -> None:
         sup = self.cfg.supervisor
@@ -281,7 +282,7 @@ class GroupRunner:
                 self.request_stop()
                 # and if the graceful stop hangs, do not outlive the supervisor anyway
                 loop.call_later(sup.shutdown_timeout_s, os._exit, 1)
-            await self._send_ctrl("heartbeat", {"pid": os.getpid()})
+            await self._send_ctrl(Heartbeat(pid=os.getpid()))
             if loop.time() >= next_metrics:
                 self._push_metrics()
                 next_metrics = loop.time() + sup.metrics_interval_s
@@ -292,10 +293,10 @@ class GroupRunner:
         """Input links that ended without this group taking their end of stream (see ``inputs_ended``)."""
         return sorted({link for r in self.runners for link in r.lost_inputs})
 
-    def inputs_ended(self, links: Any) -> None:
+    def inputs_ended(self, links: list[str]) -> None:
         """Their producers have finished: a consumer still waiting on one (this group was
         restarted after the end of stream went out) reads what is queued, then ends."""
-        ended = {str(link) for link in links}
+        ended = set(links)
         for sub in self.subscribers:
             if sub.spec.name in ended:
                 sub.producer_gone()
@@ -347,9 +348,7 @@ class GroupRunner:
             return
         message = describe_failure(exc)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._send_ctrl("error", {"message": message, "usage": isinstance(exc, UsageError)}), 1.0
-            )
+            await asyncio.wait_for(self._send_ctrl(Error(message=message, usage=isinstance(exc, UsageError))), 1.0)
             self.error_reported = True
             # the send only queued it: the process exits next, and pyzmq does not flush queued
             # messages at exit, so give ZeroMQ's I/O thread a moment to put this line on the wire
@@ -378,7 +377,7 @@ class GroupRunner:
                     tasks.append(asyncio.create_task(r.run(), name=r.stage.name))
             if self._ctrl is None and self.subscribers:
                 aux.append(asyncio.create_task(self._wait_notices()))
-            await self._send_ctrl("ready")
+            await self._send_ctrl(Ready())
             if self._ctrl is not None and self.opts.wait_for_start:
                 await self._start.wait()
             for r in self.runners:
@@ -389,8 +388,8 @@ class GroupRunner:
             await self._wait_tasks(tasks)
             self._mark_ended()
             self._push_metrics()
-            detail = {"metrics": self.metrics_snapshot(), "lost_inputs": self.lost_inputs, "signal": self.stop_signal}
-            await self._send_ctrl("done", msgspec.to_builtins(detail))
+            await self._send_ctrl(Done(metrics=self.metrics_snapshot(), lost_inputs=self.lost_inputs,
+                                       signal=self.stop_signal))
         except Exception as exc:
             await self.report_failure(exc)
             raise

@@ -41,7 +41,7 @@ from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.codec import Codec, CodecError
 from copilot.curve import CurveKeys, is_tcp, secure_client, secure_server
 from copilot.errors import UsageError
-from copilot.messages import Envelope
+from copilot.messages import Envelope, Heartbeat
 from copilot.reach import ConnectionWatch
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class Publisher:
 
     async def _send_ordered(self, frames: list, env: Envelope) -> bool:  # type: ignore[type-arg]
         # the end of stream must get through; a heartbeat is only a hint and may be dropped like data
-        must_arrive = env.kind == "control" and getattr(env.payload, "action", "") != "heartbeat"
+        must_arrive = env.kind == "control" and not isinstance(env.payload, Heartbeat)
         block_ms = None if (self.lossless or must_arrive) else self.spec.block_ms
         loop = asyncio.get_running_loop()
         deadline = None if block_ms is None else loop.time() + block_ms / 1000

@@ -12,12 +12,15 @@ msgpack: the codec (:mod:`copilot.codec`) moves them as separate ZeroMQ frames, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 import numpy as np
 
-WIRE_VERSION = 1
+# 2: control messages became one Struct per action (they were Control(action, detail))
+WIRE_VERSION = 2
+
+T = TypeVar("T")
 
 Priority = Literal["critical", "high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low")
@@ -159,34 +162,79 @@ class Metrics(msgspec.Struct, tag="metrics", kw_only=True):
     stages: list[StageMetrics]
 
 
-class Control(msgspec.Struct, tag="control", kw_only=True):
-    """Lifecycle and liveness: heartbeat, ready, end-of-stream, stop.
+# -- control: lifecycle and liveness, one Struct per action ---------------------------------------
+# On the wire each is its own payload tag; the envelope's ``kind`` is "control" for all of them, so
+# a link or a runner tells control from data with one string test and the codec keeps one rule
+# (``kind`` must match the payload's type).  Who sends what is in copilot/group.py's docstring.
 
-    ``inputs_ended`` (supervisor to group, ``detail["links"]``): the groups producing those
-    links have finished, so a consumer restarted after their end of stream went out stops
-    waiting for it.
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True):
+    """Liveness.  Group to supervisor every ``heartbeat_s`` (``pid``: the group's process).
+    On a data link (see :attr:`copilot.stage.Stage.progress_s`): its producer has nothing more
+    to say before the envelope's ``t_media``."""
+
+    pid: int | None = None
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    """Group to supervisor: every stage started and every output link sees its consumers."""
+
+
+class Start(msgspec.Struct, tag="start"):
+    """Supervisor to group: every group is ready, sources may begin."""
+
+
+class EndOfStream(msgspec.Struct, tag="eos", kw_only=True):
+    """On a data link: ``stage`` has sent everything it will on it."""
+
+    stage: str = ""
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Supervisor to group: end gracefully (sources stop, end of stream flows, stages flush)."""
+
+
+class Done(msgspec.Struct, tag="done", kw_only=True):
+    """Group to supervisor: every stage of the group has finished.
+
+    ``metrics``: the group's final figures; ``lost_inputs``: input links that ended while the
+    group was down; ``signal``: the signal sent to the group itself that cut it short, if any.
     """
 
-    action: Literal["heartbeat", "ready", "start", "eos", "stop", "done", "error", "inputs_ended"]
-    detail: dict[str, Any] = {}
+    metrics: Metrics | None = None
+    lost_inputs: list[str] = []
+    signal: int | None = None
 
+
+class Error(msgspec.Struct, tag="error", kw_only=True):
+    """Group to supervisor: why the group fails, in one line.  ``usage``: bad input (a
+    :class:`copilot.errors.UsageError`), not worth a restart."""
+
+    message: str
+    usage: bool = False
+
+
+class InputsEnded(msgspec.Struct, tag="inputs_ended", kw_only=True):
+    """Supervisor to group: the groups producing ``links`` have finished, so a consumer restarted
+    after their end of stream went out stops waiting for it."""
+
+    links: list[str]
+
+
+Control = Heartbeat | Ready | Start | EndOfStream | Stop | Done | Error | InputsEnded
+CONTROL_TYPES: tuple[type[msgspec.Struct], ...] = (Heartbeat, Ready, Start, EndOfStream, Stop, Done, Error, InputsEnded)
 
 Payload = VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Advice | Metrics | Control
 
-PAYLOAD_TYPES: tuple[type, ...] = (
-    VideoFrame,
-    AudioChunk,
-    Features,
-    Cue,
-    GameState,
-    Event,
-    Transcript,
-    Advice,
-    Metrics,
-    Control,
-)
-KIND_OF: dict[type, str] = {t: t.__struct_config__.tag for t in PAYLOAD_TYPES}  # type: ignore[attr-defined]
-KINDS: tuple[str, ...] = tuple(KIND_OF.values())
+DATA_TYPES: tuple[type[msgspec.Struct], ...] = (VideoFrame, AudioChunk, Features, Cue, GameState, Event, Transcript,
+                                                 Advice, Metrics)
+PAYLOAD_TYPES: tuple[type[msgspec.Struct], ...] = DATA_TYPES + CONTROL_TYPES
+# the envelope's kind: a data payload's own tag, "control" for every control struct
+KIND_OF: dict[type, str] = {
+    **{t: str(t.__struct_config__.tag) for t in DATA_TYPES},
+    **dict.fromkeys(CONTROL_TYPES, "control"),
+}
+KINDS: tuple[str, ...] = tuple(dict.fromkeys(KIND_OF.values()))
 
 
 class Envelope(msgspec.Struct, kw_only=True):
@@ -223,3 +271,11 @@ class Envelope(msgspec.Struct, kw_only=True):
             trace=list(trace) if trace else [],
             payload=payload,
         )
+
+    def payload_as(self, typ: type[T]) -> T:
+        """The payload as a ``typ``, for a stage whose ``accepts`` lets only that through (the
+        runner has dropped anything else); a TypeError names the mismatch if one gets here."""
+        p = self.payload
+        if not isinstance(p, typ):
+            raise TypeError(f"a {type(p).__name__} payload from {self.source} where a {typ.__name__} was expected")
+        return p

@@ -2,14 +2,23 @@
 
 A stage receives envelopes on its input links and emits payloads on named output ports::
 
+    class FrameDiffParams(msgspec.Struct, forbid_unknown_fields=True):
+        stride: int = 4
+
     @register_stage("frame_diff")
-    class FrameDiff(Stage):
-        class Params(msgspec.Struct, forbid_unknown_fields=True):
-            stride: int = 4
+    class FrameDiff(Stage[FrameDiffParams]):
+        Params = FrameDiffParams
+        accepts = (VideoFrame,)
 
         async def process(self, msg: Envelope) -> None:
-            ...
+            frame = msg.payload_as(VideoFrame)
+            ...  # self.params is a FrameDiffParams
             await self.emit("features", Features(name="motion", values={...}), parent=msg)
+
+``Stage`` is generic in its params so ``self.params`` is typed in a subclass; a plain
+``Stage`` subclass (untyped params) works the same at run time.  ``accepts`` names the
+payload types the stage takes: the runner drops and counts anything else before
+``process`` (an empty tuple takes everything).
 
 Lifecycle, driven by :class:`StageRunner`: ``start()`` once before the first message,
 ``process(msg)`` for each message, ``flush()`` when every input has reached end of stream
@@ -25,7 +34,7 @@ Progress: a consumer that orders its inputs by media time (the trigger) must kno
 input has nothing earlier to say, or it waits.  A stage that emits rarely (state only when
 it changes) but has said all it will about an input once ``process`` returns sets
 ``progress_s``: when one of its ports has been quiet that long in media time, the runner
-sends a ``Control(action="heartbeat")`` on it stamped with the input's media time.
+sends a :class:`~copilot.messages.Heartbeat` on it stamped with the input's media time.
 Consumers see heartbeats in :meth:`Stage.on_progress`, never in ``process``.
 """
 
@@ -36,19 +45,21 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.links import ProducerGone, Publisher, Subscriber
-from copilot.messages import Control, Envelope, Payload, TraceStamp
+from copilot.messages import EndOfStream, Envelope, Heartbeat, Payload, TraceStamp
 from copilot.metrics import StageRecorder
 from copilot.signals import Signal
 from copilot.worker import StageWorker
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# A stage's params type.  (No TypeVar default: a bare ``Stage`` subclass is read as Stage[Any].)
+P = TypeVar("P", bound=msgspec.Struct)
 
 # A stage whose own work takes more than this fraction of the media time it covers is slower
 # than real time (livekit's SLOW_INFERENCE_THRESHOLD idea, applied to a whole stage).
@@ -80,11 +91,14 @@ class StageContext:
     input_signals: tuple[tuple[str, Any], ...] = ()
 
 
-class Stage:
+class Stage(Generic[P]):
     """Base class of every stage.  Override :meth:`process` (or :meth:`Source.produce`)."""
 
     kind: ClassVar[str] = ""
+    # (a ClassVar cannot mention P: keep it the same class as P by hand)
     Params: ClassVar[type[msgspec.Struct]] = NoParams
+    # the payload types process() takes; the runner drops and counts the rest.  () = all of them
+    accepts: ClassVar[tuple[type, ...]] = ()
     output_ports: ClassVar[tuple[str, ...]] = ()
     # the graded signals this stage emits as Features values (see copilot.signals): what the trigger scores
     signals: ClassVar[tuple[Signal, ...]] = ()
@@ -92,10 +106,10 @@ class Stage:
     # > 0: after an input, a port quiet this long (media s) gets a progress heartbeat (see above)
     progress_s: ClassVar[float] = 0.0
 
-    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+    def __init__(self, ctx: StageContext, params: P) -> None:
         self.ctx = ctx
         self.name = ctx.name
-        self.params = params
+        self.params: P = params
         self.clock = ctx.clock
         self.log = logging.getLogger(f"stage.{self.name}")
         self.recorder = StageRecorder(self.name, ctx.clock.now_ns())
@@ -104,6 +118,19 @@ class Stage:
         self._prev_out_ns: int | None = None
         self._seq = 0
         self._port_t: dict[str, float] = {}  # media time of the last message or heartbeat per port
+
+    @classmethod
+    def check(cls, params: P) -> object:
+        """Validate ``params`` against the world (a file exists, a device opens); raise
+        :class:`~copilot.errors.UsageError` if they cannot work.  By default there is nothing
+        to check and it returns None.
+
+        ``prepare_run`` calls it for every stage of the pipeline before any group starts and
+        before any output file is emptied, so bad params end the run in one line with exit
+        code 2 and leave earlier outputs as they were.  What it returns is read for a
+        ``duration_s`` (a replay's media length sizes the run's progress).
+        """
+        return None
 
     # -- lifecycle (override what you need) ---------------------------------------------------
     async def start(self) -> None:
@@ -159,7 +186,7 @@ class Stage:
                 continue
             self._port_t[port] = t_media
             cap = self.clock.now_ns() if t_capture_ns is None else t_capture_ns
-            env = Envelope.wrap(Control(action="heartbeat"), source=self.name, seq=0, t_media=t_media,
+            env = Envelope.wrap(Heartbeat(), source=self.name, seq=0, t_media=t_media,
                                 t_capture_ns=cap)
             for pub in self.ctx.outputs.get(port, []):
                 await pub.send(env)
@@ -181,7 +208,7 @@ class Stage:
             self._executor = None
 
 
-class Source(Stage):
+class Source(Stage[P]):
     """A stage with no inputs: override :meth:`produce`, which returns at end of stream."""
 
     min_inputs: ClassVar[int] = 0
@@ -227,6 +254,7 @@ class StageRunner:
         self.error: BaseException | None = None
         self.lost_inputs: list[str] = []  # links that ended without their end of stream (ProducerGone)
         self._closed = False
+        self._refused: set[str] = set()  # kinds of payload dropped as not accepted (warned once each)
 
     def request_stop(self) -> None:
         """Graceful stop: a source stops producing; the end of stream then flows downstream."""
@@ -290,7 +318,7 @@ class StageRunner:
         await asyncio.gather(*(
             p.end_stream(
                 Envelope.wrap(
-                    Control(action="eos", detail={"stage": self.stage.name}),
+                    EndOfStream(stage=self.stage.name),
                     source=self.stage.name,
                     seq=0,
                     t_media=0.0,
@@ -313,14 +341,16 @@ class StageRunner:
                 self._sync_drops()
                 return
             if msg.kind == "control":
-                action = msg.payload.action  # type: ignore[union-attr]
-                if action == "eos":
+                if isinstance(msg.payload, EndOfStream):
                     sub.unsubscribe()
                     self._sync_drops()
                     return
-                if action == "heartbeat":
+                if isinstance(msg.payload, Heartbeat):
                     async with self._lock:
                         await st.on_progress(msg)
+                continue
+            if st.accepts and not isinstance(msg.payload, st.accepts):
+                await self._refuse(msg)
                 continue
             async with self._lock:
                 t_in = st.clock.now_ns()
@@ -336,6 +366,19 @@ class StageRunner:
             )
             self._sync_drops()
             self._check_slow(t_out - t_in, msg.t_media)
+
+    async def _refuse(self, msg: Envelope) -> None:
+        """A payload the stage does not accept (a link wired to the wrong stage): dropped and
+        counted as ``unaccepted_<kind>``, never seen by ``process``.  It still moves the stage's
+        progress on, as an input the stage had nothing to say about did before."""
+        st = self.stage
+        st.recorder.drop(f"unaccepted_{msg.kind}")
+        if msg.kind not in self._refused:
+            self._refused.add(msg.kind)
+            log.warning("stage %s takes no %s messages (from %s); dropping them", st.name, msg.kind, msg.source)
+        if st.progress_s > 0:
+            async with self._lock:
+                await st.send_progress(msg.t_media, msg.t_capture_ns)
 
     def _sync_drops(self) -> None:
         links: Counter[str] = Counter()

@@ -31,7 +31,7 @@ from copilot.config import PipelineConfig, curve_keys, is_local_host, link_specs
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
 from copilot.links import bind, check_ipc_endpoint, contexts, prepare_ipc
-from copilot.messages import Control, Envelope, Metrics, StageMetrics
+from copilot.messages import Control, Done, Envelope, Error, InputsEnded, Metrics, Ready, StageMetrics, Start, Stop
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,10 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGKILL)
 
     # -- control ------------------------------------------------------------------------------
-    def _send(self, st: GroupState, action: str, detail: dict[str, Any] | None = None) -> None:
+    def _send(self, st: GroupState, payload: Control) -> None:
         if self._ctrl is None:  # not bound yet, or the run is over
             return
-        env = Envelope.wrap(Control(action=action, detail=detail or {}), source="supervisor", seq=0, t_media=0.0,  # type: ignore[arg-type]
-                            t_capture_ns=self.clock.now_ns())
+        env = Envelope.wrap(payload, source="supervisor", seq=0, t_media=0.0, t_capture_ns=self.clock.now_ns())
         ident = f"{st.name}#{st.incarnation}".encode()
         with contextlib.suppress(zmq.ZMQError):
             self._ctrl.send_multipart([ident, *self._codec.encode(env)], flags=zmq.NOBLOCK)
@@ -205,19 +204,16 @@ class Supervisor:
         except CodecError:
             return
         st.last_seen = now
-        if env.kind != "control":
-            return
-        action = env.payload.action  # type: ignore[union-attr]
-        if action == "ready":
+        p = env.payload
+        if isinstance(p, Ready):
             st.ready = True
             if self._started:
                 self._pending_start.add(name)
             if not self._stopping:
                 self._tell_inputs_ended(st)
-        elif action == "error":
-            detail = env.payload.detail  # type: ignore[union-attr]
-            st.error = str(detail.get("message", "unknown error"))
-            if detail.get("usage"):
+        elif isinstance(p, Error):
+            st.error = p.message
+            if p.usage:
                 st.failed = True
                 if self._usage_error is None:
                     self._usage_error = st.error
@@ -225,16 +221,14 @@ class Supervisor:
                 self.request_stop(interrupted=False)
             else:
                 log.warning("group %s failed: %s", name, st.error)
-        elif action == "done":
+        elif isinstance(p, Done):
             st.done = True
-            m = env.payload.detail.get("metrics")  # type: ignore[union-attr]
-            if m:
-                self._snapshots[(name, st.incarnation)] = msgspec.convert(m, Metrics)
-            lost = env.payload.detail.get("lost_inputs")  # type: ignore[union-attr]
-            if lost and not self._stopping:
-                self._lost_inputs[name] = [str(link) for link in lost]
-            sig = env.payload.detail.get("signal")  # type: ignore[union-attr]
-            if isinstance(sig, int) and not self._stopping:
+            if p.metrics is not None:
+                self._snapshots[(name, st.incarnation)] = p.metrics
+            if p.lost_inputs and not self._stopping:
+                self._lost_inputs[name] = list(p.lost_inputs)
+            sig = p.signal
+            if sig is not None and not self._stopping:
                 # a signal sent to the group itself ended it early: the whole run stops as if sent here
                 log.warning("group %s was stopped by signal %d; stopping the run", name, sig)
                 self._on_signal(sig)
@@ -260,15 +254,15 @@ class Supervisor:
             if link in mine
         )
         if ended:
-            self._send(st, "inputs_ended", {"links": ended})
+            self._send(st, InputsEnded(links=ended))
 
     def _handle_metrics(self, frames: list[bytes]) -> None:
         try:
             env = self._codec.decode(frames)
         except CodecError:
             return
-        if env.kind == "metrics":
-            m: Metrics = env.payload  # type: ignore[assignment]
+        m = env.payload
+        if isinstance(m, Metrics):
             st = self.groups.get(m.group)
             if st is not None:
                 self._snapshots[(m.group, st.incarnation)] = m
@@ -406,7 +400,7 @@ class Supervisor:
                         self.on_ready()
                     self._t_start_ns = self.clock.now_ns()
                     for g in self.groups.values():
-                        self._send(g, "start")
+                        self._send(g, Start())
                 elif now > ready_deadline:
                     missing = [g.name for g in self.groups.values() if not g.ready]
                     remote = [g for g in missing if not self.groups[g].local]
@@ -420,7 +414,7 @@ class Supervisor:
                             f"not ready after {sup.ready_timeout_s:g} s" + hint)
                     self.request_stop(interrupted=False)
             for name in list(self._pending_start):
-                self._send(self.groups[name], "start")
+                self._send(self.groups[name], Start())
                 self._pending_start.discard(name)
             self._watch(now)
             if self._stopping and not self._stop_sent:
@@ -428,7 +422,7 @@ class Supervisor:
                 stop_deadline = now + sup.shutdown_timeout_s
                 for g in self.groups.values():
                     if g.ready:
-                        self._send(g, "stop")
+                        self._send(g, Stop())
                     elif g.process is not None and self._alive(g):
                         # still starting: it cannot hear "stop" yet and holds nothing to flush
                         g.process.terminate()

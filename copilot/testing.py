@@ -41,7 +41,7 @@ import numpy as np
 from copilot.clock import SYSTEM_CLOCK, Clock, VirtualClock
 from copilot.codec import Codec, CodecError
 from copilot.links import DropCounter, LinkSpec, Publisher, Subscriber, contexts
-from copilot.messages import AudioChunk, Control, Envelope, Payload, StageMetrics, TraceStamp, VideoFrame
+from copilot.messages import AudioChunk, EndOfStream, Envelope, Heartbeat, Payload, StageMetrics, TraceStamp, VideoFrame
 from copilot.registry import resolve_stage
 from copilot.stage import Source, Stage, StageContext, StageRunner
 
@@ -152,7 +152,7 @@ class FeedSubscriber:
     async def recv_latest(self) -> Envelope:
         await asyncio.sleep(0)  # let other tasks run between messages, as a socket read would
         if not self._queue:
-            return make_envelope(Control(action="eos"), source="feed", t_capture_ns=self.clock.now_ns())
+            return make_envelope(EndOfStream(stage="feed"), source="feed", t_capture_ns=self.clock.now_ns())
         env = self._queue.popleft()
         if isinstance(self.clock, VirtualClock) and env.t_capture_ns > self.clock.now_ns():
             self.clock.advance(env.t_capture_ns - self.clock.now_ns())
@@ -191,10 +191,9 @@ class CollectingPublisher:
                 f"a {env.kind} message emitted on port {self.port!r} encodes but no receiver can decode it "
                 f"(it would be dropped as malformed): {exc}"
             ) from exc
-        action = getattr(out.payload, "action", None) if out.kind == "control" else None
-        if action == "eos":
+        if isinstance(out.payload, EndOfStream):
             self.eos = True
-        elif action == "heartbeat":
+        elif isinstance(out.payload, Heartbeat):
             self.heartbeats.append(out)
         else:
             self.envelopes.append(out)
@@ -356,12 +355,11 @@ async def _run_inproc(
     async def collect(port: str, sub: Subscriber) -> None:
         while True:
             env = await sub.recv()
-            action = getattr(env.payload, "action", None) if env.kind == "control" else None
-            if action == "eos":
+            if isinstance(env.payload, EndOfStream):
                 eos[port] = True
                 sub.unsubscribe()
                 return
-            (beats if action == "heartbeat" else collected)[port].append(env)
+            (beats if isinstance(env.payload, Heartbeat) else collected)[port].append(env)
 
     async def feed() -> None:
         assert feed_pub is not None
@@ -370,7 +368,7 @@ async def _run_inproc(
             if isinstance(clk, VirtualClock) and env.t_capture_ns > clk.now_ns():
                 clk.advance(env.t_capture_ns - clk.now_ns())
             await feed_pub.send(msgspec.structs.replace(env))
-        await feed_pub.end_stream(make_envelope(Control(action="eos"), source="feed", clock=clk))
+        await feed_pub.end_stream(make_envelope(EndOfStream(stage="feed"), source="feed", clock=clk))
 
     try:
         await asyncio.gather(*(p.wait_subscribers(1, 10.0) for p in pubs.values()))

@@ -109,10 +109,11 @@ class _AudioBuffer:
 
 
 @register_stage("asr")
-class AsrStage(Stage):
+class AsrStage(Stage[AsrParams]):
     """faster-whisper on VAD-cut speech segments; emits Transcript messages."""
 
     Params = AsrParams
+    accepts = (AudioChunk,)
     output_ports = ("transcripts", "cues")
 
     @classmethod
@@ -123,9 +124,9 @@ class AsrStage(Stage):
 
         return str(resolve_model_path(model))
 
-    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+    def __init__(self, ctx: StageContext, params: AsrParams) -> None:
         super().__init__(ctx, params)
-        self.p: AsrParams = params  # type: ignore[assignment]
+        self.p = params
         self.asr: Any = None
         self._vad: VadStream | None = None
         self._buffer = _AudioBuffer(self.p.max_speech_s + self.p.pre_roll_s + 2.0)
@@ -156,8 +157,8 @@ class AsrStage(Stage):
         self._worker = asyncio.ensure_future(self._work())
 
     async def process(self, msg: Envelope) -> None:
-        chunk = msg.payload
-        if self._vad is None or not isinstance(chunk, AudioChunk):
+        chunk = msg.payload_as(AudioChunk)
+        if self._vad is None:
             return
         self._last = msg
         res = self._vad.push(chunk.samples, chunk.sample_rate, msg.t_media)

@@ -117,13 +117,13 @@ def _writable(path: str) -> Path:
 
 
 @register_stage("atari")
-class AtariLiveStage(Source):
+class AtariLiveStage(Source[AtariLiveParams]):
     """Source: a seeded Atari game played by a random policy, in real time."""
 
     Params = AtariLiveParams
     output_ports: ClassVar[tuple[str, ...]] = ("video", "audio", "truth")
 
-    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+    def __init__(self, ctx: StageContext, params: AtariLiveParams) -> None:
         super().__init__(ctx, params)
         self.game: AtariGame | None = None
         self.frames = 0  # output frames played (emulated; video sent or skipped as late)
@@ -143,12 +143,12 @@ class AtariLiveStage(Source):
             _writable(params.truth_out)
 
     def truth_path(self) -> str | None:
-        p: AtariLiveParams = self.params  # type: ignore[assignment]
+        p = self.params
         opt = self.ctx.options.get("truth_out")
         return str(opt) if opt else p.truth_out
 
     async def start(self) -> None:
-        p: AtariLiveParams = self.params  # type: ignore[assignment]
+        p = self.params
         step = check_params(p)
         self.game = AtariGame(p.game, seed=p.seed, policy=p.policy)
         path = self.truth_path()
@@ -197,7 +197,7 @@ class AtariLiveStage(Source):
         return {"seconds": round(frames / fps, 6), "frames": frames}
 
     async def produce(self) -> None:
-        p: AtariLiveParams = self.params  # type: ignore[assignment]
+        p = self.params
         game = self.game
         assert game is not None, "start() runs first"
         self._open_truth()
@@ -287,7 +287,7 @@ class AtariLiveStage(Source):
         self._truth_fh.close()
         self._truth_fh = None
         if self.frames and self._truth_path is not None:
-            self._rewrite_meta(self._truth_path, {**self._meta, **self._length(self.frames, self.params.fps)})  # type: ignore[attr-defined]
+            self._rewrite_meta(self._truth_path, {**self._meta, **self._length(self.frames, self.params.fps)})
 
     @staticmethod
     def _rewrite_meta(path: Path, meta: dict[str, Any]) -> None:

@@ -31,10 +31,11 @@ from collections import deque
 import msgspec
 import numpy as np
 
-from copilot.messages import AudioChunk, Envelope, Features
+from copilot.messages import AudioChunk, Features
 from copilot.registry import register_stage
 from copilot.signals import AUDIO, TIMBRE, Signal
-from copilot.stage import Stage
+from copilot.stage import StageContext
+from stages._analyzer import AnalyzerStage
 
 SILENCE_DB = -120.0
 
@@ -196,10 +197,11 @@ class AudioAnalyzer:
 
 
 @register_stage("audio_features")
-class AudioFeaturesStage(Stage):
+class AudioFeaturesStage(AnalyzerStage[AudioFeaturesParams, AudioChunk]):
     """Loudness, spectral flux and onsets per audio chunk: ``Features(name="audio")``."""
 
     Params = AudioFeaturesParams
+    accepts = (AudioChunk,)
     output_ports = ("features",)
     signals = (
         Signal("audio.onset", AUDIO, floor=0.5),
@@ -209,15 +211,11 @@ class AudioFeaturesStage(Stage):
         Signal("audio.novelty", TIMBRE, floor=0.005),
     )
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: AudioFeaturesParams) -> None:
         super().__init__(ctx, params)
-        p: AudioFeaturesParams = params
+        p = params
         self.analyzer = AudioAnalyzer(hop_s=p.hop_s, baseline_s=p.baseline_s, k_mad=p.k_mad, flux_floor=p.flux_floor,
                                       novelty_s=p.novelty_s)
 
-    async def process(self, msg: Envelope) -> None:
-        chunk = msg.payload
-        if not isinstance(chunk, AudioChunk):
-            return
-        values = self.analyzer.update(chunk.samples, chunk.sample_rate)
-        await self.emit("features", Features(name="audio", values=values), parent=msg)
+    def analyze(self, chunk: AudioChunk, t_media: float) -> Features:
+        return Features(name="audio", values=self.analyzer.update(chunk.samples, chunk.sample_rate))

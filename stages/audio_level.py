@@ -7,9 +7,9 @@ import math
 import msgspec
 import numpy as np
 
-from copilot.messages import AudioChunk, Envelope, Features
+from copilot.messages import AudioChunk, Features
 from copilot.registry import register_stage
-from copilot.stage import Stage
+from stages._analyzer import AnalyzerStage
 
 SILENCE_DB = -120.0
 
@@ -30,17 +30,11 @@ def loudness_db(samples: np.ndarray) -> tuple[float, float]:
 
 
 @register_stage("audio_level")
-class AudioLevelStage(Stage):
+class AudioLevelStage(AnalyzerStage[AudioLevelParams, AudioChunk]):
     Params = AudioLevelParams
+    accepts = (AudioChunk,)
     output_ports = ("features",)
 
-    async def process(self, msg: Envelope) -> None:
-        chunk = msg.payload
-        if not isinstance(chunk, AudioChunk):
-            return
+    def analyze(self, chunk: AudioChunk, t_media: float) -> Features:
         rms_db, peak_db = loudness_db(chunk.samples)
-        await self.emit(
-            "features",
-            Features(name="loudness", values={"rms_db": round(rms_db, 2), "peak_db": round(peak_db, 2)}),
-            parent=msg,
-        )
+        return Features(name="loudness", values={"rms_db": round(rms_db, 2), "peak_db": round(peak_db, 2)})

@@ -192,7 +192,7 @@ def _check_audio_device(name: str) -> None:
 
 
 @register_stage("capture")
-class CaptureStage(Source):
+class CaptureStage(Source[CaptureParams]):
     """Screen and loopback-audio capture as a source of VideoFrame and AudioChunk."""
 
     Params = CaptureParams
@@ -215,7 +215,7 @@ class CaptureStage(Source):
             _check_audio_device(params.audio)
 
     async def produce(self) -> None:
-        p: CaptureParams = self.params  # type: ignore[assignment]
+        p = self.params
         loop = asyncio.get_running_loop()
         t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else self.clock.now_ns()
         reader = _AudioReader(p, loop, self.clock) if p.audio else None
@@ -239,7 +239,7 @@ class CaptureStage(Source):
                     log.warning("audio capture stopped: %s", reader.error)
 
     async def _video_loop(self, grabber: Any, area: dict[str, int], t0: int) -> None:
-        p: CaptureParams = self.params  # type: ignore[assignment]
+        p = self.params
         period = int(1e9 / p.fps)
         end = None if p.seconds is None else t0 + int(p.seconds * 1e9)
         # a restart goes on at the next frame slot of the run's grid
@@ -264,7 +264,7 @@ class CaptureStage(Source):
                 due += missed * period
 
     async def _audio_loop(self, reader: _AudioReader, t0: int) -> None:
-        p: CaptureParams = self.params  # type: ignore[assignment]
+        p = self.params
         index = 0
         timeline = AudioTimeline(p.audio_rate)
         while True:

@@ -14,7 +14,7 @@ import msgspec
 
 from copilot.messages import Advice, Envelope, Event, Transcript
 from copilot.registry import register_stage
-from copilot.stage import Stage
+from copilot.stage import Stage, StageContext
 from copilot.timefmt import format_time
 
 _STYLE = {"critical": "!!", "high": "! ", "normal": "  ", "low": ". "}
@@ -43,10 +43,10 @@ def format_message(msg: Envelope) -> str | None:
 
 
 @register_stage("console")
-class ConsoleStage(Stage):
+class ConsoleStage(Stage[ConsoleParams]):
     Params = ConsoleParams
 
-    def __init__(self, ctx, params, out: TextIO | None = None):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: ConsoleParams, out: TextIO | None = None) -> None:
         super().__init__(ctx, params)
         self._out = out or sys.stdout
         self._enabled = bool(ctx.options.get("console", True))

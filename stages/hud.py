@@ -37,11 +37,12 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from copilot.messages import Envelope, Features, VideoFrame
+from copilot.messages import Cue, Envelope, Features, VideoFrame
 from copilot.profile import Profile, Region, profile_from_options
 from copilot.registry import register_stage
 from copilot.signals import HUD, Signal
-from copilot.stage import Stage
+from copilot.stage import StageContext
+from stages._analyzer import AnalyzerStage
 from stages.hud_cues import HudCuePolicy, hud_cue_settings
 from stages.motion import gray_thumbnail
 
@@ -550,10 +551,11 @@ class HudAnalyzer:
 
 
 @register_stage("hud")
-class HudStage(Stage):
+class HudStage(AnalyzerStage[HudParams, VideoFrame]):
     """Step changes in still screen areas and profile regions: ``Features(name="hud")``."""
 
     Params = HudParams
+    accepts = (VideoFrame,)
     output_ports = ("features", "cues")
     signals = (
         # step changes in still areas; "small" is the part inside small HUD areas (scores, lives), judged by
@@ -563,10 +565,11 @@ class HudStage(Stage):
         Signal("hud.areas", HUD, floor=1.5, weak=True),
     )
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: HudParams) -> None:
         super().__init__(ctx, params)
         self.analyzer: HudAnalyzer | None = None
         self.cues: HudCuePolicy | None = None
+        self._cues: list[Cue] = []
 
     @classmethod
     def check_profile(cls, prof: Profile, source: str, cfg: object, name: str) -> None:
@@ -574,7 +577,7 @@ class HudStage(Stage):
         hud_cue_settings(prof.hud, source)
 
     async def start(self) -> None:
-        p: HudParams = self.params  # type: ignore[assignment]
+        p = self.params
         prof: Profile = profile_from_options(self.ctx.options)
         self.analyzer = HudAnalyzer(
             stride=p.stride,
@@ -591,13 +594,18 @@ class HudStage(Stage):
         )
         self.cues = HudCuePolicy(hud_cue_settings(prof.hud, str(self.ctx.options.get("profile") or prof.name)))
 
-    async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame) or self.analyzer is None:
-            return
-        values, where = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
+    def analyze(self, frame: VideoFrame, t_media: float) -> Features | None:
+        if self.analyzer is None:
+            return None
+        values, where = self.analyzer.update(frame.image, t_media, frame.pixel_format)
         if self.cues is not None:
-            for cue in self.cues.update(msg.t_media, values):
-                await self.emit("cues", cue, parent=msg)
-        await self.emit("features", Features(name="hud", values=values, text={"where": where} if where else {}),
-                        parent=msg)
+            self._cues = self.cues.update(t_media, values)
+        return Features(name="hud", values=values, text={"where": where} if where else {})
+
+    async def process(self, msg: Envelope) -> None:
+        """The features as every encoder sends them, and what the step means as cues on ``cues``
+        (the trigger takes a producer's cues of one media time before its features of that time)."""
+        await super().process(msg)
+        cues, self._cues = self._cues, []
+        for cue in cues:
+            await self.emit("cues", cue, parent=msg)

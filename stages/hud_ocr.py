@@ -230,10 +230,11 @@ def _gray(crop: np.ndarray) -> np.ndarray:
 
 
 @register_stage("hud_ocr")
-class HudOcrStage(Stage):
+class HudOcrStage(Stage[HudOcrParams]):
     """RapidOCR (PP-OCR) on the profile's HUD regions and, at a low rate, keywords on the frame."""
 
     Params = HudOcrParams
+    accepts = (VideoFrame,)
     output_ports = ("state", "cues")
     # state goes out only when it changes: heartbeats tell the trigger that nothing changed, so it
     # need not wait for this stage (field reads finish within process; keywords are late inputs).
@@ -241,9 +242,9 @@ class HudOcrStage(Stage):
     # cost 40 ms of emit lag at p99)
     progress_s = 0.02
 
-    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+    def __init__(self, ctx: StageContext, params: HudOcrParams) -> None:
         super().__init__(ctx, params)
-        self.p: HudOcrParams = params  # type: ignore[assignment]
+        self.p = params
         self.profile: Profile | None = None
         self._regions: list[tuple[Region, list[OcrField]]] = []
         self._keywords: dict[str, Priority] = {}
@@ -300,8 +301,8 @@ class HudOcrStage(Stage):
             )
 
     async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame) or (self._rec is None and self._full is None):
+        frame = msg.payload_as(VideoFrame)
+        if self._rec is None and self._full is None:
             return
         t = msg.t_media
         if t < self._last_t - 1.0:  # the media went backwards (a new replay, a seek): read afresh

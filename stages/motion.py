@@ -28,10 +28,11 @@ from collections import deque
 import msgspec
 import numpy as np
 
-from copilot.messages import Envelope, Features, VideoFrame
+from copilot.messages import Features, VideoFrame
 from copilot.registry import register_stage
 from copilot.signals import MOTION, SCENE, Signal
-from copilot.stage import Stage
+from copilot.stage import StageContext
+from stages._analyzer import AnalyzerStage
 
 
 class FrameDiffParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -140,22 +141,20 @@ class MotionAnalyzer:
 
 
 @register_stage("frame_diff")
-class FrameDiffStage(Stage):
+class FrameDiffStage(AnalyzerStage[FrameDiffParams, VideoFrame]):
     """The original minimal motion signal (``diff`` and ``changed`` only)."""
 
     Params = FrameDiffParams
+    accepts = (VideoFrame,)
     output_ports = ("features",)
     signals = (Signal("motion.diff", MOTION, floor=0.01),)
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: FrameDiffParams) -> None:
         super().__init__(ctx, params)
         self._prev: np.ndarray | None = None
 
-    async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame):
-            return
-        p: FrameDiffParams = self.params  # type: ignore[assignment]
+    def analyze(self, frame: VideoFrame, t_media: float) -> Features:
+        p = self.params
         thumb = gray_thumbnail(frame.image, p.stride, frame.pixel_format)
         if self._prev is None or self._prev.shape != thumb.shape:
             diff, changed = 0.0, 0.0
@@ -164,18 +163,15 @@ class FrameDiffStage(Stage):
             diff = float(d.mean()) / 255.0
             changed = float(np.count_nonzero(d > p.threshold)) / d.size
         self._prev = thumb
-        await self.emit(
-            "features",
-            Features(name="motion", values={"diff": round(diff, 6), "changed": round(changed, 6)}),
-            parent=msg,
-        )
+        return Features(name="motion", values={"diff": round(diff, 6), "changed": round(changed, 6)})
 
 
 @register_stage("motion")
-class MotionStage(Stage):
+class MotionStage(AnalyzerStage[MotionParams, VideoFrame]):
     """Motion, colour-histogram, flash and reset signals per frame: ``Features(name="motion")``."""
 
     Params = MotionParams
+    accepts = (VideoFrame,)
     output_ports = ("features",)
     signals = (
         Signal("motion.diff", MOTION, floor=0.01),  # routine movement: weighted low by default
@@ -186,14 +182,9 @@ class MotionStage(Stage):
         Signal("motion.vanish", SCENE, floor=0.08),  # a lasting share of the foreground went away (enemies cleared)
     )
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: MotionParams) -> None:
         super().__init__(ctx, params)
-        p: MotionParams = params
-        self.analyzer = MotionAnalyzer(p.stride, p.threshold, p.reset_lag_s)
+        self.analyzer = MotionAnalyzer(params.stride, params.threshold, params.reset_lag_s)
 
-    async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame):
-            return
-        values = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
-        await self.emit("features", Features(name="motion", values=values), parent=msg)
+    def analyze(self, frame: VideoFrame, t_media: float) -> Features:
+        return Features(name="motion", values=self.analyzer.update(frame.image, t_media, frame.pixel_format))

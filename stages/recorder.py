@@ -24,7 +24,7 @@ import numpy as np
 from copilot.errors import UsageError
 from copilot.messages import AudioChunk, Envelope, VideoFrame
 from copilot.registry import register_stage
-from copilot.stage import Stage
+from copilot.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class _Writer:
 
         if self.video is None:
             self._open_video(image.shape[1], image.shape[0])
-        w, h = self.size  # type: ignore[misc]
+        w, h = self.size  # type: ignore[misc]  # (set by _open_video just above; the attribute is Optional)
         fmt = {"rgb24": "rgb24", "bgra": "bgra", "gray": "gray"}[pixel_format]
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=fmt)
         frame = frame.reformat(width=w, height=h, format="yuv420p")
@@ -138,18 +138,19 @@ def continuation_path(path: Path, incarnation: int) -> Path:
 
 
 @register_stage("recorder")
-class RecorderStage(Stage):
+class RecorderStage(Stage[RecorderParams]):
     """Records VideoFrame and AudioChunk messages to an MP4 file."""
 
     Params = RecorderParams
+    accepts = (VideoFrame, AudioChunk)
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: RecorderParams) -> None:
         super().__init__(ctx, params)
         self._writer: _Writer | None = None
         self._path: str | None = None  # opened at the first message, not at start (see start)
 
     def output_path(self) -> str | None:
-        p: RecorderParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.path:
             return p.path
         value = self.ctx.options.get(p.option) if p.option else None

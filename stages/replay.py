@@ -30,7 +30,7 @@ import numpy as np
 from copilot.errors import UsageError, first_line
 from copilot.messages import AudioChunk, VideoFrame
 from copilot.registry import register_stage
-from copilot.stage import Source
+from copilot.stage import Source, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class _Decoder(threading.Thread):
 
 
 @register_stage("replay")
-class ReplayStage(Source):
+class ReplayStage(Source[ReplayParams]):
     """Source of VideoFrame and AudioChunk messages from a file, paced by PTS."""
 
     Params = ReplayParams
@@ -213,7 +213,7 @@ class ReplayStage(Source):
             raise UsageError(f"{params.path}: --start {params.start} is past the end ({info.duration_s:.1f} s)")
         return info
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: ReplayParams) -> None:
         super().__init__(ctx, params)
         self._decoders: dict[str, _Decoder] = {}  # by stream kind
         self._heads: dict[str, Any] = {}  # the next decoded item of each stream not yet ended
@@ -221,7 +221,7 @@ class ReplayStage(Source):
 
     async def start(self) -> None:
         """Open the file and decode ahead before the run starts, so pacing begins on time."""
-        p: ReplayParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not p.path:
             raise UsageError("replay: no input file given")
         resumed = self.resume_media_s()
@@ -245,7 +245,7 @@ class ReplayStage(Source):
         (every stream ended without a frame), it costs no earlier output file."""
         skipped = sum(dec.skipped for dec in self._decoders.values())
         if not self._heads and skipped:
-            raise UsageError(f"{self.params.path}: nothing in it decodes ({skipped} packets of corrupt data)")  # type: ignore[attr-defined]
+            raise UsageError(f"{self.params.path}: nothing in it decodes ({skipped} packets of corrupt data)")
 
     async def _pop_earliest(self) -> Any:
         """The earliest of the streams' next items (None when all have ended); its stream's
@@ -261,7 +261,7 @@ class ReplayStage(Source):
         return item
 
     async def produce(self) -> None:
-        p: ReplayParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not self._decoders:
             await self.start()
         speed = self.ctx.speed

@@ -29,7 +29,7 @@ import numpy as np
 from copilot.errors import UsageError
 from copilot.messages import Envelope, Event, Features
 from copilot.registry import register_stage
-from copilot.stage import Stage
+from copilot.stage import Stage, StageContext
 
 
 class JsonlSinkParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -105,10 +105,10 @@ class EventReorder:
 
 
 @register_stage("jsonl_sink")
-class JsonlSinkStage(Stage):
+class JsonlSinkStage(Stage[JsonlSinkParams]):
     Params = JsonlSinkParams
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: JsonlSinkParams) -> None:
         super().__init__(ctx, params)
         self._fh: IO[bytes] | None = None
         self._enc = msgspec.json.Encoder()
@@ -117,7 +117,7 @@ class JsonlSinkStage(Stage):
         self._expiry_failed: UsageError | None = None  # a write in the expiry task failed
 
     def output_path(self) -> str | None:
-        p: JsonlSinkParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.path:
             return p.path
         if p.option:
@@ -136,7 +136,7 @@ class JsonlSinkStage(Stage):
                 self._expiry = asyncio.create_task(self._expire_held(), name=f"{self.name}-reorder")
 
     async def process(self, msg: Envelope) -> None:
-        kinds = self.params.kinds  # type: ignore[attr-defined]
+        kinds = self.params.kinds
         if kinds and msg.kind not in kinds:
             return
         if self._expiry_failed is not None:

@@ -20,10 +20,11 @@ from collections import deque
 import msgspec
 import numpy as np
 
-from copilot.messages import Envelope, Features, VideoFrame
+from copilot.messages import Features, VideoFrame
 from copilot.registry import register_stage
 from copilot.signals import MOTION, SCENE, Signal
-from copilot.stage import Stage
+from copilot.stage import StageContext
+from stages._analyzer import AnalyzerStage
 from stages.motion import rgb_view
 
 
@@ -80,25 +81,23 @@ class ThumbnailAnalyzer:
 
 
 @register_stage("thumbnail")
-class ThumbnailStage(Stage):
+class ThumbnailStage(AnalyzerStage[ThumbnailParams, VideoFrame]):
     """A 16x12 colour thumbnail embedding per frame: ``Features(name="thumb", vector=...)``."""
 
     Params = ThumbnailParams
+    accepts = (VideoFrame,)
     output_ports = ("features",)
     signals = (
         Signal("thumb.novelty", MOTION, floor=0.05),
         Signal("thumb.novelty_long", SCENE, floor=0.2),  # a screen not seen lately
     )
 
-    def __init__(self, ctx, params):  # type: ignore[no-untyped-def]
+    def __init__(self, ctx: StageContext, params: ThumbnailParams) -> None:
         super().__init__(ctx, params)
-        p: ThumbnailParams = params
+        p = params
         self.analyzer = ThumbnailAnalyzer(cols=p.cols, rows=p.rows, stride=p.stride, memory_s=p.memory_s,
                                           memory_every_s=p.memory_every_s, memory_skip_s=p.memory_skip_s)
 
-    async def process(self, msg: Envelope) -> None:
-        frame = msg.payload
-        if not isinstance(frame, VideoFrame):
-            return
-        vec, values = self.analyzer.update(frame.image, msg.t_media, frame.pixel_format)
-        await self.emit("features", Features(name="thumb", values=values, vector=vec), parent=msg)
+    def analyze(self, frame: VideoFrame, t_media: float) -> Features:
+        vec, values = self.analyzer.update(frame.image, t_media, frame.pixel_format)
+        return Features(name="thumb", values=values, vector=vec)

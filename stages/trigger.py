@@ -488,7 +488,7 @@ _Input = Features | Cue | GameState
 
 
 @register_stage("trigger")
-class TriggerStage(Stage):
+class TriggerStage(Stage[TriggerStageParams]):
     """Fuses ``Features``, ``Cue`` and ``GameState`` inputs into ``Event`` messages on ``events``.
 
     Its signal table is what the stages feeding it declare (``ctx.input_signals``, filled from the
@@ -501,12 +501,12 @@ class TriggerStage(Stage):
     """
 
     Params = TriggerStageParams
+    accepts = (Features, Cue, GameState)
     output_ports = ("events",)
     reads_signals: ClassVar[bool] = True  # the group fills ctx.input_signals from the pipeline
 
     def __init__(self, ctx: StageContext, params: TriggerStageParams) -> None:
         super().__init__(ctx, params)
-        self.p = params
         self.detector: TriggerDetector | None = None
         self.order: MediaTimeOrder[_Input] = MediaTimeOrder(params.idle_s)
         self._warm_from: float | None = -math.inf  # None: restarted, not warm since the first input's time
@@ -522,7 +522,7 @@ class TriggerStage(Stage):
     async def start(self) -> None:
         prof = profile_from_options(self.ctx.options)
         source = str(self.ctx.options.get("profile") or prof.name)
-        settings = trigger_settings(prof.trigger, source, self.p.overrides)
+        settings = trigger_settings(prof.trigger, source, self.params.overrides)
         table = SignalTable(self.ctx.input_signals)
         table.check_weights(prof.weights, source)
         if not len(table):

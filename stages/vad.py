@@ -82,17 +82,18 @@ def edge_features(edge: SpeechEdge) -> Features:
 
 
 @register_stage("vad")
-class VadStage(Stage):
+class VadStage(Stage[VadParams]):
     """Silero VAD on the audio link: per-window speech probability and speech segment edges."""
 
     Params = VadParams
+    accepts = (AudioChunk,)
     output_ports = ("features",)
     # kept under the trigger's agree_min by its default weight: no tuning data has speech, so it is evidence
     signals = (Signal("vad.speech_prob", SPEECH, floor=0.5),)
 
-    def __init__(self, ctx: StageContext, params: msgspec.Struct) -> None:
+    def __init__(self, ctx: StageContext, params: VadParams) -> None:
         super().__init__(ctx, params)
-        self.p: VadParams = params  # type: ignore[assignment]
+        self.p = params
         self._stream: VadStream | None = None  # built in start()
         self._last: Envelope | None = None
 
@@ -101,8 +102,8 @@ class VadStage(Stage):
         self._stream = make_vad_stream(self.p)
 
     async def process(self, msg: Envelope) -> None:
-        chunk = msg.payload
-        if not isinstance(chunk, AudioChunk) or self._stream is None:
+        chunk = msg.payload_as(AudioChunk)
+        if self._stream is None:
             return
         self._last = msg
         res = self._stream.push(chunk.samples, chunk.sample_rate, msg.t_media)

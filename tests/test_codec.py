@@ -22,13 +22,20 @@ from copilot.messages import (
     WIRE_VERSION,
     Advice,
     AudioChunk,
-    Control,
+    Done,
+    EndOfStream,
     Envelope,
+    Error,
     Event,
     Features,
+    Heartbeat,
+    InputsEnded,
     LatencySummary,
     Metrics,
+    Ready,
     StageMetrics,
+    Start,
+    Stop,
     TraceStamp,
     Transcript,
     VideoFrame,
@@ -90,8 +97,16 @@ PAYLOADS: dict[type, Any] = {
                       structured=st.dictionaries(TEXT, JSON, max_size=4),
                       latency_ms=st.dictionaries(TEXT, FLOATS, max_size=3)),
     Metrics: st.builds(Metrics, group=TEXT, stages=st.lists(stage_metrics, max_size=3)),
-    Control: st.builds(Control, action=st.sampled_from(["heartbeat", "ready", "start", "eos", "stop", "done"]),
-                       detail=st.dictionaries(TEXT, JSON, max_size=4)),
+    Heartbeat: st.builds(Heartbeat, pid=st.none() | UINT63),
+    Ready: st.builds(Ready),
+    Start: st.builds(Start),
+    EndOfStream: st.builds(EndOfStream, stage=TEXT),
+    Stop: st.builds(Stop),
+    Done: st.builds(Done, metrics=st.none() | st.builds(Metrics, group=TEXT,
+                                                        stages=st.lists(stage_metrics, max_size=2)),
+                    lost_inputs=st.lists(TEXT, max_size=3), signal=st.none() | st.integers(1, 64)),
+    Error: st.builds(Error, message=st.text(max_size=200), usage=st.booleans()),
+    InputsEnded: st.builds(InputsEnded, links=st.lists(TEXT, max_size=4)),
 }
 payloads = st.one_of(*PAYLOADS.values())
 
@@ -150,7 +165,7 @@ def receive(frames: list[Any]) -> list[Any]:
 
 def header(**overrides: Any) -> bytes:
     base: dict[str, Any] = {"v": WIRE_VERSION, "kind": "control", "seq": 1, "source": "x", "t_media": 0.0,
-                            "t_capture_ns": 0, "trace": [], "payload": {"type": "control", "action": "eos"}}
+                            "t_capture_ns": 0, "trace": [], "payload": {"type": "eos", "stage": "x"}}
     base.update(overrides)
     return msgspec.msgpack.encode(base)
 
@@ -256,7 +271,12 @@ def test_every_truncation_of_a_header_is_rejected() -> None:
         pytest.param([header(v=0)], id="older-wire-version"),
         pytest.param([header(kind="bogus", payload={"type": "bogus"})], id="unknown-kind"),
         pytest.param([header(kind="audio")], id="kind-does-not-match-payload"),
-        pytest.param([header(payload={"type": "control", "action": "explode"})], id="unknown-control-action"),
+        pytest.param([header(payload={"type": "explode"})], id="unknown-control-tag"),
+        pytest.param([header(payload={"type": "control", "action": "eos"})], id="control-of-wire-version-1"),
+        pytest.param([header(payload={"type": "error", "usage": True})], id="control-missing-a-field"),
+        pytest.param([header(payload={"type": "inputs_ended", "links": "audio"})], id="control-field-of-wrong-type"),
+        pytest.param([header(kind="metrics")], id="control-payload-under-a-data-kind"),
+        pytest.param([header(kind="eos")], id="control-tag-as-the-kind"),
         pytest.param([header(seq="one")], id="wrong-type"),
         pytest.param([msgspec.msgpack.encode({"v": 1, "kind": "control"})], id="missing-fields"),
         pytest.param([header(), b"extra"], id="unreferenced-extra-frame"),
@@ -322,6 +342,27 @@ def test_mutated_messages_never_raise_anything_but_codec_error(env: Envelope, da
     frames[i] = bytes(buf)
     with contextlib.suppress(CodecError):
         Codec().decode(frames)
+
+
+def test_a_control_message_round_trips_typed() -> None:
+    """A control action is its own Struct: what a group sends at its end comes back as a ``Done``
+    holding a ``Metrics`` Struct (not a dict to convert), under the envelope kind "control"."""
+    metrics = Metrics(group="work", stages=[StageMetrics(stage="hud", count=3, fps=1.5, dropped=1,
+                                                         dropped_by_reason={"late": 1},
+                                                         latency_ms=LatencySummary(p50=1.0, p95=2.0, p99=3.0))])
+    done = Done(metrics=metrics, lost_inputs=["audio"], signal=15)
+    frames = Codec().encode(Envelope.wrap(done, source="work", seq=0, t_media=0.0, t_capture_ns=1))
+    head = msgspec.msgpack.decode(frames[0])
+    assert head["kind"] == "control" and head["payload"]["type"] == "done"
+    out = Codec().decode(receive(frames))
+    assert out.kind == "control" and out.payload == done
+    assert isinstance(out.payload, Done) and isinstance(out.payload.metrics, Metrics)
+    assert isinstance(out.payload.metrics.stages[0].latency_ms, LatencySummary)
+    for payload in (Heartbeat(), Ready(), Start(), EndOfStream(stage="src"), Stop(), Error(message="bad", usage=True),
+                    InputsEnded(links=["video"])):
+        env = Codec().decode(receive(Codec().encode(Envelope.wrap(payload, source="s", seq=0, t_media=0.0,
+                                                                  t_capture_ns=0))))
+        assert env.kind == "control" and env.payload == payload
 
 
 def test_codec_is_usable_after_an_error() -> None:

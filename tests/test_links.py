@@ -18,7 +18,7 @@ import pytest
 
 from copilot.clock import VirtualClock
 from copilot.links import LinkSpec, Policy, ProducerGone, Publisher, Subscriber, check_bind_endpoint
-from copilot.messages import Control, Envelope, Features, VideoFrame
+from copilot.messages import EndOfStream, Envelope, Features, Heartbeat, VideoFrame
 from copilot.testing import make_envelope
 
 pytestmark = pytest.mark.usefixtures("leak_check")
@@ -44,7 +44,7 @@ def feature(i: int) -> Envelope:
 
 
 def eos() -> Envelope:
-    return make_envelope(Control(action="eos"))
+    return make_envelope(EndOfStream())
 
 
 @asynccontextmanager
@@ -116,13 +116,13 @@ def test_latest_never_drops_control_messages() -> None:
         clock = VirtualClock()
         async with link(endpoint("inproc", Path()), "latest", max_age_ms=1, clock=clock) as (pub, (sub,)):
             await pub.send(frame(0, clock))
-            await pub.send(make_envelope(Control(action="heartbeat"), clock=clock))
+            await pub.send(make_envelope(Heartbeat(), clock=clock))
             await pub.send(frame(1, clock))
             clock.advance(10_000_000)  # both frames stale
             first = await asyncio.wait_for(sub.recv_latest(), 10)
             assert first.kind == "video"  # the newest frame goes with the pending control message
             second = await asyncio.wait_for(sub.recv_latest(), 10)
-            assert second.kind == "control" and second.payload.action == "heartbeat"
+            assert second.kind == "control" and isinstance(second.payload, Heartbeat)
             assert sub.drops.by_reason == {"superseded": 1}
 
     asyncio.run(main())
@@ -333,7 +333,7 @@ def test_end_stream_reaches_a_consumer_that_subscribes_late(tmp_path: Path) -> N
             late = Subscriber(LinkSpec(name="l", endpoint=ep, policy="ordered"))
             try:
                 env = await asyncio.wait_for(late.recv(), 10)
-                assert env.kind == "control" and env.payload.action == "eos"
+                assert env.kind == "control" and isinstance(env.payload, EndOfStream)
                 late.unsubscribe()
                 assert await asyncio.wait_for(ending, 10)
             finally:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from copilot.clock import MonotonicClock, VirtualClock
-from copilot.messages import AudioChunk, Control, Envelope, Event, Features, TraceStamp, VideoFrame
+from copilot.messages import AudioChunk, Envelope, Event, Features, Heartbeat, TraceStamp, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source, Stage, StageContext
 from copilot.testing import (
@@ -434,7 +434,7 @@ def test_a_stage_that_emits_rarely_sends_heartbeats_while_it_is_quiet() -> None:
     res = run_stage(OnChange, [Features(name="in", values={"x": v}) for v in values], step_s=1 / 30)
     assert [e.t_media for e in res.envelopes("features")] == pytest.approx([0.0, 1.0])
     beats = [e.t_media for e in res.heartbeats["features"]]
-    assert all(isinstance(e.payload, Control) and e.payload.action == "heartbeat" for e in res.heartbeats["features"])
+    assert all(isinstance(e.payload, Heartbeat) for e in res.heartbeats["features"])
     # one every progress_s of media time while nothing is emitted, none in the messages
     assert beats == sorted(beats) and len(beats) == pytest.approx(18, abs=2)
     sent = sorted([(t, "beat") for t in beats] + [(0.0, "msg"), (1.0, "msg")])
@@ -468,7 +468,7 @@ class Progress(Stage):
 
 def test_a_consumer_gets_heartbeats_in_on_progress_not_in_process() -> None:
     inputs = [make_envelope(Features(name="x"), t_media=0.0, source="a"),
-              make_envelope(Control(action="heartbeat"), t_media=0.5, source="a"),
+              make_envelope(Heartbeat(), t_media=0.5, source="a"),
               make_envelope(Features(name="x"), t_media=0.6, source="a")]
     res = run_stage(Progress, inputs)
     assert res.stage.seen == [("process", 0.0), ("progress", 0.5), ("process", 0.6)]  # type: ignore[attr-defined]
@@ -495,3 +495,84 @@ def test_the_metrics_table_lists_each_stage_s_own_timings() -> None:
     table = metrics_table([plain, slow])
     assert [str(c.header) for c in table.columns][-1] == "note"
     assert list(table.columns[-1].cells) == ["", "[yellow]slow[/]"]
+
+
+class VideoOnly(Stage[CountParams]):
+    """Declares the one payload type it takes: the runner keeps everything else from ``process``."""
+
+    Params = CountParams
+    accepts = (VideoFrame,)
+    output_ports: ClassVar[tuple[str, ...]] = ("out",)
+
+    async def process(self, msg: Envelope) -> None:
+        frame = msg.payload_as(VideoFrame)
+        await self.emit("out", Features(name="w", values={"w": frame.image.shape[1] * self.params.scale}), parent=msg)
+
+
+def test_the_runner_drops_and_counts_a_payload_the_stage_does_not_accept(caplog: pytest.LogCaptureFixture) -> None:
+    inputs = [video_frame(), audio_chunk(), Features(name="x"), audio_chunk(), video_frame()]
+    with caplog.at_level(logging.WARNING, logger="copilot.stage"):
+        res = run_stage(VideoOnly, inputs, params={"scale": 0.5})
+    assert [f.values["w"] for f in res["out"]] == [video_frame().image.shape[1] * 0.5] * 2
+    assert res.metrics.count == 2  # only what it processed
+    assert res.metrics.dropped == 3
+    assert res.metrics.dropped_by_reason == {"unaccepted_audio": 2, "unaccepted_features": 1}
+    warned = [r.getMessage() for r in caplog.records if "takes no" in r.getMessage()]
+    assert len(warned) == 2  # once per kind
+
+
+def test_a_stage_that_declares_nothing_takes_every_payload() -> None:
+    res = run_stage(Lifecycle, [video_frame(), audio_chunk(), Features(name="x")])
+    assert res.metrics.count == 3 and res.metrics.dropped == 0
+
+
+def test_payload_as_names_a_mismatch() -> None:
+    env = make_envelope(audio_chunk(), source="mic")
+    assert env.payload_as(AudioChunk) is env.payload
+    with pytest.raises(TypeError, match="AudioChunk payload from mic where a VideoFrame was expected"):
+        env.payload_as(VideoFrame)
+
+
+def test_check_on_the_base_class_has_nothing_to_check() -> None:
+    from copilot.stage import NoParams
+
+    assert Stage.check(NoParams()) is None
+    assert Lifecycle.check(CountParams()) is None  # inherited by a stage that does not define it
+
+
+class Picky(Stage[CountParams]):
+    """Refuses a scale of zero before the run starts."""
+
+    Params = CountParams
+
+    @classmethod
+    def check(cls, params: CountParams) -> None:
+        if params.scale == 0:
+            from copilot.errors import UsageError
+
+            raise UsageError("picky: scale must not be 0")
+
+
+def test_prepare_run_calls_every_stage_s_check(tmp_path: Path) -> None:
+    from copilot.commands import prepare_run
+    from copilot.errors import UsageError
+
+    def pipeline(scale: float) -> str:
+        cfg = tmp_path / f"p{scale}.yaml"
+        stages = [{"name": "src", "kind": "tests.test_stage:Counter", "outputs": {"out": "x"}},
+                  {"name": "picky", "kind": "tests.test_stage:Picky", "inputs": ["x"], "params": {"scale": scale}}]
+        cfg.write_bytes(msgspec.json.encode({"name": "p", "links": {"x": {}}, "stages": stages}))  # (JSON is YAML)
+        return str(cfg)
+
+    prepare_run(pipeline(2.0), input_file=None)
+    with pytest.raises(UsageError, match="picky: scale must not be 0"):
+        prepare_run(pipeline(0.0), input_file=None)
+
+
+def test_an_analyzer_stage_must_declare_its_input_type() -> None:
+    from stages._analyzer import AnalyzerStage
+
+    with pytest.raises(TypeError, match="accepts"):
+
+        class NoInput(AnalyzerStage[CountParams, VideoFrame]):
+            Params = CountParams

@@ -19,7 +19,7 @@ import zmq
 
 from copilot.codec import Codec, CodecError
 from copilot.links import LinkSpec, Subscriber, contexts
-from copilot.messages import WIRE_VERSION, Control, Envelope, Features, VideoFrame
+from copilot.messages import WIRE_VERSION, EndOfStream, Envelope, Features, VideoFrame
 from copilot.stage import Stage, StageContext, StageRunner
 
 pytestmark = pytest.mark.usefixtures("leak_check")
@@ -74,6 +74,8 @@ def malformed_messages(n: int, seed: int = 0) -> list[list[bytes]]:
         lambda: [_map(v=WIRE_VERSION + rng.randrange(1, 100))],
         lambda: [_map(kind="bogus", payload={"type": f"bogus{rng.randrange(9)}"})],
         lambda: [_map(kind="video")],
+        lambda: [_map(kind="control", payload={"type": f"halt{rng.randrange(9)}"})],  # an unknown control tag
+        lambda: [_map(kind="control", payload={"type": "control", "action": "eos"})],  # wire version 1's control
         lambda: [video[0]],  # array frame missing
         lambda: [*video, rng.randbytes(3)],  # an extra frame
         lambda: [video[0], video[1][: rng.randrange(0, len(video[1]))]],  # array frame cut short
@@ -94,7 +96,7 @@ def test_ten_thousand_malformed_messages_are_counted_and_the_stage_survives(poli
 
     endpoint = f"ipc://{tmp_path}/fuzz"
     valid = _valid(1, Features(name="after", values={"x": 42.0}))
-    end = _valid(2, Control(action="eos"))
+    end = _valid(2, EndOfStream(stage="fuzz"))
 
     async def main() -> tuple[Recorder, Subscriber]:
         sync, _ = contexts()

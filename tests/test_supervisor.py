@@ -29,7 +29,7 @@ from copilot.config import parse_pipeline
 from copilot.errors import UsageError
 from copilot.group import GroupRunner, RunOptions
 from copilot.links import contexts
-from copilot.messages import Control, Envelope
+from copilot.messages import Control, Done, Envelope, Error, Ready, Start
 from copilot.registry import register_stage
 from copilot.stage import Stage
 from copilot.supervisor import RunResult, Supervisor
@@ -259,7 +259,7 @@ def test_inputs_that_end_during_a_stop_are_not_reported_lost(tmp_path: Path) -> 
     data = two_groups(tmp_path / "sink.jsonl")
     sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
     sup._codec = Codec()
-    done = Envelope.wrap(Control(action="done", detail={"lost_inputs": ["audio"]}), source="work", seq=0,
+    done = Envelope.wrap(Done(lost_inputs=["audio"]), source="work", seq=0,
                          t_media=0.0, t_capture_ns=0)
     sup.request_stop()
     sup._handle_ctrl([b"work#0", *Codec().encode(done)], now=0.0)
@@ -682,10 +682,10 @@ def test_a_group_reports_bad_input_to_the_supervisor(atari_clip: Path, tmp_path:
                 ident, *frames = await router.recv_multipart()
                 env = codec.decode(frames)
                 got.append(env.payload)  # type: ignore[arg-type]
-                if env.payload.action == "ready":  # type: ignore[union-attr]
-                    start = Envelope.wrap(Control(action="start"), source="sup", seq=0, t_media=0, t_capture_ns=0)
+                if isinstance(env.payload, Ready):
+                    start = Envelope.wrap(Start(), source="sup", seq=0, t_media=0, t_capture_ns=0)
                     await router.send_multipart([ident, *codec.encode(start)])
-                if env.payload.action == "error":  # type: ignore[union-attr]
+                if isinstance(env.payload, Error):
                     return
 
         sup = asyncio.create_task(fake_supervisor())
@@ -700,9 +700,8 @@ def test_a_group_reports_bad_input_to_the_supervisor(atari_clip: Path, tmp_path:
         return got
 
     got = asyncio.run(main())
-    errors = [c for c in got if c.action == "error"]
-    assert len(errors) == 1
-    assert errors[0].detail == {"message": "bad.yaml: stages[1].params.model: no such file 'x.onnx'", "usage": True}
+    errors = [c for c in got if isinstance(c, Error)]
+    assert errors == [Error(message="bad.yaml: stages[1].params.model: no such file 'x.onnx'", usage=True)]
 
 
 def test_the_supervisor_stops_on_bad_input_and_does_not_restart(tmp_path: Path) -> None:
@@ -710,13 +709,13 @@ def test_the_supervisor_stops_on_bad_input_and_does_not_restart(tmp_path: Path) 
     sup = Supervisor(parse_pipeline(data, "t"), data, "t", RunOptions())
     sup._codec = Codec()
     sup._started = False
-    err = Envelope.wrap(Control(action="error", detail={"message": "x.yaml: bad", "usage": True}), source="work",
+    err = Envelope.wrap(Error(message="x.yaml: bad", usage=True), source="work",
                         seq=0, t_media=0, t_capture_ns=0)
     sup._handle_ctrl([b"work#0", *Codec().encode(err)], 0.0)  # type: ignore[list-item]
     assert sup.groups["work"].failed and sup.groups["work"].error == "x.yaml: bad"
     assert sup._usage_error == "x.yaml: bad"
     assert sup._stopping and not sup._interrupted
-    stale = Envelope.wrap(Control(action="error", detail={"message": "old", "usage": True}), source="src",
+    stale = Envelope.wrap(Error(message="old", usage=True), source="src",
                           seq=0, t_media=0, t_capture_ns=0)
     sup._handle_ctrl([b"src#7", *Codec().encode(stale)], 0.0)  # type: ignore[list-item]  # another incarnation
     assert not sup.groups["src"].failed

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from copilot.errors import UsageError
-from copilot.messages import PRIORITIES, Control, Cue, Event, Features, GameState
+from copilot.messages import PRIORITIES, Cue, Event, Features, GameState, Heartbeat
 from copilot.profile import OcrField, Profile, Region, Rule
 from copilot.signals import SignalTable
 from copilot.testing import make_envelope, run_stage
@@ -501,7 +501,7 @@ def trigger_run_with_a_sparse_producer(*, heartbeats: bool) -> Any:
         if i in (2 * FPS, 9 * FPS - 3):
             envs.append(make_envelope(GameState(values={"score": float(i)}), t_media=t, source="hud_ocr"))
         elif heartbeats and i % 3 == 0:
-            envs.append(make_envelope(Control(action="heartbeat"), t_media=t, source="hud_ocr"))
+            envs.append(make_envelope(Heartbeat(), t_media=t, source="hud_ocr"))
     return run_stage("trigger", envs, input_signals=BUILTIN)
 
 
