@@ -133,6 +133,38 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
 
 
 @pytest.mark.slow
+def test_a_replay_whose_decode_group_is_killed_writes_each_moment_once(tmp_path: Path) -> None:
+    """The default pipeline over the sample clip, its ``decode`` group killed 10 s in and restarted:
+    no event comes out twice (the same moment decided again a detector step later did, with the
+    restarted encoders' fresh baselines making it likelier)."""
+    from copilot.commands import prepare_run, sample_clip
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"")
+    cfg, data, source, overrides, _ = prepare_run(None, input_file=str(sample_clip()))
+    opts = RunOptions(speed=1.0, stage_overrides=overrides, stage_options={"events_out": str(events)})
+    sup = Supervisor(cfg, data, source, opts)
+
+    async def main() -> Any:
+        run = asyncio.create_task(sup.run())
+        try:
+            await wait_for(lambda: sup.groups["decode"].ready and sup.groups["detect"].ready, 60, "the groups")
+            await asyncio.sleep(10.0)
+            sup.kill_group("decode")
+            return await asyncio.wait_for(asyncio.shield(run), 120)
+        finally:
+            if not run.done():
+                sup.request_stop()
+                await asyncio.wait_for(run, 30)
+
+    result = asyncio.run(main())
+    assert result.restarts["decode"] == 1 and not result.failed
+    times = [json.loads(line)["t"] for line in events.read_text().splitlines()]
+    assert len(times) >= 5
+    assert sorted({t for t in times if times.count(t) > 1}) == [], times
+
+
+@pytest.mark.slow
 def test_a_group_restarted_after_its_upstream_finished_ends_the_run(atari_clip: Path, tmp_path: Path) -> None:
     """The consumer group dies and its producer finishes while it waits to be restarted: the
     end of stream went out to nobody, so the new incarnation must learn of it another way
