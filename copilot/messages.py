@@ -105,6 +105,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     media_s: float = 0.0
     slow: bool = False
     extra_ms: dict[str, LatencySummary] = {}  # stage-specific timings, e.g. a detector's decision delay
+    video_frames: int = 0  # video frames a source emitted: its fps counts these, not its audio chunks
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):
