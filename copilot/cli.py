@@ -96,7 +96,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("--overlay", choices=["web", "window", "none"], default="none",
                    help="where advice appears (not built yet: events print on the console)")
     p.add_argument("--events-out", help="write events JSONL here")
-    p.add_argument("--advice-out", help="write advice JSONL here (stays empty until the reasoning core is built)")
+    p.add_argument("--advice-out", help="write advice JSONL here (not built yet: refused)")
     p.add_argument("--features-out", help="write encoder features JSONL here")
     _add_asr_option(p)
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")

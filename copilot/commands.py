@@ -43,17 +43,20 @@ def _check_asr_stage(args: argparse.Namespace, cfg: Any, where: str) -> None:
 
 
 # options of DESIGN.md's command line whose stages are later issues: refused, not ignored
+# (--advice-out: no stage produces advice yet, so the file would be written empty, silently)
 NOT_BUILT = {
-    "session": ("--session", "the session timeline"),
-    "reasoner": ("--reasoner", "the reasoning core"),
+    "session": ("--session", "the session timeline", "nothing would use it"),
+    "reasoner": ("--reasoner", "the reasoning core", "nothing would use it"),
+    "advice_out": ("--advice-out", "the reasoning core", "no advice would be written"),
 }
 
 
 def _check_not_built(args: argparse.Namespace) -> None:
-    """An option whose stage does not exist yet would silently do nothing: say so instead."""
-    for name, (flag, what) in NOT_BUILT.items():
+    """An option whose stage does not exist yet would silently do nothing: say so instead (before
+    any output file is touched)."""
+    for name, (flag, what, why) in NOT_BUILT.items():
         if getattr(args, name, None):
-            raise UsageError(f"{flag}: {what} is not built yet, so nothing would use it")
+            raise UsageError(f"{flag}: {what} is not built yet, so {why}")
     overlay = getattr(args, "overlay", "none")
     if overlay and overlay != "none":
         raise UsageError(f"--overlay {overlay}: the overlay is not built yet (events print on the console)")

@@ -487,7 +487,9 @@ def describe_failure(exc: BaseException) -> str:
 def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions) -> None:
     """Spawn target: one process per placement group."""
     from copilot.logs import setup_logging
+    from copilot.proctitle import set_group_title
 
+    set_group_title(group)  # ps tells the groups apart (all are multiprocessing.spawn otherwise)
     setup_logging(opts.log_level)
     # The supervisor's pid comes from the supervisor: reading getppid() here would miss a
     # supervisor that died while this process was still starting.

@@ -153,6 +153,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     slow: bool = False
     extra_ms: dict[str, LatencySummary] = {}  # stage-specific timings, e.g. a detector's decision delay
     notes: dict[str, int] = {}  # stage-specific counts, e.g. events a restarted detector decided while warming up
+    video_frames: int = 0  # video frames a source emitted: its fps counts these, not its audio chunks
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):

@@ -59,6 +59,9 @@ class StageRecorder:
         self.stage = stage
         self.start_ns = start_ns
         self.count = 0
+        # video frames emitted (sources): a source's fps is its video frame rate, which the count of
+        # all its messages (audio chunks, truth events too) would overstate
+        self.video_frames = 0
         self.dropped: Counter[str] = Counter()  # counted by the stage itself (late, overflow, ...)
         self.link_dropped: Counter[str] = Counter()  # lost on its links, refreshed by the runner
         self.latency = _Reservoir()
@@ -115,7 +118,7 @@ class StageRecorder:
         return StageMetrics(
             stage=self.stage,
             count=self.count,
-            fps=round(self.count / elapsed, 2),
+            fps=round((self.video_frames or self.count) / elapsed, 2),
             dropped=sum(dropped.values()),
             dropped_by_reason=dict(dropped),
             latency_ms=self.latency.summary(),
@@ -125,6 +128,7 @@ class StageRecorder:
             slow=self.slow,
             extra_ms={k: v for k, v in ((k, r.summary()) for k, r in self.extra.items()) if v is not None},
             notes=dict(self.notes),
+            video_frames=self.video_frames,
         )
 
 
@@ -147,6 +151,8 @@ def metrics_json(
             "latency_ms": msgspec.to_builtins(lat),
             "dropped_by_reason": m.dropped_by_reason,
         }
+        if m.video_frames:  # a source: its fps is video frames a second, counted here
+            entry["video_frames"] = m.video_frames
         if m.queue_age_ms is not None:
             entry["queue_age_ms"] = msgspec.to_builtins(m.queue_age_ms)
         if m.busy_ms is not None:

@@ -25,7 +25,8 @@ def metrics_table(stages: list[StageMetrics], title: str = "per-stage metrics") 
     """The per-stage table; its caption says what the columns mean and lists the stages' own timings."""
     from rich.table import Table
 
-    caption = "\n".join(["latency: capture to stage output, ms; queue: wait before the stage, ms; "
+    caption = "\n".join(["fps: messages a second (a source: video frames a second, its audio not counted); "
+                         "latency: capture to stage output, ms; queue: wait before the stage, ms; "
                          "busy: the stage's own work, ms", *stage_timings(stages)])
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     # a "note" column only when a stage ran slower than real time (otherwise it would be empty)

@@ -432,6 +432,15 @@ def _num(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+# Under the table: a detector names its events hud_change, sound ..., not reward or life_lost, so a
+# truth kind's row reads "pred 0, tp 17", which looks like a contradiction without this note.
+PER_KIND_NOTE = (
+    "per-kind rows: truth, tp, fn and recall count truth events of that kind matched by a prediction of any",
+    "kind; pred, fp and precision count only predictions named that kind (pred 0 beside a tp over 0: the",
+    "detector names its events otherwise, e.g. hud_change).  all: every prediction against every truth event.",
+)
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate` result."""
     from rich.cells import cell_len  # a kind in a wide script takes two columns a character
@@ -453,6 +462,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"{m['fp']:>6}{m['fn']:>6}{_num(m['precision']):>11}{_num(m['recall']):>8}"
             f"{_num(m['f1']):>8}"
         )
+    lines += ["", *PER_KIND_NOTE]
     crit = result["critical"]
     counts = result.get("counts", {})
     timing = result["timing_error_s"]

@@ -51,7 +51,7 @@ import msgspec
 
 from copilot.clock import SYSTEM_CLOCK, Clock
 from copilot.links import ProducerGone, Publisher, Subscriber
-from copilot.messages import EndOfStream, Envelope, Heartbeat, Payload, TraceStamp
+from copilot.messages import EndOfStream, Envelope, Heartbeat, Payload, TraceStamp, VideoFrame
 from copilot.metrics import StageRecorder
 from copilot.signals import Signal
 from copilot.worker import StageWorker
@@ -172,6 +172,8 @@ class Stage(Generic[P]):
         self._seq += 1
         env = Envelope.wrap(payload, source=self.name, seq=self._seq, t_media=tm, t_capture_ns=cap, trace=trace)
         self._port_t[port] = max(self._port_t.get(port, tm), tm)
+        if isinstance(payload, VideoFrame):  # a source's fps is its video rate (see StageRecorder)
+            self.recorder.video_frames += 1
         ok = True
         for pub in self.ctx.outputs.get(port, []):
             ok = await pub.send(env) and ok

@@ -282,6 +282,7 @@ class Supervisor:
                 merged[sm.stage] = msgspec.structs.replace(
                     sm,
                     count=prev.count + sm.count,
+                    video_frames=prev.video_frames + sm.video_frames,
                     dropped=prev.dropped + sm.dropped,
                     dropped_by_reason=reasons,
                     media_s=max(prev.media_s, sm.media_s),

@@ -3,6 +3,10 @@
 This is the terminal overlay of ``replay``/``live``/``demo``.  It writes to stdout (the
 live metrics table lives on stderr) and stays silent when the run option ``console`` is
 false, which the CLI sets for ``--quiet``, ``--json`` and ``annotate``.
+
+An event line is terse (``00:11.03 !  high     hud_change+sound    1.30  (hud.steps, ...)``), so
+before the first one the stage prints :data:`LEGEND` once: what the marks, the score and the kind
+mean, for someone who has not read the design.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from copilot.stage import Stage, StageContext
 from copilot.timefmt import format_time
 
 _STYLE = {"critical": "!!", "high": "! ", "normal": "  ", "low": ". "}
+LEGEND = (
+    "legend: media time, mark (!! critical, ! high, . low, none for normal), priority, kind (what changed: "
+    "hud_change a HUD area, sound, scene_change the picture, hud_revert a HUD area went back; a+b: both "
+    "agreed), score (the fused significance of the signals; by default 0.55 and up is normal, 1.15 high, "
+    "2.5 critical; rules and keywords set their own priority), then the signals, rarest first"
+)
 
 
 class ConsoleParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -51,6 +61,7 @@ class ConsoleStage(Stage[ConsoleParams]):
         self._out = out or sys.stdout
         self._enabled = bool(ctx.options.get("console", True))
         self._max_rank = _RANK.get(params.min_priority, 3)
+        self._legend_shown = False
 
     async def process(self, msg: Envelope) -> None:
         if not self._enabled:
@@ -59,5 +70,9 @@ class ConsoleStage(Stage[ConsoleParams]):
         if isinstance(p, Event) and _RANK.get(p.priority, 3) > self._max_rank:
             return
         line = format_message(msg)
-        if line is not None:
-            print(line, file=self._out, flush=True)
+        if line is None:
+            return
+        if isinstance(p, Event) and not self._legend_shown:
+            self._legend_shown = True
+            print(LEGEND, file=self._out)
+        print(line, file=self._out, flush=True)

@@ -370,6 +370,10 @@ class TriggerDetector:
             t_last, prio_last = self._last_event
             if abs(ep.onset - t_last) < p.refractory_s and PRIORITY_RANK[prio] >= PRIORITY_RANK[prio_last]:
                 return None
+            # opened by the score with the onset of the event decided last, or earlier: the signals of that
+            # moment still in the window opened it again, so it is that moment again (one moment, one event)
+            if ep.forced is None and ep.onset <= t_last:
+                return None
         # the nearest wake, before or after: a late event (a keyword) may come after later wakes
         gap = min((abs(ep.onset - w) for w in self._wakes), default=math.inf)
         if prio == "critical" and gap < p.critical_gap_s:

@@ -295,3 +295,23 @@ def test_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert res["cpu_percent"] > 0 and isinstance(res["holds_realtime"], bool)
     with pytest.raises(UsageError, match="unknown Atari game"):
         main(["--game", "NoSuchGame", "--seconds", "1"])
+
+
+def _duplicates(path: Path) -> list[float]:
+    times = [e["t"] for e in _lines(path) if e.get("kind") != "meta"]
+    return sorted({t for t in times if times.count(t) > 1})
+
+
+@pytest.mark.slow
+def test_live_breakout_writes_each_moment_once(tmp_path: Path) -> None:
+    """``gamecopilot live --game Breakout --until 15`` wrote the event near 11.03 s twice (a HUD
+    step decided, then opened again by its sound a frame later): one moment, one event."""
+    import subprocess
+    import sys
+
+    events = tmp_path / "e.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "copilot", "live", "--game", "Breakout", "--until", "15",
+                           "--events-out", str(events)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _lines(events), "no events"
+    assert _duplicates(events) == [], events.read_text()

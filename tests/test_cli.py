@@ -177,6 +177,18 @@ def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[
     assert_one_line_error(gamecopilot("replay", str(media["clip"]), *option, "-q"), needle)
 
 
+@pytest.mark.parametrize("command", ["replay", "live"])
+def test_advice_out_is_refused_before_any_output_is_written(command: str, media: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """``--advice-out`` used to be accepted and write an empty file: no stage makes advice yet."""
+    advice, events = tmp_path / "advice.jsonl", tmp_path / "events.jsonl"
+    events.write_text("kept\n")
+    source = [str(media["clip"])] if command == "replay" else ["--game", "Breakout", "--until", "1"]
+    res = gamecopilot(command, *source, "--advice-out", str(advice), "--events-out", str(events), "-q")
+    assert_one_line_error(res, "--advice-out: the reasoning core is not built yet, so no advice would be written")
+    assert not advice.exists() and events.read_text() == "kept\n"
+
+
 @pytest.mark.parametrize("speed", ["nan", "inf", "-inf"])
 def test_a_speed_that_is_not_a_positive_number_is_one_line(speed: str, media: dict[str, Path]) -> None:
     res = gamecopilot("replay", str(media["clip"]), f"--speed={speed}", "-q")

@@ -250,3 +250,15 @@ def test_an_empty_truth_file_or_a_bad_footage_length_is_refused(tmp_path: Path) 
             load_truth(bad)
     nothing_to_find = write_jsonl(tmp_path / "quiet.truth.jsonl", [META])  # a game where nothing happened
     assert load_truth(nothing_to_find) == []
+
+
+def test_the_report_says_what_pred_counts_when_kinds_differ() -> None:
+    """Predictions named hud_change matching reward truth: the reward row says pred 0 beside tp 2,
+    and the report explains why instead of leaving it to look like a contradiction."""
+    truth = [{"t": 1.0, "kind": "reward"}, {"t": 5.0, "kind": "reward"}]
+    pred = [{"t": 1.1, "kind": "hud_change", "priority": "low"}, {"t": 5.1, "kind": "hud_change", "priority": "low"}]
+    text = format_report(evaluate(pred, truth))
+    reward = next(row.split() for row in text.splitlines() if row.startswith("reward"))
+    assert reward[1:4] == ["2", "0", "2"]  # truth 2, pred 0, tp 2
+    assert "pred 0 beside a tp over 0" in text and "predictions named that kind" in text
+    assert "matched by a prediction of any" in text

@@ -118,3 +118,20 @@ def test_a_file_whose_every_packet_is_corrupt_is_bad_input(tmp_path: Path) -> No
     bad.write_bytes(bytes(data))
     with pytest.raises(UsageError, match="nothing in it decodes"):
         run_stage("replay", params={"path": str(bad)}, speed=None)
+
+
+def test_a_source_s_fps_is_its_video_rate_not_all_its_messages(atari_clip: Path) -> None:
+    """The replay sends ~43 AAC chunks a second beside its 30 frames: the metrics row (table and
+    metrics JSON) reports 30 fps, the video rate, and keeps the message count as it was."""
+    from copilot.metrics import metrics_json
+    from copilot.report import metrics_table
+
+    res = run_stage("replay", params={"path": str(atari_clip), "until": 3.0}, clock=VirtualClock())
+    m = res.metrics
+    video, audio = len(res.envelopes("video")), len(res.envelopes("audio"))
+    assert audio > 0 and m.count == video + audio
+    assert m.fps == pytest.approx(30.0, rel=0.1) and m.video_frames == video
+    entry = metrics_json([m], wall_s=3.0, media_s=3.0)["stages"][m.stage]
+    assert {"count", "fps", "dropped", "latency_ms"} <= set(entry)
+    assert entry["fps"] == m.fps and entry["video_frames"] == video
+    assert "a source: video frames a second" in str(metrics_table([m]).caption)

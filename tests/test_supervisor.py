@@ -133,6 +133,38 @@ def test_a_killed_group_is_restarted_and_messages_flow_again(victim: str, atari_
 
 
 @pytest.mark.slow
+def test_a_replay_whose_decode_group_is_killed_writes_each_moment_once(tmp_path: Path) -> None:
+    """The default pipeline over the sample clip, its ``decode`` group killed 10 s in and restarted:
+    no event comes out twice (the same moment decided again a detector step later did, with the
+    restarted encoders' fresh baselines making it likelier)."""
+    from copilot.commands import prepare_run, sample_clip
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"")
+    cfg, data, source, overrides, _ = prepare_run(None, input_file=str(sample_clip()))
+    opts = RunOptions(speed=1.0, stage_overrides=overrides, stage_options={"events_out": str(events)})
+    sup = Supervisor(cfg, data, source, opts)
+
+    async def main() -> Any:
+        run = asyncio.create_task(sup.run())
+        try:
+            await wait_for(lambda: sup.groups["decode"].ready and sup.groups["detect"].ready, 60, "the groups")
+            await asyncio.sleep(10.0)
+            sup.kill_group("decode")
+            return await asyncio.wait_for(asyncio.shield(run), 120)
+        finally:
+            if not run.done():
+                sup.request_stop()
+                await asyncio.wait_for(run, 30)
+
+    result = asyncio.run(main())
+    assert result.restarts["decode"] == 1 and not result.failed
+    times = [json.loads(line)["t"] for line in events.read_text().splitlines()]
+    assert len(times) >= 5
+    assert sorted({t for t in times if times.count(t) > 1}) == [], times
+
+
+@pytest.mark.slow
 def test_a_group_restarted_after_its_upstream_finished_ends_the_run(atari_clip: Path, tmp_path: Path) -> None:
     """The consumer group dies and its producer finishes while it waits to be restarted: the
     end of stream went out to nobody, so the new incarnation must learn of it another way
@@ -371,7 +403,7 @@ def wait_for_children(proc: subprocess.Popen[bytes], groups: int, timeout_s: flo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         kids = {p for p in descendants(proc.pid) if "resource_tracker" not in cmdline(p)}
-        spawned = {p for p in kids if "multiprocessing" in cmdline(p)}
+        spawned = {p for p in kids if is_group(p)}
         if len(spawned) >= groups:
             return kids
         if proc.poll() is not None:
@@ -399,6 +431,37 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def is_group(pid: int) -> bool:
+    """A group process: titled ``gamecopilot: GROUP``, or still multiprocessing's spawn before it set that."""
+    line = cmdline(pid)
+    return "resource_tracker" not in line and ("gamecopilot: " in line or "multiprocessing" in line)
+
+
+@pytest.mark.slow
+def test_group_processes_are_named_after_their_group(atari_clip: Path) -> None:
+    """``ps`` tells the groups apart: each one's command line is ``gamecopilot: GROUP``."""
+    with gamecopilot_process([sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+                              "--until", "4"]) as proc:
+        kids = wait_for_children(proc, 2)
+        deadline = time.monotonic() + 30
+        titles: set[str] = set()
+        while time.monotonic() < deadline and titles != {"gamecopilot: decode", "gamecopilot: detect"}:
+            titles = {cmdline(p).strip() for p in kids if "gamecopilot: " in cmdline(p)}
+            time.sleep(0.05)
+        proc.communicate(timeout=60)
+    assert titles == {"gamecopilot: decode", "gamecopilot: detect"}, [cmdline(p) for p in kids]
+
+
+def test_without_setproctitle_the_short_name_says_the_group() -> None:
+    """The fallback where setproctitle is missing: the kernel's short name (what ``ps -o comm`` shows)."""
+    code = ("import sys; sys.modules['setproctitle'] = None\n"
+            "from copilot.proctitle import set_group_title\n"
+            "set_group_title('decode')\n"
+            "print(open('/proc/self/comm').read().strip())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "gc:decode"
 
 
 @pytest.mark.slow
@@ -442,7 +505,7 @@ def test_a_sigterm_to_one_group_stops_the_run_as_a_sigterm(atari_clip: Path, tmp
                               "--metrics-out", str(metrics)]) as proc:
         kids = wait_for_children(proc, 2)
         time.sleep(2.0)  # media flows
-        group = min(p for p in kids if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p))
+        group = min(p for p in kids if is_group(p))
         os.kill(group, signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     text = err.decode(errors="replace")

@@ -515,3 +515,20 @@ def test_heartbeats_of_a_producer_that_emits_rarely_keep_events_on_time() -> Non
     # emit lag: media time already seen on the newest input when the event went out, minus its t
     assert on_time.metrics.extra_ms["emit_lag_ms"].p99 <= 500
     assert late.metrics.extra_ms["emit_lag_ms"].p99 >= 800
+
+
+def test_a_moment_decided_once_is_not_decided_again_when_its_sound_comes_after() -> None:
+    """A HUD step opens a (forced) episode, decided 0.25 s later; its sound comes one frame after
+    that.  The score then crosses the threshold with the step still in its window, which opened a
+    second episode with the same onset: the same moment twice (``live --game Breakout`` wrote the
+    event near 11.03 s twice, and a replay whose decode group was restarted did the same)."""
+    det = TriggerDetector()
+    out = []
+    for k in range(30 * 12):
+        t = k / 30
+        hit = k == 300  # a score digit steps at 10.0 s ...
+        hud = {"steps": 0.002 if hit else 0.0, "small": float(hit), "fresh": float(hit), "novel": 10.0 * hit}
+        out += det.observe(t, "hud", hud)
+        out += det.observe(t, "audio", {"onset": 50.0 if k == 309 else 0.0})  # ... its sound at 10.3 s
+    out += det.finish()
+    assert [e.event.t for e in out] == [10.0], [(e.event.t, e.event.event_kind, e.decided_at) for e in out]
