@@ -22,12 +22,14 @@ from copilot.messages import (
     WIRE_VERSION,
     Advice,
     AudioChunk,
+    Cue,
     Done,
     EndOfStream,
     Envelope,
     Error,
     Event,
     Features,
+    GameState,
     Heartbeat,
     InputsEnded,
     LatencySummary,
@@ -90,6 +92,12 @@ PAYLOADS: dict[type, Any] = {
                           sample_rate=st.integers(1, 384000), chunk_index=UINT63),
     Features: st.builds(Features, name=TEXT, values=st.dictionaries(TEXT, FLOATS, max_size=5),
                         text=st.dictionaries(TEXT, TEXT, max_size=3), vector=st.none() | arrays(min_dims=1)),
+    Cue: st.builds(Cue, t=FLOATS, kind=TEXT, priority=st.sampled_from(PRIORITIES), reason=st.text(max_size=80),
+                   evidence=st.dictionaries(TEXT, JSON, max_size=3), weak=st.booleans(), late=st.booleans()),
+    GameState: st.builds(GameState, values=st.dictionaries(TEXT, FLOATS, max_size=4),
+                         text=st.dictionaries(TEXT, TEXT, max_size=3),
+                         previous=st.dictionaries(TEXT, FLOATS, max_size=4),
+                         changed_at=st.dictionaries(TEXT, FLOATS, max_size=4)),
     Event: st.builds(Event, t=FLOATS, event_kind=TEXT, priority=st.sampled_from(PRIORITIES), score=FLOATS,
                      evidence=st.dictionaries(TEXT, JSON, max_size=4)),
     Transcript: st.builds(Transcript, text=st.text(max_size=200), t_start=FLOATS, t_end=FLOATS, language=TEXT),
@@ -182,7 +190,7 @@ def good_video() -> list[Any]:
 # -- round trips --------------------------------------------------------------------------------
 def test_every_kind_has_a_strategy() -> None:
     assert set(PAYLOADS) == set(PAYLOAD_TYPES)
-    assert len(KINDS) == len(set(KINDS)) == 8
+    assert len(KINDS) == len(set(KINDS)) == 10
 
 
 @pytest.mark.parametrize("kind", PAYLOAD_TYPES, ids=lambda t: t.__name__)
