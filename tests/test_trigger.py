@@ -522,7 +522,7 @@ def test_a_moment_decided_once_is_not_decided_again_when_its_sound_comes_after()
     that.  The score then crosses the threshold with the step still in its window, which opened a
     second episode with the same onset: the same moment twice (``live --game Breakout`` wrote the
     event near 11.03 s twice, and a replay whose decode group was restarted did the same)."""
-    det = TriggerDetector()
+    det = Fed()
     out = []
     for k in range(30 * 12):
         t = k / 30
