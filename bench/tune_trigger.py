@@ -24,6 +24,7 @@ the chosen settings, never the other way round (:mod:`bench.pools`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -129,8 +130,7 @@ def replay_detector(obs: list[tuple[float, str, int, int, Any]], profile: Profil
     section (the same :class:`stages.hud_cues.HudCuePolicy` the stage runs), so HUD settings can be
     tuned too; every other input is replayed as recorded.
     """
-    table = SignalTable(pipeline_signals(default_pipeline(), "trigger"))
-    det = TriggerDetector(profile, table)
+    det = TriggerDetector(profile, default_signal_table())
     hud = HudCuePolicy(hud_cue_settings(profile.hud, profile.name))
     hud_sources = {src for _, name, _, _, (src, p) in obs if isinstance(p, Features) and name == "hud"}
     out: list[DetectorEvent] = []
@@ -149,9 +149,12 @@ def replay_detector(obs: list[tuple[float, str, int, int, Any]], profile: Profil
     return [ev.record() for ev in out]
 
 
-def default_pipeline() -> Any:
-    """The default pipeline, parsed: what the recorded features came from."""
-    return parse_pipeline(load_yaml(default_config_path()), str(default_config_path()))
+@functools.cache
+def default_signal_table() -> SignalTable:
+    """What the default pipeline's trigger scores (the pipeline the features came from): read once,
+    not for every recording and setting replayed."""
+    cfg = parse_pipeline(load_yaml(default_config_path()), str(default_config_path()))
+    return SignalTable(pipeline_signals(cfg, "trigger"))
 
 
 def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:

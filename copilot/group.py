@@ -150,8 +150,7 @@ class GroupRunner:
                 incarnation=self.opts.incarnation,
                 session_start_ns=self.opts.session_start_ns,
                 resume_media_s=self.opts.resume_media_s.get(sc.name),
-                input_signals=tuple(pipeline_signals(self.cfg, sc.name)) if getattr(cls, "reads_signals", False)
-                else (),
+                input_signals=tuple(pipeline_signals(self.cfg, sc.name)) if cls.reads_signals else (),
             )
             subs = [
                 Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock,

@@ -209,23 +209,17 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     return parse_profile(load_yaml(path), str(path))
 
 
-# the profile sections a stage kind owns: section -> the classmethod of the stage class that validates it
-SECTION_CHECK = "check_profile"
-
-
 def check_sections(prof: Profile, stage_classes: Mapping[str, Any], source: str, context: Any = None) -> None:
     """Let each stage of a pipeline validate the profile sections it owns, before anything runs.
 
-    ``stage_classes`` maps stage names to their classes; a class with a ``check_profile(profile,
-    source, context)`` classmethod validates its sections (the trigger its ``trigger`` section and
+    ``stage_classes`` maps stage names to their classes; each class's ``Stage.check_profile``
+    validates the sections it owns (the trigger its ``trigger`` section and
     the profile's weights against the signals declared upstream of it, the HUD stage its ``hud``
     section) and raises :class:`UsageError` naming ``source`` and the key.  ``context`` is what the
     caller knows of the pipeline (the parsed config).
     """
     for name, cls in stage_classes.items():
-        check = getattr(cls, SECTION_CHECK, None)
-        if check is not None:
-            check(prof, source, context, name)
+        cls.check_profile(prof, source, context, name)
 
 
 def profile_from_options(options: Mapping[str, Any]) -> Profile:

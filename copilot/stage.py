@@ -88,7 +88,7 @@ class StageContext:
     resume_media_s: float | None = None
     # ``(producer stage, Signal)`` for every graded signal the stages feeding this one declare (see
     # :mod:`copilot.signals`); filled by the group for a stage class that sets ``reads_signals``
-    input_signals: tuple[tuple[str, Any], ...] = ()
+    input_signals: tuple[tuple[str, Signal], ...] = ()
 
 
 class Stage(Generic[P]):
@@ -102,6 +102,8 @@ class Stage(Generic[P]):
     output_ports: ClassVar[tuple[str, ...]] = ()
     # the graded signals this stage emits as Features values (see copilot.signals): what the trigger scores
     signals: ClassVar[tuple[Signal, ...]] = ()
+    # True: the group fills ctx.input_signals with what the stages feeding this one declare (the trigger)
+    reads_signals: ClassVar[bool] = False
     min_inputs: ClassVar[int] = 1
     # > 0: after an input, a port quiet this long (media s) gets a progress heartbeat (see above)
     progress_s: ClassVar[float] = 0.0
@@ -131,6 +133,14 @@ class Stage(Generic[P]):
         ``duration_s`` (a replay's media length sizes the run's progress).
         """
         return None
+
+    @classmethod
+    def check_profile(cls, prof: Any, source: str, cfg: Any, name: str) -> None:
+        """Validate the game-profile sections this stage owns (the trigger its ``trigger`` section
+        and the weights, the HUD stage its ``hud`` section); raise :class:`~copilot.errors.UsageError`
+        naming ``source`` and the key.  Called with the parsed pipeline ``cfg`` and this stage's
+        ``name`` before anything runs (:func:`copilot.profile.check_sections`).  By default the stage
+        owns no section."""
 
     # -- lifecycle (override what you need) ---------------------------------------------------
     async def start(self) -> None:

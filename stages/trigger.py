@@ -138,12 +138,11 @@ class _Episode:
     onset: float
     opened_at: float
     score: float = 0.0
-    priority: str = "low"
     kind: str = "moment"
     signals: dict[str, dict[str, float]] = field(default_factory=dict)  # signal -> {rarity, value, t}
     families: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)  # the cues that joined it
-    forced: str | None = None  # a priority set by a cue
+    forced: Priority | None = None  # a priority set by a cue
     strong_cues: int = 0  # cues that were not weak
 
 
@@ -253,7 +252,7 @@ class TriggerDetector:
         self._state = state
         return out
 
-    def _force(self, t: float, priority: str, kind: str, reason: str, *, weak: bool = False) -> None:
+    def _force(self, t: float, priority: Priority, kind: str, reason: str, *, weak: bool = False) -> None:
         if t < self._now - self.p.max_delay_s:
             # late (a keyword read by full-frame OCR or heard in a transcript, seconds after its
             # moment): an event of its own, decided at the next step with the evidence still kept
@@ -360,7 +359,7 @@ class TriggerDetector:
         p = self.p
         if ep.forced is None and ep.score < p.min_score:
             return None
-        prio: str = self._priority_of(ep.score)
+        prio: Priority = self._priority_of(ep.score)
         kind = self._kind_of(ep.families)
         if ep.forced is not None and PRIORITY_RANK[ep.forced] <= PRIORITY_RANK[prio]:
             prio, kind = ep.forced, ep.kind
@@ -421,7 +420,7 @@ class TriggerDetector:
         if state is not None and state.values:
             evidence["state_after"] = dict(state.values)
             evidence["state_before"] = {k: state.previous.get(k, v) for k, v in state.values.items()}
-        event = Event(t=round(ep.onset, 4), event_kind=kind, priority=_priority(prio), score=round(ep.score, 3),
+        event = Event(t=round(ep.onset, 4), event_kind=kind, priority=prio, score=round(ep.score, 3),
                       evidence=evidence)
         if self._last_event is None or ep.onset >= self._last_event[0]:
             self._last_event = (ep.onset, prio)
@@ -467,14 +466,6 @@ class TriggerDetector:
         return out
 
 
-def _priority(name: str) -> Priority:
-    """``name`` as a :data:`Priority` (every priority the detector sets is one of PRIORITIES)."""
-    for p in PRIORITIES:
-        if p == name:
-            return p
-    raise ValueError(f"not a priority: {name!r}")
-
-
 def _signal_evidence(best: dict[str, tuple[float, str, float, float]]) -> dict[str, dict[str, float]]:
     """Each signal's strongest ``(t, signal, rarity, value)`` as an event's evidence."""
     return {s: {"t": round(b[0], 3), "rarity": round(b[2], 3), "value": round(b[3], 5)} for s, b in best.items()}
@@ -513,7 +504,7 @@ class TriggerStage(Stage[TriggerStageParams]):
         super().__init__(ctx, params)
         self.detector: TriggerDetector | None = None
         self.order: MediaTimeOrder[_Input] = MediaTimeOrder(params.idle_s)
-        self._warm_from: float | None = -math.inf  # None: restarted, not warm since the first input's time
+        self._restarted = ctx.incarnation > 0  # its events are marked until its baselines have refilled
 
     @classmethod
     def check_profile(cls, prof: Profile, source: str, cfg: Any, name: str) -> None:
@@ -532,21 +523,18 @@ class TriggerStage(Stage[TriggerStageParams]):
         if not len(table):
             self.log.warning("no stage feeding %s declares a signal: only cues can make events", self.name)
         self.detector = TriggerDetector(prof, table, settings)
-        if self.ctx.incarnation > 0:
+        if self._restarted:
             # a restarted detector has lost its baselines: rarity is judged against what it has seen since,
             # so real deaths can come out low or normal until history_s of media has refilled them
-            self._warm_from = None
             self.log.warning("%s restarted: its baselines refill over %.0f s of media; events decided until then"
                              " carry a warming_up note", self.name, settings.history_s)
 
     def _warming_up(self, de: DetectorEvent) -> None:
         """After a restart, mark events decided before the baselines held ``history_s`` of media."""
         det = self.detector
-        if det is None or det.started_at is None or self._warm_from == -math.inf:
+        if not self._restarted or det is None or det.started_at is None:
             return
-        if self._warm_from is None:
-            self._warm_from = det.started_at
-        seen = de.decided_at - self._warm_from
+        seen = de.decided_at - det.started_at
         if seen < det.p.history_s:
             de.event.evidence.setdefault("notes", []).append(
                 f"warming_up: the detector restarted; its baselines hold {seen:.1f} s of the {det.p.history_s:g} s"
