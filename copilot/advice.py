@@ -215,3 +215,36 @@ def _answer_problems(answer: str) -> list[str]:
         return schema_problems(json.loads(obj_text))
     except ValueError:
         return ["the JSON does not parse"]
+
+
+BACKENDS = ("rules", "openai", "transformers")
+
+
+def choose_backend(kind: str, url: str | None, model: str | None) -> tuple[str, str]:
+    """The backend to run for ``--reasoner kind`` and why, in words for the one line the CLI prints.
+
+    ``auto`` takes a configured local model (``--llm-model`` without ``--llm-url``, or a model
+    path that is a directory), else a configured endpoint (``--llm-url``), else rules.  A backend
+    asked for by name without what it needs is a :class:`~copilot.errors.UsageError`.
+    """
+    from pathlib import Path
+
+    from copilot.errors import UsageError
+
+    if kind == "auto":
+        if model and (not url or Path(model).expanduser().is_dir()):
+            return "transformers", f"auto: the local model {model}"
+        if url:
+            return "openai", f"auto: the server at {url}" + (f" ({model})" if model else "")
+        return "rules", "auto: no model configured (--llm-url URL or --llm-model PATH to use one)"
+    if kind == "openai" and not url:
+        raise UsageError("--reasoner openai needs --llm-url URL (an OpenAI-compatible server: vLLM, SGLang, "
+                         "llama.cpp's server, Ollama; `gamecopilot llm-server` starts a small one on the CPU)")
+    if kind == "transformers" and not model:
+        raise UsageError("--reasoner transformers needs --llm-model PATH (a local checkpoint, e.g. "
+                         "Qwen3-VL-8B-Instruct)")
+    if kind not in (*BACKENDS, "none"):
+        raise UsageError(f"--reasoner: unknown backend {kind!r} (auto, {', '.join(BACKENDS)}, none)")
+    what = {"rules": "profile rules, no model", "openai": f"the server at {url}",
+            "transformers": f"the local model {model}", "none": "off"}[kind]
+    return kind, what

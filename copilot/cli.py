@@ -25,6 +25,12 @@ BENCHMARKS = {
     "bus": "one hop of a 720p frame over inproc/ipc/tcp/tcp+curve: our links vs raw pyzmq",
     "encoders": "per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
     "atari": "the live Atari source at real time: fps, audio rate, drift",
+    "reasoner": "event-to-advice latency per reasoner backend over a replay at real time, and wakes per minute",
+}
+# ``gamecopilot NAME ARGS`` for the tools registered as ``gamecopilot.tools`` entry points (engines
+# implement them); these are the ones ``--help`` lists.
+TOOLS = {
+    "llm-server": "start a small OpenAI-compatible LLM server on the CPU (llama.cpp, SmolLM2-135M) for --llm-url",
 }
 
 
@@ -92,11 +98,17 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("--config", "-c", help="pipeline YAML (default: configs/default.yaml)")
     p.add_argument("--profile", help="game profile name or YAML path")
     p.add_argument("--session", help="session directory for the timeline (not built yet)")
-    p.add_argument("--reasoner", help="reasoning backend (not built yet)")
+    p.add_argument("--reasoner", choices=["auto", "rules", "openai", "transformers", "none"], default="auto",
+                   help="what answers significant events: auto (a configured model, else rules; the default), rules "
+                   "(no model), openai (--llm-url), transformers (--llm-model), none (perception only)")
+    p.add_argument("--llm-url", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama), "
+                   "e.g. http://127.0.0.1:8000/v1; the API key, if any, in OPENAI_API_KEY")
+    p.add_argument("--llm-model", metavar="M", help="the model: a served model id with --llm-url, else a local "
+                   "checkpoint directory (or a Hugging Face cache id) for transformers; nothing is downloaded")
     p.add_argument("--overlay", choices=["web", "window", "none"], default="none",
                    help="where advice appears (not built yet: events print on the console)")
     p.add_argument("--events-out", help="write events JSONL here")
-    p.add_argument("--advice-out", help="write advice JSONL here (not built yet: refused)")
+    p.add_argument("--advice-out", help="write advice JSONL here")
     p.add_argument("--features-out", help="write encoder features JSONL here")
     _add_asr_option(p)
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
@@ -211,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     for name, text in BENCHMARKS.items():  # each parses its own arguments (see main)
         bsub.add_parser(name, help=text, add_help=False)
+    for name, text in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -256,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if len(raw) >= 2 and raw[0] == "bench" and _is_benchmark(raw[1]):
         return _run_benchmark(raw[1], raw[2:])
+    if raw and raw[0] in TOOLS:
+        return _run_tool(raw[0], raw[1:])
     parser = build_parser()
     args = parser.parse_args(raw)
     if args.command is None:
@@ -286,6 +302,12 @@ def _run_benchmark(name: str, argv: list[str]) -> int:
     from copilot.registry import resolve
 
     return _guarded(lambda: int(resolve(name, "benchmarks")(argv) or 0))
+
+
+def _run_tool(name: str, argv: list[str]) -> int:
+    from copilot.registry import resolve
+
+    return _guarded(lambda: int(resolve(name, "tools")(argv) or 0))
 
 
 def _guarded(run: Callable[[], int]) -> int:

@@ -43,12 +43,10 @@ def _check_asr_stage(args: argparse.Namespace, cfg: Any, where: str) -> None:
 
 
 # options of DESIGN.md's command line whose stages are later issues: refused, not ignored
-# (--advice-out: no stage produces advice yet, so the file would be written empty, silently)
 NOT_BUILT = {
     "session": ("--session", "the session timeline", "nothing would use it"),
-    "reasoner": ("--reasoner", "the reasoning core", "nothing would use it"),
-    "advice_out": ("--advice-out", "the reasoning core", "no advice would be written"),
 }
+REASONER_KIND = "reasoner"
 
 
 def _check_not_built(args: argparse.Namespace) -> None:
@@ -60,6 +58,30 @@ def _check_not_built(args: argparse.Namespace) -> None:
     overlay = getattr(args, "overlay", "none")
     if overlay and overlay != "none":
         raise UsageError(f"--overlay {overlay}: the overlay is not built yet (events print on the console)")
+
+
+def _reasoner_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, dict[str, Any]],
+                      where: str) -> dict[str, Any]:
+    """The run options of ``--reasoner``, ``--llm-url``, ``--llm-model``, after each stage that cares
+    (the reasoner) has said in one line what will answer, or refused a combination that cannot work."""
+    options: dict[str, Any] = {}
+    for name in ("reasoner", "llm_url", "llm_model"):
+        value = getattr(args, name, None)
+        if value:
+            options[name] = value
+    announced = False
+    for s in cfg.stages:
+        cls = resolve_stage(s.kind)
+        line = cls.announce(msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params), options)
+        if line:
+            announced = True
+            if not getattr(args, "quiet", False):
+                print(f"gamecopilot: {line}", file=sys.stderr)
+    if not announced and getattr(args, "advice_out", None):
+        raise UsageError(f"--advice-out: the pipeline {where} has no reasoner stage to give advice")
+    if not announced and options.get("reasoner", "auto") not in ("auto", "none"):
+        raise UsageError(f"--reasoner: the pipeline {where} has no reasoner stage")
+    return options
 
 
 def _flag(args: argparse.Namespace, option: str) -> str:
@@ -173,6 +195,39 @@ def swap_source(data: Any, where: str, kind: str, params: dict[str, Any], record
     return {**data, "stages": new_stages}
 
 
+def without_stages(data: Any, kinds: Sequence[str]) -> Any:
+    """The pipeline without its stages of ``kinds``: their output links leave the inputs of the stages
+    they fed, and a stage left with no input at all (a sink of their output) goes too."""
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, list):
+        return data
+    gone_links: set[str] = set()
+    kept = list(stages)
+    dropped = [s for s in kept if isinstance(s, dict) and s.get("kind") in kinds]
+    while dropped:
+        for s in dropped:
+            kept.remove(s)
+            outs = s.get("outputs") or {}
+            gone_links.update(str(v) for v in (outs.values() if isinstance(outs, dict) else []))
+        new_kept = []
+        dropped = []
+        for s in kept:
+            ins = s.get("inputs") if isinstance(s, dict) else None
+            if isinstance(ins, list) and ins:
+                left = [i for i in ins if i not in gone_links]
+                if not left:
+                    dropped.append(s)
+                    continue
+                s = {**s, "inputs": left}
+            new_kept.append(s)
+        kept = new_kept + dropped  # (the newly dropped are removed on the next pass)
+    links = data.get("links")
+    out = {**data, "stages": kept}
+    if isinstance(links, dict):
+        out["links"] = {k: v for k, v in links.items() if k not in gone_links}
+    return out
+
+
 def prepare_run(
     config: str | None,
     *,
@@ -180,16 +235,20 @@ def prepare_run(
     start: float = 0.0,
     until: float | None = None,
     source: tuple[str, dict[str, Any], str | None] | None = None,
+    without_kinds: Sequence[str] = (),
 ) -> tuple[Any, Any, str, dict[str, dict[str, Any]], float | None]:
     """Load and validate the pipeline and its input.
 
     Returns (cfg, raw data, source, per-stage param overrides, seconds of media to replay
-    or None when unknown).
+    or None when unknown).  ``without_kinds``: stages of these kinds are left out (with what only
+    they fed), e.g. the reasoner for ``--reasoner none`` and ``annotate``.
     """
     path = Path(config) if config else default_config_path()
     data = with_absolute_paths(load_yaml(path), path)
     if source is not None:
         data = swap_source(data, str(path), *source)
+    if without_kinds:
+        data = without_stages(data, without_kinds)
     cfg = parse_pipeline(data, str(path))
     overrides: dict[str, dict[str, Any]] = {}
     replays = [s for s in cfg.stages if s.kind == REPLAY_KIND]
@@ -226,10 +285,15 @@ def execute(
 
     setup_logging(_log_level(args))
     _check_not_built(args)
+    reasoner = getattr(args, "reasoner", None) or "auto"
+    if reasoner == "none" and getattr(args, "advice_out", None):
+        raise UsageError("--advice-out: --reasoner none gives no advice to write")
     cfg, data, cfg_path, overrides, total_media_s = prepare_run(
-        args.config, input_file=input_file, start=start, until=until, source=source
+        args.config, input_file=input_file, start=start, until=until, source=source,
+        without_kinds=(REASONER_KIND,) if reasoner == "none" else (),
     )
     _check_asr_stage(args, cfg, str(cfg_path))
+    run_options = _reasoner_options(args, cfg, overrides, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None), cfg)  # before any output file is emptied
     to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
@@ -237,6 +301,7 @@ def execute(
                                defer_empty=to_empty)
     if profile:
         options["profile"] = profile
+    options.update(run_options)
     speed = getattr(args, "speed", 1.0)
     progress = getattr(args, "progress", False)  # annotate: a progress bar and a one-line summary
     show_bar = progress or getattr(args, "bar", False)  # bench pipeline: the bar, then its table
@@ -347,6 +412,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         config=args.config, profile=args.profile, speed=None, quiet=args.quiet, json=False,
         metrics_out=args.metrics_out, verbose=args.verbose, events_out=args.output, advice_out=None,
         features_out=args.features_out, asr_model=args.asr_model, progress=True, flags={"events_out": "-o"},
+        reasoner="none",
     )
     return execute(ns, input_file=args.file, start=args.start, until=args.until)
 

@@ -18,7 +18,8 @@ import msgspec
 import numpy as np
 
 # 2: control messages became one Struct per action (they were Control(action, detail))
-WIRE_VERSION = 2
+# 3: Question; Advice streams (final, wake) and names its event, priority and model
+WIRE_VERSION = 3
 
 T = TypeVar("T")
 
@@ -122,14 +123,50 @@ class Transcript(msgspec.Struct, tag="transcript", kw_only=True):
     language: str = ""
 
 
+class Question(msgspec.Struct, tag="question", kw_only=True):
+    """A player's question for the reasoner (``ask`` sends these): answered whatever the wake
+    budget, about the media time ``t`` (None: now)."""
+
+    text: str
+    t: float | None = None
+    id: str = ""
+
+
 class Advice(msgspec.Struct, tag="advice", kw_only=True):
-    """What the reasoning core said about an event."""
+    """What the reasoning core said about an event (or a question), streamed.
+
+    A wake's advice comes as partial messages while the model writes (``final`` False, ``text``
+    the advice so far) and then one final message with the whole structured answer.  ``wake``
+    numbers the wake, so a reader replaces a partial with the next message of the same wake.
+    ``latency_ms`` (``event_to_first``, ``event_to_final``) counts from the event's emission by
+    the trigger.  ``saw_images``: whether the model was shown the event's frames (a text-only
+    model gets the text evidence, and says so).
+    """
 
     t_event: float
     backend: str
     text: str
+    t_media: float = 0.0  # how far the media had got when the advice was final
+    event_kind: str = ""
+    priority: Priority = "normal"
+    model: str = ""
     structured: dict[str, Any] = {}
     latency_ms: dict[str, float] = {}
+    final: bool = True
+    wake: int = 0
+    question: str = ""
+    saw_images: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The advice as one line of an advice JSONL file: the one place that format is built."""
+        rec: dict[str, Any] = {
+            "t_event": self.t_event, "t_media": self.t_media, "event_kind": self.event_kind,
+            "priority": self.priority, "backend": self.backend, "model": self.model, "text": self.text,
+            "structured": self.structured, "latency_ms": self.latency_ms, "saw_images": self.saw_images,
+        }
+        if self.question:
+            rec["question"] = self.question
+        return rec
 
 
 class LatencySummary(msgspec.Struct, kw_only=True):
@@ -225,10 +262,11 @@ class InputsEnded(msgspec.Struct, tag="inputs_ended", kw_only=True):
 Control = Heartbeat | Ready | Start | EndOfStream | Stop | Done | Error | InputsEnded
 CONTROL_TYPES: tuple[type[msgspec.Struct], ...] = (Heartbeat, Ready, Start, EndOfStream, Stop, Done, Error, InputsEnded)
 
-Payload = VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Advice | Metrics | Control
+Payload = (VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Question | Advice | Metrics
+           | Control)
 
 DATA_TYPES: tuple[type[msgspec.Struct], ...] = (VideoFrame, AudioChunk, Features, Cue, GameState, Event, Transcript,
-                                                 Advice, Metrics)
+                                                 Question, Advice, Metrics)
 PAYLOAD_TYPES: tuple[type[msgspec.Struct], ...] = DATA_TYPES + CONTROL_TYPES
 # the envelope's kind: a data payload's own tag, "control" for every control struct
 KIND_OF: dict[type, str] = {

@@ -30,6 +30,8 @@ _ENTRY_GROUPS = {
     "engines": "gamecopilot.engines",
     "datasets": "gamecopilot.datasets",  # SOURCE -> make(game, seconds, out_dir, **options)
     "benchmarks": "gamecopilot.benchmarks",  # NAME -> main(argv) -> exit code
+    "reasoners": "gamecopilot.reasoners",  # the reasoner's backends (copilot/advice.py AdviceBackend)
+    "tools": "gamecopilot.tools",  # further commands: NAME -> main(argv) -> exit code (llm-server)
 }
 _REGISTRIES: dict[str, dict[str, Any]] = {family: {} for family in _ENTRY_GROUPS}
 

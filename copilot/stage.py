@@ -135,6 +135,13 @@ class Stage(Generic[P]):
         return None
 
     @classmethod
+    def announce(cls, params: P, options: dict[str, Any]) -> str | None:
+        """A line the command line prints before the run starts (the reasoner: which backend answers
+        and why), given the stage's params and the run options; or None.  May raise
+        :class:`~copilot.errors.UsageError` for options that cannot work together."""
+        return None
+
+    @classmethod
     def check_profile(cls, prof: Any, source: str, cfg: Any, name: str) -> None:
         """Validate the game-profile sections this stage owns (the trigger its ``trigger`` section
         and the weights, the HUD stage its ``hud`` section); raise :class:`~copilot.errors.UsageError`

@@ -1,5 +1,8 @@
 """Console stage: prints events, advice and transcripts as they happen, one line each.
 
+Advice streams: on a terminal its line grows in place as the model writes, then the final line
+replaces it; to a file or a pipe only the final advice is written.
+
 This is the terminal overlay of ``replay``/``live``/``demo``.  It writes to stdout (the
 live metrics table lives on stderr) and stays silent when the run option ``console`` is
 false, which the CLI sets for ``--quiet``, ``--json`` and ``annotate``.
@@ -46,7 +49,9 @@ def format_message(msg: Envelope) -> str | None:
         mark = _STYLE.get(p.priority, "  ")
         return f"{format_time(p.t)} {mark} {p.priority:<8} {p.event_kind:<18} {p.score:5.2f}{why}"
     if isinstance(p, Advice):
-        return f"{format_time(p.t_event)} >> [{p.backend}] {p.text}"
+        about = f"Q: {p.question} " if p.question else f"{p.event_kind} "
+        more = "" if p.final else " ..."
+        return f"{format_time(p.t_event)} >> {about}[{p.backend}] {p.text}{more}"
     if isinstance(p, Transcript):
         return f"{format_time(p.t_start)} \" {p.text}"
     return None
@@ -62,6 +67,11 @@ class ConsoleStage(Stage[ConsoleParams]):
         self._enabled = bool(ctx.options.get("console", True))
         self._max_rank = _RANK.get(params.min_priority, 3)
         self._legend_shown = False
+        self._partial_open = False  # a partial advice line is on screen, to be overwritten
+        try:
+            self._tty = self._out.isatty()
+        except (AttributeError, ValueError):
+            self._tty = False
 
     async def process(self, msg: Envelope) -> None:
         if not self._enabled:
@@ -72,6 +82,16 @@ class ConsoleStage(Stage[ConsoleParams]):
         line = format_message(msg)
         if line is None:
             return
+        if isinstance(p, Advice) and not p.final:
+            # advice as it streams: on a terminal the line grows in place; elsewhere only the final one
+            if self._tty:
+                self._out.write("\r\x1b[2K" + line[:200])
+                self._out.flush()
+                self._partial_open = True
+            return
+        if self._partial_open:
+            self._out.write("\r\x1b[2K")
+            self._partial_open = False
         if isinstance(p, Event) and not self._legend_shown:
             self._legend_shown = True
             print(LEGEND, file=self._out)

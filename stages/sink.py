@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 
 from copilot.errors import UsageError
-from copilot.messages import Envelope, Event, Features
+from copilot.messages import Advice, Envelope, Event, Features
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 
@@ -40,11 +40,14 @@ class JsonlSinkParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reorder_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.0
 
 
-def message_record(msg: Envelope) -> dict[str, Any]:
-    """A JSON-ready record of a message.  Events follow DESIGN.md's events JSONL format."""
+def message_record(msg: Envelope) -> dict[str, Any] | None:
+    """A JSON-ready record of a message, or None for one not written (partial advice: the final
+    message of a wake has all of it).  Events and advice follow their JSONL formats."""
     p = msg.payload
     if isinstance(p, Event):
         return p.record()
+    if isinstance(p, Advice):
+        return p.record() if p.final else None
     body = msgspec.to_builtins(p, enc_hook=_drop_arrays)
     if isinstance(p, Features):
         body.pop("vector", None)
@@ -143,7 +146,10 @@ class JsonlSinkStage(Stage[JsonlSinkParams]):
             raise self._expiry_failed
         if self._fh is None:
             return
-        line = self._enc.encode(message_record(msg)) + b"\n"
+        record = message_record(msg)
+        if record is None:
+            return
+        line = self._enc.encode(record) + b"\n"
         if self._reorder is not None and isinstance(msg.payload, Event):
             self._write(self._reorder.push(msg.payload, line, self.clock.now_ns()))
         else:

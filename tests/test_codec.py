@@ -34,6 +34,7 @@ from copilot.messages import (
     InputsEnded,
     LatencySummary,
     Metrics,
+    Question,
     Ready,
     StageMetrics,
     Start,
@@ -101,9 +102,12 @@ PAYLOADS: dict[type, Any] = {
     Event: st.builds(Event, t=FLOATS, event_kind=TEXT, priority=st.sampled_from(PRIORITIES), score=FLOATS,
                      evidence=st.dictionaries(TEXT, JSON, max_size=4)),
     Transcript: st.builds(Transcript, text=st.text(max_size=200), t_start=FLOATS, t_end=FLOATS, language=TEXT),
-    Advice: st.builds(Advice, t_event=FLOATS, backend=TEXT, text=st.text(max_size=200),
+    Question: st.builds(Question, text=st.text(max_size=200), t=st.none() | FLOATS, id=TEXT),
+    Advice: st.builds(Advice, t_event=FLOATS, backend=TEXT, text=st.text(max_size=200), t_media=FLOATS,
+                      event_kind=TEXT, priority=st.sampled_from(PRIORITIES), model=TEXT,
                       structured=st.dictionaries(TEXT, JSON, max_size=4),
-                      latency_ms=st.dictionaries(TEXT, FLOATS, max_size=3)),
+                      latency_ms=st.dictionaries(TEXT, FLOATS, max_size=3), final=st.booleans(), wake=UINT63,
+                      question=st.text(max_size=80), saw_images=st.booleans()),
     Metrics: st.builds(Metrics, group=TEXT, stages=st.lists(stage_metrics, max_size=3)),
     Heartbeat: st.builds(Heartbeat, pid=st.none() | UINT63),
     Ready: st.builds(Ready),
@@ -190,7 +194,7 @@ def good_video() -> list[Any]:
 # -- round trips --------------------------------------------------------------------------------
 def test_every_kind_has_a_strategy() -> None:
     assert set(PAYLOADS) == set(PAYLOAD_TYPES)
-    assert len(KINDS) == len(set(KINDS)) == 10
+    assert len(KINDS) == len(set(KINDS)) == 11
 
 
 @pytest.mark.parametrize("kind", PAYLOAD_TYPES, ids=lambda t: t.__name__)
