@@ -237,6 +237,8 @@ def choose_backend(kind: str, url: str | None, model: str | None) -> tuple[str, 
         if url:
             return "openai", f"auto: the server at {url}" + (f" ({model})" if model else "")
         return "rules", "auto: no model configured (--llm-url URL or --llm-model PATH to use one)"
+    if ":" in kind:  # module.path:Class, a backend of the user's own (see copilot/registry.py)
+        return kind, f"the backend {kind}"
     if kind == "openai" and not url:
         raise UsageError("--reasoner openai needs --llm-url URL (an OpenAI-compatible server: vLLM, SGLang, "
                          "llama.cpp's server, Ollama; `gamecopilot llm-server` starts a small one on the CPU)")

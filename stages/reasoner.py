@@ -98,7 +98,7 @@ class ReasonerStage(Stage[ReasonerParams]):
 
     @classmethod
     def check(cls, params: ReasonerParams) -> object:
-        if params.backend not in ("auto", "none", *_known()):
+        if ":" not in params.backend and params.backend not in ("auto", "none", *_known()):
             raise UsageError(f"reasoner: unknown backend {params.backend!r} (auto, none, {', '.join(_known())})")
         return None
 
@@ -300,7 +300,7 @@ class ReasonerStage(Stage[ReasonerParams]):
         deadline = self.clock.now_ns() + int(self.params.drain_s * 1e9)
         while (self.schedule.pending or self._tasks) and self.clock.now_ns() < deadline:
             self._kick.set()
-            await asyncio.sleep(0.02)
+            await self.clock.sleep_until_ns(self.clock.now_ns() + 20_000_000)
         left = len(self.schedule.pending) + len(self._tasks)
         if left:
             self.recorder.note("unfinished_at_end", left)
