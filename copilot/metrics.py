@@ -159,6 +159,8 @@ def metrics_json(
             entry["busy_ms"] = msgspec.to_builtins(m.busy_ms)
         for name, summary in m.extra_ms.items():
             entry[name] = msgspec.to_builtins(summary)
+        if m.notes:  # stage-specific counts (the reasoner's wakes, merges, drops, failures)
+            entry["notes"] = dict(m.notes)
         out["stages"][m.stage] = entry
     if extra:
         out.update(extra)

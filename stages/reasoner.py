@@ -58,7 +58,7 @@ class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stale_s: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0  # advice later than this after its event is dropped
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     max_pending: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
-    max_wakes_per_min: Annotated[float, msgspec.Meta(gt=0.0)] = 12.0
+    max_wakes_per_min: Annotated[float, msgspec.Meta(gt=0.0)] = 30.0  # as the trigger's wake budget
     partial_every_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 150.0
     recent_events: Annotated[int, msgspec.Meta(ge=0, le=50)] = 5
     frames_before: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2
