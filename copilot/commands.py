@@ -75,8 +75,7 @@ def _reasoner_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, d
         line = cls.announce(msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params), options)
         if line:
             announced = True
-            if not getattr(args, "quiet", False):
-                print(f"gamecopilot: {line}", file=sys.stderr)
+            print(f"gamecopilot: {line}", file=sys.stderr)  # (even with -q, which only hides the live table)
     if not announced and getattr(args, "advice_out", None):
         raise UsageError(f"--advice-out: the pipeline {where} has no reasoner stage to give advice")
     if not announced and options.get("reasoner", "auto") not in ("auto", "none"):

@@ -3,8 +3,11 @@
 #   bash tests/run.sh [PYTEST ARGS...]
 # System packages (only what is missing, only as root): Xvfb, PulseAudio and xdotool (--window)
 # for the live capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests.  Python packages go
-# into .venv (created if absent) from pyproject.toml's dev extra.  No model is downloaded:
-# the tests use the weights that ship inside the wheels and tiny models built in-process.
+# into .venv (created if absent) from pyproject.toml's dev extra, with torch==2.14.1 and
+# torchvision==0.29.1 first (the build this kind of machine has on disk; a resolver left alone would
+# fetch a newer CUDA one) and the llm-cpu extra (llama.cpp's server, which compiles on its first
+# install: several minutes on 2 cores; pip caches the wheel).  No model is downloaded: the tests use
+# the weights that ship inside the wheels and tiny models built in-process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,5 +31,10 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2> >(grep -v "^WARNING: Location" >&2)
+pipq() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+pipq torch==2.14.1 torchvision==0.29.1
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "tests/run.sh: installing llama-cpp-python[server] (the first time it compiles: several minutes)" >&2
+fi
+pipq -e '.[dev,llm-cpu]'
 exec .venv/bin/python -m pytest "$@"
