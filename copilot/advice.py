@@ -33,9 +33,9 @@ ADVICE_FIELDS: tuple[str, ...] = ("game_state", "analysis", "advice")
 ADVICE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "game_state": {"type": "string", "description": "what is on screen and in the HUD right now"},
-        "analysis": {"type": "string", "description": "what just happened and why"},
-        "advice": {"type": "string", "description": "one short, concrete thing the player should do next"},
+        "game_state": {"type": "string", "minLength": 1, "description": "what is on screen and in the HUD right now"},
+        "analysis": {"type": "string", "minLength": 1, "description": "what just happened and why"},
+        "advice": {"type": "string", "minLength": 1, "description": "one short, concrete thing the player should do next"},
     },
     "required": list(ADVICE_FIELDS),
     "additionalProperties": False,

@@ -61,26 +61,27 @@ def _check_not_built(args: argparse.Namespace) -> None:
 
 
 def _reasoner_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, dict[str, Any]],
-                      where: str) -> dict[str, Any]:
-    """The run options of ``--reasoner``, ``--llm-url``, ``--llm-model``, after each stage that cares
-    (the reasoner) has said in one line what will answer, or refused a combination that cannot work."""
+                      where: str) -> tuple[dict[str, Any], list[str]]:
+    """The run options of ``--reasoner``, ``--llm-url``, ``--llm-model``, and the lines each stage that
+    cares (the reasoner) has to say about them (what will answer), to print once every check has
+    passed; a combination that cannot work is a UsageError here."""
     options: dict[str, Any] = {}
     for name in ("reasoner", "llm_url", "llm_model"):
         value = getattr(args, name, None)
         if value:
             options[name] = value
-    announced = False
+    lines = []
     for s in cfg.stages:
         cls = resolve_stage(s.kind)
         line = cls.announce(msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params), options)
         if line:
-            announced = True
-            print(f"gamecopilot: {line}", file=sys.stderr)  # (even with -q, which only hides the live table)
+            lines.append(f"gamecopilot: {line}")
+    announced = bool(lines)
     if not announced and getattr(args, "advice_out", None):
         raise UsageError(f"--advice-out: the pipeline {where} has no reasoner stage to give advice")
     if not announced and options.get("reasoner", "auto") not in ("auto", "none"):
         raise UsageError(f"--reasoner: the pipeline {where} has no reasoner stage")
-    return options
+    return options, lines
 
 
 def _flag(args: argparse.Namespace, option: str) -> str:
@@ -292,7 +293,7 @@ def execute(
         without_kinds=(REASONER_KIND,) if reasoner == "none" else (),
     )
     _check_asr_stage(args, cfg, str(cfg_path))
-    run_options = _reasoner_options(args, cfg, overrides, str(cfg_path))
+    run_options, announcements = _reasoner_options(args, cfg, overrides, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None), cfg)  # before any output file is emptied
     to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
@@ -330,6 +331,8 @@ def execute(
     not_emptied: list[UsageError] = []
 
     def on_ready() -> None:
+        for line in announcements:  # every group started: say what answers (even with -q: it only hides the table)
+            print(line, file=sys.stderr, flush=True)
         try:
             _empty_outputs(to_empty)
         except UsageError as exc:

@@ -169,8 +169,7 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str,
     assert {p: p.read_text() for p in kept} == kept
 
 
-@pytest.mark.parametrize(("option", "needle"), [(["--reasoner", "qwen3-vl"], "--reasoner: the reasoning core is not"),
-                                               (["--overlay", "web"], "--overlay web: the overlay is not built"),
+@pytest.mark.parametrize(("option", "needle"), [(["--overlay", "web"], "--overlay web: the overlay is not built"),
                                                (["--session", "s1"], "--session: the session timeline is not")])
 def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[str], needle: str,
                                                                    media: dict[str, Path]) -> None:
@@ -178,15 +177,21 @@ def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[
 
 
 @pytest.mark.parametrize("command", ["replay", "live"])
-def test_advice_out_is_refused_before_any_output_is_written(command: str, media: dict[str, Path],
-                                                            tmp_path: Path) -> None:
-    """``--advice-out`` used to be accepted and write an empty file: no stage makes advice yet."""
+def test_advice_out_without_a_reasoner_is_refused_before_any_output_is_written(command: str, media: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """``--advice-out`` with the reasoner left out would write an empty file: refused instead."""
     advice, events = tmp_path / "advice.jsonl", tmp_path / "events.jsonl"
     events.write_text("kept\n")
     source = [str(media["clip"])] if command == "replay" else ["--game", "Breakout", "--until", "1"]
-    res = gamecopilot(command, *source, "--advice-out", str(advice), "--events-out", str(events), "-q")
-    assert_one_line_error(res, "--advice-out: the reasoning core is not built yet, so no advice would be written")
+    res = gamecopilot(command, *source, "--reasoner", "none", "--advice-out", str(advice), "--events-out",
+                      str(events), "-q")
+    assert_one_line_error(res, "--advice-out: --reasoner none gives no advice to write")
     assert not advice.exists() and events.read_text() == "kept\n"
+
+
+def test_an_unknown_reasoner_is_one_line(media: dict[str, Path]) -> None:
+    res = gamecopilot("replay", str(media["clip"]), "--reasoner", "qwen3-vl", "-q")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--reasoner" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("speed", ["nan", "inf", "-inf"])
@@ -274,12 +279,18 @@ def test_a_file_with_one_stream_replays_what_it_has(name: str, present: str, abs
 
 
 # -- metrics -----------------------------------------------------------------------------------
+# stages that see a message only after a wake: a few seconds of a clip may hold none
+IDLE_OK = {"advice"}
+
+
 def check_metrics_schema(report: dict[str, Any], stage_names: list[str]) -> None:
     for key in ("wall_s", "media_s", "realtime_factor"):
         assert isinstance(report[key], (int, float)) and report[key] > 0, key
     assert report["realtime_factor"] == pytest.approx(report["media_s"] / report["wall_s"], rel=0.01)
     assert list(report["stages"]) == stage_names  # one entry per stage, in config order
     for name, st in report["stages"].items():
+        if name in IDLE_OK and st["count"] == 0:
+            continue
         assert isinstance(st["count"], int) and st["count"] > 0, name
         assert isinstance(st["fps"], (int, float)) and st["fps"] > 0, name
         assert isinstance(st["dropped"], int) and st["dropped"] >= 0, name
@@ -332,26 +343,31 @@ def test_no_command_prints_help() -> None:
 
 
 @pytest.mark.slow
-def test_the_default_pipeline_runs_as_two_stage_processes(atari_clip: Path, tmp_path: Path) -> None:
-    """``gamecopilot stage GROUP`` once per group, as on two GPUs of one host: the groups find
+def test_the_default_pipeline_runs_as_stage_processes(atari_clip: Path, tmp_path: Path) -> None:
+    """``gamecopilot stage GROUP`` once per group, as on three GPUs of one host: the groups find
     each other through ipc sockets in a run directory of their own (inproc ones could not
-    leave the process), the events come out and both end by themselves."""
+    leave the process), the events come out and all end by themselves."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
     events = tmp_path / "events.jsonl"
     base = [sys.executable, "-m", "copilot", "stage"]
     common = ["-i", str(atari_clip), "--speed", "max", "-q"]
     detect = subprocess.Popen([*base, "detect", *common, "--events-out", str(events)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reason = subprocess.Popen([*base, "reason", *common], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         decode = subprocess.run([*base, "decode", *common], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=120)
         _, err = detect.communicate(timeout=60)
+        _, reason_err = reason.communicate(timeout=60)
     finally:
-        if detect.poll() is None:
-            detect.kill()
-            detect.communicate()
+        for proc in (detect, reason):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert decode.returncode == 0, decode.stderr
     assert detect.returncode == 0, err
+    assert reason.returncode == 0, reason_err
     assert "Traceback" not in err + decode.stderr
     replay = json.loads(decode.stderr.strip().splitlines()[-1])["stages"][0]
     assert replay["stage"] == "replay" and replay["count"] > 300

@@ -36,5 +36,5 @@ def test_readme_places_the_default_stages_as_the_config_does() -> None:
         said = re.search(rf"`{group}` \(([^)]*)\)", readme)
         assert said, group
         for name in names:
-            if name not in ("events", "features", "console"):  # "the sinks and the console"
+            if name not in ("events", "features", "advice", "console"):  # "the sinks and the console"
                 assert name in said.group(1), (group, name, said.group(1))
