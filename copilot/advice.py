@@ -35,7 +35,8 @@ ADVICE_SCHEMA: dict[str, Any] = {
     "properties": {
         "game_state": {"type": "string", "minLength": 1, "description": "what is on screen and in the HUD right now"},
         "analysis": {"type": "string", "minLength": 1, "description": "what just happened and why"},
-        "advice": {"type": "string", "minLength": 1, "description": "one short, concrete thing the player should do next"},
+        "advice": {"type": "string", "minLength": 1,
+                   "description": "one short, concrete thing the player should do next"},
     },
     "required": list(ADVICE_FIELDS),
     "additionalProperties": False,

@@ -52,7 +52,8 @@ from stages.reasoner_queue import ScheduleSettings, Wake, WakeSchedule
 
 class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backend: str = "auto"  # auto | rules | openai | transformers (the run option ``reasoner`` wins)
-    llm: BackendOptions = msgspec.field(default_factory=BackendOptions)  # the backend's settings (--llm-url / --llm-model win)
+    # the backend's settings (--llm-url / --llm-model win)
+    llm: BackendOptions = msgspec.field(default_factory=BackendOptions)
     min_priority: Priority = "high"  # events at or above this wake the model
     coalesce_s: Annotated[float, msgspec.Meta(ge=0.0)] = 2.0  # events this close (media s) share a wake
     stale_s: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0  # advice later than this after its event is dropped
