@@ -33,14 +33,17 @@ ADVICE_FIELDS: tuple[str, ...] = ("game_state", "analysis", "advice")
 ADVICE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "game_state": {"type": "string", "minLength": 1, "description": "what is on screen and in the HUD right now"},
-        "analysis": {"type": "string", "minLength": 1, "description": "what just happened and why"},
-        "advice": {"type": "string", "minLength": 1,
+        "game_state": {"type": "string", "minLength": 1, "maxLength": 100,
+                       "description": "what is on screen and in the HUD right now"},
+        "analysis": {"type": "string", "minLength": 1, "maxLength": 140, "description": "what just happened and why"},
+        "advice": {"type": "string", "minLength": 1, "maxLength": 140,
                    "description": "one short, concrete thing the player should do next"},
     },
     "required": list(ADVICE_FIELDS),
     "additionalProperties": False,
 }
+# maxLength: advice is read at a glance beside a game, and a bound on the answer's length is a bound
+# on its latency (a server that takes the schema stops the fields there; parse_advice does not check it)
 SCHEMA_TEXT = json.dumps(ADVICE_SCHEMA, separators=(",", ":"))
 
 

@@ -191,6 +191,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     extra_ms: dict[str, LatencySummary] = {}  # stage-specific timings, e.g. a detector's decision delay
     notes: dict[str, int] = {}  # stage-specific counts, e.g. events a restarted detector decided while warming up
     video_frames: int = 0  # video frames a source emitted: its fps counts these, not its audio chunks
+    active_s: float = 0.0  # wall seconds from its first output to its last (a source's pace)
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):

@@ -74,6 +74,8 @@ class StageRecorder:
         self.media_extent_s: float | None = None  # a source sets the media span it covered
         self.extra: dict[str, _Reservoir] = {}
         self.notes: Counter[str] = Counter()  # stage-specific counts (events decided while warming up ...)
+        self.first_out_ns: int | None = None  # the wall span of its outputs: how fast a source went
+        self.last_out_ns: int | None = None
 
     def observe_extra(self, name: str, value_ms: float) -> None:
         """Record a stage-specific timing (reported as ``extra_ms.NAME`` with p50/p95/p99)."""
@@ -90,6 +92,9 @@ class StageRecorder:
         self.latency.add((t_out_ns - t_capture_ns) / 1e6)
         self.busy.add((t_out_ns - t_in_ns) / 1e6)
         self.busy_ns_total += t_out_ns - t_in_ns
+        if self.first_out_ns is None:
+            self.first_out_ns = t_out_ns
+        self.last_out_ns = t_out_ns
         if t_prev_out_ns is not None:
             self.queue_age.add(max(0, t_in_ns - t_prev_out_ns) / 1e6)
         if t_media is not None:
@@ -129,6 +134,8 @@ class StageRecorder:
             extra_ms={k: v for k, v in ((k, r.summary()) for k, r in self.extra.items()) if v is not None},
             notes=dict(self.notes),
             video_frames=self.video_frames,
+            active_s=round((self.last_out_ns - self.first_out_ns) / 1e9, 4)
+            if self.first_out_ns is not None and self.last_out_ns is not None else 0.0,
         )
 
 
@@ -153,6 +160,8 @@ def metrics_json(
         }
         if m.video_frames:  # a source: its fps is video frames a second, counted here
             entry["video_frames"] = m.video_frames
+            if m.active_s > 0:  # media it released over the wall time it took, whatever ran after it
+                entry["realtime_factor"] = round(m.media_s / m.active_s, 3)
         if m.queue_age_ms is not None:
             entry["queue_age_ms"] = msgspec.to_builtins(m.queue_age_ms)
         if m.busy_ms is not None:

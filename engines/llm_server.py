@@ -116,6 +116,7 @@ class LlamaServer:
         host: str = "127.0.0.1",
         log_path: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
+        nice: int = 10,
     ) -> None:
         if port < 0 or port > 65535:
             raise UsageError(f"--port: expected 0..65535, got {port}")
@@ -125,6 +126,7 @@ class LlamaServer:
         self.threads = max(1, threads)
         self.n_ctx = n_ctx
         self.ready_timeout_s = ready_timeout_s
+        self.nice = nice
         self._own_log = log_path is None
         self.log_path: Path | None = Path(log_path) if log_path is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,8 +162,11 @@ class LlamaServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
+            # niced: on a machine that also runs the game and perception, the model takes the CPU they
+            # leave, never the other way round (perception must keep real time; advice may wait)
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
         try:
             self._wait_ready()
         except BaseException:

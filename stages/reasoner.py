@@ -64,7 +64,7 @@ class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recent_events: Annotated[int, msgspec.Meta(ge=0, le=50)] = 5
     frames_before: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2
     frame_step_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.5
-    max_tokens: Annotated[int, msgspec.Meta(ge=16, le=4096)] = 160
+    max_tokens: Annotated[int, msgspec.Meta(ge=16, le=4096)] = 128
     drain_s: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0  # at the end of input, wait this long for advice
 
 

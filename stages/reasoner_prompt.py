@@ -15,16 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from copilot.advice import SCHEMA_TEXT, AdviceRequest
+from copilot.advice import AdviceRequest
 from copilot.messages import GameState
 from copilot.timefmt import format_time
 
+# Short on purpose: a small model on a CPU pays for every prompt token before its first answer token
+# (the servers that take the schema as response_format enforce it; the repair prompt spells it out).
 SYSTEM = (
-    "You are a gameplay copilot watching a player's game live. You are woken only when something "
-    "significant happens. Answer in one short JSON object with exactly three string fields: "
-    "game_state (what the screen and HUD show now), analysis (what just happened and why) and advice "
-    "(one concrete thing the player should do next, at most two sentences). Answer with the JSON only. "
-    f"Schema: {SCHEMA_TEXT}"
+    "You are a gameplay copilot watching a player's game live, woken only when something significant "
+    "happens. Answer with one JSON object with three short string fields: game_state (what the HUD and "
+    "screen show now), analysis (what just happened, one sentence) and advice (one concrete thing to do "
+    "next, one sentence)."
 )
 
 
@@ -78,9 +79,19 @@ def describe_state(state: GameState | None) -> str:
 
 
 def _evidence_text(evidence: dict[str, Any]) -> str:
-    keep = {k: evidence[k] for k in ("reasons", "signals", "families", "state_before", "state_after", "notes")
-            if k in evidence}
-    return json.dumps(keep, separators=(", ", ": "))[:900]
+    """The evidence a reader needs, in a line: why it fired (reasons), which kinds of signal agreed
+    (families), what the HUD did (state before and after)."""
+    parts = [str(r) for r in evidence.get("reasons", [])][:3]
+    fams = evidence.get("families")
+    if isinstance(fams, dict) and fams:
+        parts.append("signals: " + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else str(k)
+                                             for k, v in list(fams.items())[:4]))
+    before, after = evidence.get("state_before"), evidence.get("state_after")
+    if isinstance(before, dict) and isinstance(after, dict):
+        moved = [f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in after.items() if before.get(k) != v]
+        if moved:
+            parts.append("HUD: " + ", ".join(moved))
+    return "; ".join(parts)[:400] or json.dumps(evidence)[:200]
 
 
 def build_request(*, event: dict[str, Any], question: str, merged: list[dict[str, Any]], state: GameState | None,
@@ -110,7 +121,7 @@ def build_request(*, event: dict[str, Any], question: str, merged: list[dict[str
     if frames and takes_images:
         lines.append(f"Images: {len(frames)} frames, oldest first; the last is the moment of the event.")
     else:
-        lines.append("No images: this model reads text only, so judge from the text above.")
+        lines.append("(No images: judge from this text.)")
     lines.append('Reply with JSON only: {"game_state": "...", "analysis": "...", "advice": "..."}')
     shown = frames if takes_images else []
     return AdviceRequest(

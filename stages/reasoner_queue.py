@@ -111,12 +111,14 @@ class WakeSchedule:
 
     # -- departures ---------------------------------------------------------------------------
     def take(self, now_ns: int) -> Wake | None:
-        """The next wake to start, if a slot is free: the most urgent, then the oldest."""
+        """The next wake to start, if a slot is free: the most urgent, then the newest (advice about the
+        latest moment is worth most to a player, and an older wake waiting behind a busy model goes
+        stale first: it is dropped, counted, rather than answered too late)."""
         self._drop_stale(now_ns)
         if len(self.running) >= self.settings.max_in_flight:
             return None
         while self.pending:
-            wake = min(self.pending, key=lambda w: (not w.question, w.rank, w.emitted_ns))
+            wake = min(self.pending, key=lambda w: (not w.question, w.rank, -w.emitted_ns))
             self.pending.remove(wake)
             if not wake.question and not self._budget_allows(now_ns):
                 self.counts["wake_capped"] += 1

@@ -85,6 +85,7 @@ stage_metrics = st.builds(
     media_s=FLOATS,
     slow=st.booleans(),
     extra_ms=st.dictionaries(TEXT, latency, max_size=2),
+    active_s=FLOATS,
 )
 PAYLOADS: dict[type, Any] = {
     VideoFrame: st.builds(VideoFrame, image=maybe_strided(images),

@@ -124,7 +124,7 @@ def test_an_event_gets_streamed_advice_then_the_validated_final_answer() -> None
     assert set(rec) >= {"t_event", "t_media", "event_kind", "priority", "backend", "model", "text", "structured",
                         "latency_ms"}
     prompt = ScriptedBackend.requests[0].prompt
-    assert "life_lost" in prompt and "lives 3 (was 4" in prompt and "lives 4 -> 3" in prompt
+    assert "life_lost" in prompt and "lives 3 (was 4" in prompt and "lives 4 -> 3" in prompt  # (a reason given)
     assert res.metrics.notes["advised"] == 1 and res.metrics.notes["wakes"] == 1
 
 
@@ -153,7 +153,7 @@ def test_a_text_only_model_is_told_it_sees_no_images() -> None:
     frame = make_envelope(VideoFrame(image=np.zeros((8, 8, 3), np.uint8)), t_media=0.5, clock=clock)
     res = run([frame, event_env(1.0, "critical", clock)], ScriptedBackend, clock)
     assert ScriptedBackend.requests[0].images == []
-    assert "reads text only" in ScriptedBackend.requests[0].prompt
+    assert "No images" in ScriptedBackend.requests[0].prompt
     assert not finals(res)[0].saw_images
 
 

@@ -51,13 +51,18 @@ def test_the_in_flight_cap_holds_wakes_until_a_slot_frees() -> None:
     sched = WakeSchedule(ScheduleSettings(max_in_flight=2, coalesce_s=0.0))
     for i in range(4):
         sched.offer(wake(i, 10.0 * i, "high", clock), clock.now_ns())
+        clock.advance(S // 10)
     a, b = sched.take(clock.now_ns()), sched.take(clock.now_ns())
-    assert a is not None and b is not None
+    assert a is not None and b is not None and (a.id, b.id) == (3, 2)  # the newest first
     assert sched.take(clock.now_ns()) is None and len(sched.running) == 2
     sched.finished(a, "advised")
     c = sched.take(clock.now_ns())
-    assert c is not None and c.id == 2  # the oldest of equal priority
-    assert sched.counts["advised"] == 1
+    assert c is not None and c.id == 1
+    sched.offer(wake(9, 90.0, "critical", clock), clock.now_ns())
+    sched.finished(b, "advised")
+    d = sched.take(clock.now_ns())
+    assert d is not None and d.id == 9  # the most urgent before any newer one
+    assert sched.counts["advised"] == 2
 
 
 def test_a_more_urgent_event_preempts_the_running_one() -> None:
