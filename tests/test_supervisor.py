@@ -444,14 +444,15 @@ def test_group_processes_are_named_after_their_group(atari_clip: Path) -> None:
     """``ps`` tells the groups apart: each one's command line is ``gamecopilot: GROUP``."""
     with gamecopilot_process([sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
                               "--until", "4"]) as proc:
-        kids = wait_for_children(proc, 2)
+        kids = wait_for_children(proc, 3)
+        want = {"gamecopilot: decode", "gamecopilot: detect", "gamecopilot: reason"}
         deadline = time.monotonic() + 30
         titles: set[str] = set()
-        while time.monotonic() < deadline and titles != {"gamecopilot: decode", "gamecopilot: detect"}:
+        while time.monotonic() < deadline and titles != want:
             titles = {cmdline(p).strip() for p in kids if "gamecopilot: " in cmdline(p)}
             time.sleep(0.05)
         proc.communicate(timeout=60)
-    assert titles == {"gamecopilot: decode", "gamecopilot: detect"}, [cmdline(p) for p in kids]
+    assert titles == want, [cmdline(p) for p in kids]
 
 
 def test_without_setproctitle_the_short_name_says_the_group() -> None:
