@@ -69,10 +69,16 @@ def _replay(file: str, until: float, extra: list[str], workdir: Path, label: str
         raise UsageError(f"the {label} replay failed (exit {proc.returncode}): {last}")
     lines = [json.loads(x) for x in advice.read_text().splitlines() if x.strip()]
     report = json.loads(metrics.read_text())
-    notes = report.get("stages", {}).get("reasoner", {}).get("notes", {})
+    entry = report.get("stages", {}).get("reasoner", {})
+    notes = entry.get("notes", {})
     first = [float(a["latency_ms"]["event_to_first"]) for a in lines]
     final = [float(a["latency_ms"]["event_to_final"]) for a in lines]
-    return {"event_to_first_ms": _percentiles(first), "event_to_final_ms": _percentiles(final), "n": len(lines),
+    first_ms = _percentiles(first)
+    if not lines and isinstance(entry.get("event_to_first"), dict):
+        # no valid advice (a tiny random model writes no JSON): the first tokens still came, and the
+        # reasoner timed every one of them
+        first_ms = {k: round(float(entry["event_to_first"][k]), 1) for k in ("p50", "p95")}
+    return {"event_to_first_ms": first_ms, "event_to_final_ms": _percentiles(final), "n": len(lines),
             "wakes": int(notes.get("wakes", 0)), "media_s": float(report.get("media_s", 0.0)),
             "realtime_factor": report.get("realtime_factor"), "notes": notes}
 
