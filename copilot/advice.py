@@ -24,10 +24,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import msgspec
 import numpy as np
+
+from copilot.errors import UsageError
 
 ADVICE_FIELDS: tuple[str, ...] = ("game_state", "analysis", "advice")
 ADVICE_SCHEMA: dict[str, Any] = {
@@ -119,6 +122,11 @@ class AdviceBackend(Protocol):
 
     async def close(self) -> None:
         """Release the model, the connection pool."""
+
+
+def format_value(v: Any) -> str:
+    """A HUD value as a prompt or a rule line shows it: ``3`` not ``3.0``."""
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def schema_problems(obj: Any) -> list[str]:
@@ -231,10 +239,6 @@ def choose_backend(kind: str, url: str | None, model: str | None) -> tuple[str, 
     path that is a directory), else a configured endpoint (``--llm-url``), else rules.  A backend
     asked for by name without what it needs is a :class:`~copilot.errors.UsageError`.
     """
-    from pathlib import Path
-
-    from copilot.errors import UsageError
-
     if kind == "auto":
         if model and (not url or Path(model).expanduser().is_dir()):
             return "transformers", f"auto: the local model {model}"

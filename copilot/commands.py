@@ -201,28 +201,26 @@ def without_stages(data: Any, kinds: Sequence[str]) -> Any:
     stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, list):
         return data
+
+    def inputs(s: Any) -> list[Any]:
+        ins = s.get("inputs") if isinstance(s, dict) else None
+        return ins if isinstance(ins, list) else []
+
+    def outputs(s: Any) -> list[str]:
+        outs = s.get("outputs") if isinstance(s, dict) else None
+        return [str(v) for v in outs.values()] if isinstance(outs, dict) else []
+
+    gone = [s for s in stages if isinstance(s, dict) and s.get("kind") in kinds]
     gone_links: set[str] = set()
-    kept = list(stages)
-    dropped = [s for s in kept if isinstance(s, dict) and s.get("kind") in kinds]
-    while dropped:
-        for s in dropped:
-            kept.remove(s)
-            outs = s.get("outputs") or {}
-            gone_links.update(str(v) for v in (outs.values() if isinstance(outs, dict) else []))
-        new_kept = []
-        dropped = []
-        for s in kept:
-            ins = s.get("inputs") if isinstance(s, dict) else None
-            if isinstance(ins, list) and ins:
-                left = [i for i in ins if i not in gone_links]
-                if not left:
-                    dropped.append(s)
-                    continue
-                s = {**s, "inputs": left}
-            new_kept.append(s)
-        kept = new_kept + dropped  # (the newly dropped are removed on the next pass)
-    links = data.get("links")
+    while gone:  # a dropped stage's links go, and so does whoever only listened to them
+        for s in gone:
+            gone_links.update(outputs(s))
+        gone_ids = {id(s) for s in gone}
+        stages = [s for s in stages if id(s) not in gone_ids]
+        gone = [s for s in stages if inputs(s) and all(i in gone_links for i in inputs(s))]
+    kept = [{**s, "inputs": [i for i in inputs(s) if i not in gone_links]} if inputs(s) else s for s in stages]
     out = {**data, "stages": kept}
+    links = data.get("links")
     if isinstance(links, dict):
         out["links"] = {k: v for k, v in links.items() if k not in gone_links}
     return out

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from copilot.advice import AdviceRequest, BackendOptions
+from copilot.advice import AdviceRequest, BackendOptions, format_value
 from copilot.errors import UsageError
 from copilot.timefmt import format_time
 
@@ -128,17 +128,13 @@ class RulesBackend:
             yield text[i:i + step]
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
-
-
 def _state_line(after: dict[str, Any], before: dict[str, Any]) -> str:
     if not after:
         return "No HUD values are read for this game (add OCR fields to its profile)."
     parts = []
     for k, v in after.items():
         b = before.get(k, v)
-        parts.append(f"{k} {_fmt(b)} -> {_fmt(v)}" if b != v else f"{k} {_fmt(v)}")
+        parts.append(f"{k} {format_value(b)} -> {format_value(v)}" if b != v else f"{k} {format_value(v)}")
     return ", ".join(parts)
 
 
@@ -147,7 +143,7 @@ def _what_happened(ev: dict[str, Any], evidence: dict[str, Any], before: dict[st
     kind = str(ev.get("kind", "event"))
     t = ev.get("t")
     when = f" at {format_time(float(t))}" if isinstance(t, (int, float)) else ""
-    moved = [f"{k} went from {_fmt(before[k])} to {_fmt(v)}" for k, v in after.items()
+    moved = [f"{k} went from {format_value(before[k])} to {format_value(v)}" for k, v in after.items()
              if k in before and before[k] != v]
     raw = evidence.get("reasons")
     reasons: list[Any] = raw if isinstance(raw, list) else []

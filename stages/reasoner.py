@@ -44,7 +44,7 @@ from copilot.advice import (
 from copilot.errors import UsageError
 from copilot.messages import Advice, Envelope, Event, GameState, Priority, Question, VideoFrame
 from copilot.profile import Profile, profile_from_options
-from copilot.registry import register_stage, resolve
+from copilot.registry import available, register_stage, resolve
 from copilot.stage import Stage, StageContext
 from stages.reasoner_prompt import FrameRing, build_request
 from stages.reasoner_queue import ScheduleSettings, Wake, WakeSchedule
@@ -335,8 +335,6 @@ class ReasonerStage(Stage[ReasonerParams]):
 
 
 def _known() -> list[str]:
-    from copilot.registry import available
-
     return available("reasoners")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from copilot.advice import AdviceRequest
+from copilot.advice import AdviceRequest, format_value
 from copilot.messages import GameState
 from copilot.timefmt import format_time
 
@@ -61,10 +61,6 @@ def downscale(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[::stride, ::stride])
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
-
-
 def describe_state(state: GameState | None) -> str:
     if state is None or not state.values:
         return "not read (no HUD values for this game)"
@@ -72,9 +68,9 @@ def describe_state(state: GameState | None) -> str:
     for k, v in state.values.items():
         prev = state.previous.get(k)
         at = state.changed_at.get(k)
-        change = f" (was {_fmt(prev)}" + (f", changed at {format_time(at)})" if at is not None else ")") \
+        change = f" (was {format_value(prev)}" + (f", changed at {format_time(at)})" if at is not None else ")") \
             if prev is not None and prev != v else ""
-        parts.append(f"{k} {_fmt(v)}{change}")
+        parts.append(f"{k} {format_value(v)}{change}")
     return ", ".join(parts)
 
 
@@ -88,7 +84,8 @@ def _evidence_text(evidence: dict[str, Any]) -> str:
                                              for k, v in list(fams.items())[:4]))
     before, after = evidence.get("state_before"), evidence.get("state_after")
     if isinstance(before, dict) and isinstance(after, dict):
-        moved = [f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in after.items() if before.get(k) != v]
+        moved = [f"{k} {format_value(before.get(k))} -> {format_value(v)}"
+                 for k, v in after.items() if before.get(k) != v]
         if moved:
             parts.append("HUD: " + ", ".join(moved))
     return "; ".join(parts)[:400] or json.dumps(evidence)[:200]
