@@ -141,7 +141,9 @@ class _Episode:
     kind: str = "moment"
     signals: dict[str, dict[str, float]] = field(default_factory=dict)  # signal -> {rarity, value, t}
     families: dict[str, float] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)  # the cues that joined it
+    # the cues that joined it, with their moments: told in the order of their moments (then text),
+    # never in the order they happened to arrive over two links
+    reasons: list[tuple[float, str]] = field(default_factory=list)
     forced: Priority | None = None  # a priority set by a cue
     strong_cues: int = 0  # cues that were not weak
 
@@ -257,7 +259,7 @@ class TriggerDetector:
             # late (a keyword read by full-frame OCR or heard in a transcript, seconds after its
             # moment): an event of its own, decided at the next step with the evidence still kept
             # from around its time, never merged into the episode open now
-            late = _Episode(onset=t, opened_at=t, forced=priority, kind=kind, reasons=[reason],
+            late = _Episode(onset=t, opened_at=t, forced=priority, kind=kind, reasons=[(t, reason)],
                             strong_cues=0 if weak else 1)
             fam, best = self._family_scores(t - self.p.window_s, until=t + self.p.coalesce_s)
             late.score, late.families = self.fused(fam), fam
@@ -267,7 +269,7 @@ class TriggerDetector:
         ep = self._episode
         if ep is None:
             ep = self._episode = _Episode(onset=t, opened_at=t)
-        ep.reasons.append(reason)
+        ep.reasons.append((t, reason))
         ep.strong_cues += 0 if weak else 1
         if ep.forced is None or PRIORITY_RANK[priority] < PRIORITY_RANK[ep.forced]:
             ep.forced = priority
@@ -413,7 +415,7 @@ class TriggerDetector:
             "decided_at": round(now, 3),
         }
         if ep.reasons:
-            evidence["reasons"] = ep.reasons
+            evidence["reasons"] = [reason for _, reason in sorted(ep.reasons)]
         if notes:
             evidence["notes"] = notes
         state = self._state

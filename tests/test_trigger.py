@@ -253,6 +253,30 @@ def test_a_hud_step_too_small_for_hud_steps_is_annotated_only_with_other_evidenc
     big = kinds([("hud", dict(tiny, steps=0.002, small=0.002))], profile())
     assert big == ["hud_change"], "a step that counts as hud.steps is still annotated alone"
 
+def test_the_reasons_of_an_episode_do_not_depend_on_the_order_its_cues_arrived_in() -> None:
+    """Cues come over their own link, beside the features: two cues of one moment may arrive
+    either way round, and the event written must be the same both times."""
+    cues = [Cue(t=2.0, kind="hud_change", priority="high", reason="a HUD area changed"),
+            Cue(t=2.0, kind="hud_change", priority="high", reason="a lives icon went away"),
+            Cue(t=2.1, kind="hud_change", priority="normal", reason="a HUD area still for 11 s changed")]
+
+    def reasons(order: list[int]) -> list[list[str]]:
+        det = TriggerDetector(Profile(), SignalTable(BUILTIN))
+        out = []
+        for i in range(int(6 * FPS)):
+            t = i / FPS
+            if i == int(2.2 * FPS):
+                for k in order:
+                    out += det.observe_cue(t, cues[k])
+            out += det.observe(t, "hud", {"steps": 0.0, "small": 0.0, "revert": 0.0})
+        out += det.finish()
+        return [e.event.evidence.get("reasons", []) for e in out]
+
+    forward, backward = reasons([0, 1, 2]), reasons([2, 1, 0])
+    assert forward == backward
+    assert forward == [["a HUD area changed", "a lives icon went away", "a HUD area still for 11 s changed"]]
+
+
 def test_a_second_critical_cue_right_after_a_wake_is_only_an_annotation() -> None:
     revert = {"steps": 0.001, "small": 0.001, "revert": 1.0, "revert_age": 5.0, "revert_states": 4.0}
     close = run(Fed(profile(critical_gap_s=1.5)), 14, {300: [("hud", revert)], 330: [("hud", revert)]})
