@@ -31,6 +31,7 @@ BENCHMARKS = {
 # implement them); these are the ones ``--help`` lists.
 TOOLS = {
     "llm-server": "start a small OpenAI-compatible LLM server on the CPU (llama.cpp, SmolLM2-135M) for --llm-url",
+    "devices": "list monitors (with geometry), windows and audio devices (loopback sources marked), or --json",
 }
 
 
@@ -62,6 +63,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not 0 < value < math.inf:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
     return value
 
 
@@ -106,7 +117,13 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("--llm-model", metavar="M", help="the model: a served model id with --llm-url, else a local "
                    "checkpoint directory (or a Hugging Face cache id) for transformers; nothing is downloaded")
     p.add_argument("--overlay", choices=["web", "window", "none"], default="none",
-                   help="where advice appears (not built yet: events print on the console)")
+                   help="where advice appears besides the console: web (a transparent page for a browser or OBS), "
+                   "window (that page's content in a click-through window over the game, PySide6), none (default)")
+    p.add_argument("--overlay-port", type=_port, default=8765, metavar="N",
+                   help="the overlay page's port (default 8765): http://127.0.0.1:N/")
+    p.add_argument("--overlay-host", default="127.0.0.1", metavar="ADDR",
+                   help="where the page listens (default 127.0.0.1, this machine only); beyond loopback (another "
+                   "PC running OBS) the URL carries a token made for the run, and clients without it are refused")
     p.add_argument("--events-out", help="write events JSONL here")
     p.add_argument("--advice-out", help="write advice JSONL here")
     p.add_argument("--features-out", help="write encoder features JSONL here")

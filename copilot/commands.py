@@ -55,32 +55,60 @@ def _check_not_built(args: argparse.Namespace) -> None:
     for name, (flag, what, why) in NOT_BUILT.items():
         if getattr(args, name, None):
             raise UsageError(f"{flag}: {what} is not built yet, so {why}")
-    overlay = getattr(args, "overlay", "none")
-    if overlay and overlay != "none":
-        raise UsageError(f"--overlay {overlay}: the overlay is not built yet (events print on the console)")
 
 
-def _reasoner_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, dict[str, Any]],
-                      where: str) -> tuple[dict[str, Any], list[str]]:
-    """The run options of ``--reasoner``, ``--llm-url``, ``--llm-model``, and the lines each stage that
-    cares (the reasoner) has to say about them (what will answer), to print once every check has
-    passed; a combination that cannot work is a UsageError here."""
-    options: dict[str, Any] = {}
+OVERLAY_KIND = "overlay"
+
+
+def _overlay_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options of ``--overlay``, ``--overlay-port``, ``--overlay-host`` (and, for ``live``, the
+    captured area the native window covers).  Beyond loopback the run gets a fresh token, which the
+    printed URL carries; a port already taken is one line here, before anything starts."""
+    import secrets
+
+    from copilot.net import is_loopback, port_free
+
+    mode = getattr(args, "overlay", "none") or "none"
+    if mode == "none":
+        return {}
+    host = getattr(args, "overlay_host", None) or "127.0.0.1"
+    port = int(getattr(args, "overlay_port", 8765))
+    if not port_free(host, port):
+        raise UsageError(f"--overlay-port {port}: {host}:{port} is in use (another copilot?) or cannot be bound "
+                         "here; choose another port")
+    options: dict[str, Any] = {"overlay": mode, "overlay_host": host, "overlay_port": port}
+    if not is_loopback(host):
+        options["overlay_token"] = secrets.token_urlsafe(12)
+    area = getattr(args, "overlay_area", None)
+    if area:
+        options["overlay_area"] = area
+    return options
+
+
+def _announced_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, dict[str, Any]],
+                       where: str) -> tuple[dict[str, Any], list[str]]:
+    """The run options of ``--reasoner``, ``--llm-url``, ``--llm-model`` and the overlay's, and the lines
+    each stage that cares has to say about them (what will answer, where the overlay is), to print once
+    every check has passed; a combination that cannot work is a UsageError here."""
+    options: dict[str, Any] = {"pipeline_name": cfg.name}
     for name in ("reasoner", "llm_url", "llm_model"):
         value = getattr(args, name, None)
         if value:
             options[name] = value
+    options.update(_overlay_options(args))
     lines = []
     for s in cfg.stages:
         cls = resolve_stage(s.kind)
         line = cls.announce(msgspec.convert({**s.params, **overrides.get(s.name, {})}, cls.Params), options)
         if line:
             lines.append(f"gamecopilot: {line}")
-    announced = bool(lines)
-    if not announced and getattr(args, "advice_out", None):
+    kinds = {s.kind for s in cfg.stages}
+    if REASONER_KIND not in kinds and getattr(args, "advice_out", None):
         raise UsageError(f"--advice-out: the pipeline {where} has no reasoner stage to give advice")
-    if not announced and options.get("reasoner", "auto") not in ("auto", "none"):
+    if REASONER_KIND not in kinds and options.get("reasoner", "auto") not in ("auto", "none"):
         raise UsageError(f"--reasoner: the pipeline {where} has no reasoner stage")
+    if options.get("overlay") and OVERLAY_KIND not in kinds:
+        raise UsageError(f"--overlay: the pipeline {where} has no overlay stage")
     return options, lines
 
 
@@ -286,12 +314,14 @@ def execute(
     reasoner = getattr(args, "reasoner", None) or "auto"
     if reasoner == "none" and getattr(args, "advice_out", None):
         raise UsageError("--advice-out: --reasoner none gives no advice to write")
+    without = [REASONER_KIND] if reasoner == "none" else []
+    if (getattr(args, "overlay", None) or "none") == "none":
+        without.append(OVERLAY_KIND)
     cfg, data, cfg_path, overrides, total_media_s = prepare_run(
-        args.config, input_file=input_file, start=start, until=until, source=source,
-        without_kinds=(REASONER_KIND,) if reasoner == "none" else (),
+        args.config, input_file=input_file, start=start, until=until, source=source, without_kinds=without,
     )
     _check_asr_stage(args, cfg, str(cfg_path))
-    run_options, announcements = _reasoner_options(args, cfg, overrides, str(cfg_path))
+    run_options, announcements = _announced_options(args, cfg, overrides, str(cfg_path))
     profile = resolve_profile_option(getattr(args, "profile", None), cfg)  # before any output file is emptied
     to_empty: list[tuple[str, Path]] = []
     options = _prepare_outputs(args, input_file, getattr(args, "record", None), getattr(args, "truth_out", None),
@@ -488,6 +518,7 @@ def cmd_live(args: argparse.Namespace) -> int:
         params["region"] = args.region
     if args.window is not None:
         params["window"] = args.window
+    args.overlay_area = {k: params[k] for k in ("monitor", "region", "window") if k in params}
     return execute(args, input_file=None, source=("capture", params, record))
 
 

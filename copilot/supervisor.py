@@ -5,6 +5,11 @@ with the ``spawn`` start method, waits until every group is ready (its consumers
 then says ``start``.  It restarts a group that dies or stops sending heartbeats, with backoff,
 and on SIGINT/SIGTERM asks every group to stop gracefully (sources stop, stages flush), then
 terminates what is left.  No process it started outlives it.
+
+It also publishes the merged per-stage figures, at every report, on a PUB socket of its own (the
+metrics feed, ``ipc://`` in the run directory; its endpoint reaches every stage as the run option
+``metrics_feed``): the overlay's latency panel shows them.  A feed nobody reads costs nothing, and a
+reader that falls behind loses old reports (PUB drops at its high-water mark), never slows the run.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class Supervisor:
             run_dir=self.opts.run_dir or self._run_dir,
             control_endpoint=self._control_ep,
             metrics_endpoint=self._metrics_ep,
+            stage_options={**self.opts.stage_options, "metrics_feed": self._feed_ep},
             incarnation=st.incarnation,
             supervisor_pid=os.getpid(),
         )
@@ -291,6 +297,16 @@ class Supervisor:
         order = [s.name for s in self.cfg.stages]
         return sorted(merged.values(), key=lambda m: order.index(m.stage) if m.stage in order else 1e9)
 
+    def _publish(self, stages: list[StageMetrics]) -> None:
+        """The merged figures on the metrics feed (dropped, never waited for, when no one keeps up)."""
+        if not stages:
+            return
+        self._feed_seq += 1
+        env = Envelope.wrap(Metrics(group="", stages=stages), source="supervisor", seq=self._feed_seq,
+                            t_media=max(m.media_s for m in stages), t_capture_ns=self.clock.now_ns())
+        with contextlib.suppress(zmq.Again):
+            self._feed.send_multipart(self._codec.encode(env), flags=zmq.NOBLOCK)
+
     def _on_signal(self, sig: int) -> None:
         if not self._stopping:
             self._stop_signal = sig
@@ -316,6 +332,7 @@ class Supervisor:
         sup = self.cfg.supervisor
         self._control_ep = sup.control_endpoint or f"ipc://{self._run_dir}/control"
         self._metrics_ep = sup.metrics_endpoint or f"ipc://{self._run_dir}/metrics"
+        self._feed_ep = f"ipc://{self._run_dir}/metrics-feed"
         for what, endpoint in (("control", self._control_ep), ("metrics", self._metrics_ep)):
             try:
                 check_ipc_endpoint(endpoint)
@@ -326,6 +343,12 @@ class Supervisor:
         link_specs(self.cfg, run_dir=self.opts.run_dir or self._run_dir, keys=keys)
         prepare_ipc(self._control_ep)
         prepare_ipc(self._metrics_ep)
+        prepare_ipc(self._feed_ep)
+        self._feed = sync.socket(zmq.PUB)
+        self._feed.setsockopt(zmq.LINGER, 0)
+        self._feed.setsockopt(zmq.SNDHWM, 4)
+        self._feed.bind(self._feed_ep)
+        self._feed_seq = 0
         self._ctrl = ctrl = sync.socket(zmq.ROUTER)
         ctrl.setsockopt(zmq.LINGER, 0)
         self._metrics_sock = sync.socket(zmq.PULL)
@@ -337,6 +360,7 @@ class Supervisor:
             ctrl.close()
             self._ctrl = None
             self._metrics_sock.close()
+            self._feed.close()
             raise
         self._started = False
         self._pending_start: set[str] = set()
@@ -365,6 +389,7 @@ class Supervisor:
             ctrl.close(linger=0)
             self._ctrl = None
             self._metrics_sock.close(linger=0)
+            self._feed.close(linger=0)
         wall_s = (self._t_end_ns - t_start_ns) / 1e9
         stages = self.stage_metrics()
         media_s = max((m.media_s for m in stages), default=0.0)
@@ -427,9 +452,12 @@ class Supervisor:
                     elif g.process is not None and self._alive(g):
                         # still starting: it cannot hear "stop" yet and holds nothing to flush
                         g.process.terminate()
-            if self.on_metrics is not None and now >= next_report:
+            if now >= next_report:
                 next_report = now + sup.metrics_interval_s
-                self.on_metrics(self.stage_metrics())
+                stages = self.stage_metrics()
+                self._publish(stages)
+                if self.on_metrics is not None:
+                    self.on_metrics(stages)
             if all(g.done or (self._stopping and not self._alive(g)) for g in self.groups.values()):
                 break
             if stop_deadline is not None and now > stop_deadline:

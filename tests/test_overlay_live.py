@@ -1,0 +1,124 @@
+"""The overlay beside a live game: the windowed Atari game under Xvfb with its sound in PulseAudio,
+``gamecopilot live --window ... --overlay web --record``, and a real browser (Debian's chromium,
+driven by Playwright) on the page, which must show advice while the game runs.
+
+Skipped only when Xvfb, PulseAudio, xdotool or chromium is not installed (tests/run.sh installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_overlay import BROWSER_ARGS, CHROMIUM, needs_browser
+from tests.test_window_game import (
+    ROOT,
+    _start_game,
+    _stop,
+    _wait_ready,
+    display,
+    needs_pulse,
+    needs_xdotool,
+    needs_xvfb,
+    pulse,
+)
+
+__all__ = ["display", "pulse"]  # fixtures used below
+
+FPS = 30.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _watch_page(url: str, live: subprocess.Popen[str], seconds: float) -> list[str]:
+    """Open the overlay page as soon as it serves and collect every advice text it shows."""
+    from playwright.sync_api import Error, sync_playwright
+
+    seen: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            deadline = time.monotonic() + 30
+            while True:  # the page serves once every group has started
+                try:
+                    page.goto(url, timeout=2000)
+                    break
+                except Error:
+                    assert live.poll() is None, "the copilot exited before serving the overlay"
+                    assert time.monotonic() < deadline, "the overlay page never came up"
+                    time.sleep(0.3)
+            page.wait_for_function("document.body.dataset.connected === '1'", timeout=10000)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and live.poll() is None:
+                text = page.evaluate("""() => document.getElementById('advice').classList.contains('shown') ?
+                                        document.getElementById('advice-text').textContent : ''""")
+                if text and text not in seen:
+                    seen.append(text)
+                page.wait_for_timeout(100)
+        finally:
+            browser.close()
+    return seen
+
+
+@needs_xvfb
+@needs_xdotool
+@needs_pulse
+@needs_browser
+@pytest.mark.slow
+def test_live_game_with_the_overlay_shows_advice_in_a_browser(display: str, pulse: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    pytest.importorskip("playwright")
+    env = dict(pulse, DISPLAY=display)
+    port = _free_port()
+    events, advice, record, metrics = (tmp_path / n for n in ("e.jsonl", "a.jsonl", "r.mp4", "m.json"))
+    game = _start_game(env, 60)
+    live = None
+    try:
+        _wait_ready(game)
+        live = subprocess.Popen(
+            [sys.executable, "-m", "copilot", "live", "--window", "copilot-test", "--fps", str(FPS), "--until", "20",
+             "--overlay", "web", "--overlay-port", str(port), "--events-out", str(events),
+             "--advice-out", str(advice), "--record", str(record), "--metrics-out", str(metrics), "-q"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        shown = _watch_page(f"http://127.0.0.1:{port}/", live, seconds=30)
+        out, err = live.communicate(timeout=90)
+    finally:
+        if live is not None and live.poll() is None:
+            live.kill()
+            live.wait()
+        _stop(game)
+    assert live.returncode == 0, err
+    assert f"overlay: http://127.0.0.1:{port}/" in err, "the command prints the page's URL"
+    m = json.loads(metrics.read_text())
+    cap = m["stages"]["capture"]
+    assert abs(cap["fps"] - FPS) <= 0.1 * FPS, f"capture ran at {cap['fps']} fps, not within 10% of {FPS}"
+    assert sum(m["restarts"].values()) == 0
+    written = [json.loads(line) for line in advice.read_text().splitlines()]
+    assert [json.loads(line) for line in events.read_text().splitlines()], "no events"
+    assert written, "no advice was written"
+    assert shown, "the browser never showed advice while the game ran"
+    assert set(shown) & {a["structured"].get("advice") or a["text"] for a in written} or \
+        set(shown) & {a["text"] for a in written}, (shown, written)
+    assert m["stages"]["overlay"]["push_ms"]["p95"] is not None
+    import av
+
+    with av.open(str(record)) as c:
+        assert c.streams.video and c.streams.audio, "the recording has both tracks"
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(record)) as c:
+        samples = sum(f.samples for f in c.decode(audio=0))
+    assert frames >= 0.9 * FPS * 19
+    assert samples > 0
