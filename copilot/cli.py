@@ -26,6 +26,8 @@ BENCHMARKS = {
     "encoders": "per-encoder latency p50/p95/p99 on 640x480 and 1280x720 frames and audio",
     "atari": "the live Atari source at real time: fps, audio rate, drift",
     "reasoner": "event-to-advice latency per reasoner backend over a replay at real time, and wakes per minute",
+    "overlay": "advice emitted -> drawn in a real browser (chromium) over a replay at real time; --screenshot",
+    "soak": "a long live session beside the windowed game (Xvfb, PulseAudio): fps, drops, RSS per group, restarts",
 }
 # ``gamecopilot NAME ARGS`` for the tools registered as ``gamecopilot.tools`` entry points (engines
 # implement them); these are the ones ``--help`` lists.

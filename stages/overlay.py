@@ -70,7 +70,7 @@ def _why(ev: Event) -> str:
 
 def figures(stages: list[StageMetrics]) -> list[StageFigures]:
     """What the latency panel shows of each stage."""
-    return [StageFigures(stage=m.stage, fps=round(m.fps, 1),
+    return [StageFigures(stage=m.stage, fps=round(m.fps, 1), frames=m.video_frames or m.count,
                          p50_ms=round(m.latency_ms.p50, 1) if m.latency_ms else None,
                          p95_ms=round(m.latency_ms.p95, 1) if m.latency_ms else None,
                          dropped=m.dropped, slow=m.slow) for m in stages]

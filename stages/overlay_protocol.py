@@ -61,7 +61,8 @@ class EventPush(msgspec.Struct, tag="event", kw_only=True):
 
 class StageFigures(msgspec.Struct, kw_only=True):
     stage: str
-    fps: float
+    fps: float  # since the stage started (a source: video frames a second)
+    frames: int = 0  # messages handled so far (a source: video frames), for a rate over any window
     p50_ms: float | None = None  # capture to this stage's output
     p95_ms: float | None = None
     dropped: int = 0

@@ -2,7 +2,8 @@
 # Everything the test suite needs on a fresh Debian machine, then the suite itself.
 #   bash tests/run.sh [PYTEST ARGS...]
 # System packages (only what is missing, only as root): Xvfb, PulseAudio and xdotool (--window)
-# for the live capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests.  Python packages go
+# for the live capture tests, espeak-ng for speech, DejaVu fonts for the OCR tests, Debian's chromium
+# for the overlay tests (Playwright drives it; no browser is downloaded), PortAudio's headers for PyAudio.  Python packages go
 # into .venv (created if absent) from pyproject.toml's dev extra, with torch==2.14.1 and
 # torchvision==0.29.1 first (the build this kind of machine has on disk; a resolver left alone would
 # fetch a newer CUDA one) and the llm-cpu extra (llama.cpp's server, which compiles on its first
@@ -11,12 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-declare -A APT_FOR=([Xvfb]=xvfb [pulseaudio]=pulseaudio [parec]=pulseaudio-utils [xdotool]=xdotool [espeak-ng]=espeak-ng)
+declare -A APT_FOR=([Xvfb]=xvfb [pulseaudio]=pulseaudio [parec]=pulseaudio-utils [xdotool]=xdotool [espeak-ng]=espeak-ng [chromium]=chromium)
 missing=()
 for prog in "${!APT_FOR[@]}"; do
   command -v "$prog" >/dev/null 2>&1 || missing+=("${APT_FOR[$prog]}")
 done
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+[ -e /usr/include/portaudio.h ] || missing+=(portaudio19-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing ${missing[*]}" >&2
@@ -37,4 +39,7 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   echo "tests/run.sh: installing llama-cpp-python[server] (the first time it compiles: several minutes)" >&2
 fi
 pipq -e '.[dev,llm-cpu]'
+# PyAudio builds against PortAudio's headers: without them its tests are skipped, the rest runs
+.venv/bin/python -c "import pyaudio" 2>/dev/null || pipq -e '.[pyaudio]' ||
+  echo "tests/run.sh: PyAudio did not build (PortAudio headers missing?): its tests will be skipped" >&2
 exec .venv/bin/python -m pytest "$@"
