@@ -25,9 +25,10 @@ HEAVY = ("torch", "transformers", "onnxruntime", "rapidocr", "faster_whisper", "
          "cv2", "av", "tensorrt", "PySide6")
 
 
-def gamecopilot(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def gamecopilot(*args: str, timeout: float = 120,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "copilot", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -169,11 +170,36 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str,
     assert {p: p.read_text() for p in kept} == kept
 
 
-@pytest.mark.parametrize(("option", "needle"), [(["--overlay", "web"], "--overlay web: the overlay is not built"),
-                                               (["--session", "s1"], "--session: the session timeline is not")])
+@pytest.mark.parametrize(("option", "needle"), [(["--session", "s1"], "--session: the session timeline is not")])
 def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[str], needle: str,
                                                                    media: dict[str, Path]) -> None:
     assert_one_line_error(gamecopilot("replay", str(media["clip"]), *option, "-q"), needle)
+
+
+def test_an_overlay_that_cannot_start_is_one_line_before_any_output_is_written(media: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    import socket
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("kept\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = gamecopilot("replay", str(media["clip"]), "--overlay", "web", "--overlay-port", str(port),
+                          "--events-out", str(events), "-q")
+    assert_one_line_error(res, f"--overlay-port {port}: 127.0.0.1:{port} is in use")
+    assert events.read_text() == "kept\n"
+    for bad in ("0", "70000", "http"):
+        res = gamecopilot("replay", str(media["clip"]), "--overlay", "web", "--overlay-port", bad, "-q")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert "--overlay-port: expected a port number 1-65535" in res.stderr
+    no_display = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    res = gamecopilot("replay", str(media["clip"]), "--overlay", "window", "--events-out", str(events), "-q",
+                      env=no_display)
+    if "needs PySide6" not in res.stderr:
+        assert_one_line_error(res, "--overlay window needs a display")
+    assert events.read_text() == "kept\n"
 
 
 @pytest.mark.parametrize("command", ["replay", "live"])

@@ -221,3 +221,59 @@ def test_overlay_params_that_cannot_work_are_one_line() -> None:
     assert OverlayStage.announce(OverlayParams(), {}) is None
     hello = json.loads(encode(Hello()))
     assert hello["type"] == "hello"
+
+
+@pytest.mark.slow
+def test_a_replay_with_the_overlay_pushes_events_advice_and_the_pipeline_s_figures(tmp_path: Any) -> None:
+    """The whole path as a user runs it: the supervisor's metrics feed, the events and advice links,
+    the overlay's own group, and the URL printed on stderr."""
+    import subprocess
+    import sys
+    import time
+
+    from copilot.commands import sample_clip
+    from stages.overlay_protocol import MetricsPush
+    from tests.test_overlay_live import _free_port
+
+    port = _free_port()
+    metrics = tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, "-m", "copilot", "replay", str(sample_clip()), "--until", "12",
+                             "--overlay", "web", "--overlay-port", str(port), "--metrics-out", str(metrics), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    async def watch() -> list[Any]:
+        got: list[Any] = []
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    ws = await http.ws_connect(f"ws://127.0.0.1:{port}/ws")
+                    break
+                except aiohttp.ClientError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "the overlay never served"
+                    await asyncio.sleep(0.2)
+            async with ws:
+                async for msg in ws:
+                    m = decode_server(msg.data)
+                    got.append(m)
+                    if isinstance(m, AdvicePush):
+                        await ws.send_str(encode(Rendered(id=m.id)))
+        return got
+
+    try:
+        got = asyncio.run(watch())
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"overlay: http://127.0.0.1:{port}/" in err
+    assert isinstance(got[0], Hello)
+    kinds = {type(m) for m in got}
+    assert {EventPush, AdvicePush, MetricsPush} <= kinds, kinds
+    stages = {s.stage for m in got if isinstance(m, MetricsPush) for s in m.stages}
+    assert {"replay", "trigger", "reasoner", "overlay"} <= stages, stages
+    report = json.loads(metrics.read_text())
+    assert report["stages"]["overlay"]["push_ms"]["p95"] is not None
+    assert report["restarts"]["overlay"] == 0
