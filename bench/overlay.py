@@ -128,7 +128,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         written = [json.loads(line) for line in advice.read_text().splitlines()]
     overlay = report["stages"].get("overlay", {})
     result = {
-        "file": file, "media_s": report["media_s"], "advice_written": len(written), "advice_shown": len(shown),  # distinct wakes seen in the page
+        "file": file, "media_s": report["media_s"], "advice_written": len(written),
+        "advice_shown": len(shown),  # distinct wakes seen in the page
         "pushes": overlay.get("count", 0), "push_ms": overlay.get("push_ms"),
         "realtime_factor": report.get("realtime_factor"),
     }
@@ -157,7 +158,8 @@ def _table(result: dict[str, Any]) -> Any:
 
     t = Table(title=f"overlay: {Path(result['file']).name}, {result['media_s']:.0f} s at real time, "
               "rules answering, chromium on the page", title_justify="left",
-              caption="push: the reasoner emitting advice -> the page drawing it (its receipt), ms", caption_justify="left")
+              caption="push: the reasoner emitting advice -> the page drawing it (its receipt), ms",
+              caption_justify="left")
     for col in ("advice written", "shown in the page", "push p50", "push p95", "push p99"):
         t.add_column(col, justify="right")
     push = result.get("push_ms") or {}

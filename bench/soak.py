@@ -157,7 +157,7 @@ class FeedWatcher(threading.Thread):
                         while not self.stop.is_set():
                             try:
                                 msg = await ws.receive(timeout=1.0)
-                            except asyncio.TimeoutError:
+                            except TimeoutError:
                                 continue
                             if msg.type != aiohttp.WSMsgType.TEXT:
                                 break

@@ -138,7 +138,7 @@ def test_the_latency_panel_gets_the_supervisor_s_metrics_feed() -> None:
                     pub.send_multipart(frames)
                     try:
                         return decode_server((await ws.receive(timeout=0.1)).data)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
         finally:
             pub.close(linger=0)

@@ -94,7 +94,7 @@ def test_live_game_with_the_overlay_shows_advice_in_a_browser(display: str, puls
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         shown = _watch_page(f"http://127.0.0.1:{port}/", live, seconds=30)
-        out, err = live.communicate(timeout=90)
+        _, err = live.communicate(timeout=90)
     finally:
         if live is not None and live.poll() is None:
             live.kill()
