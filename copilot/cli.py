@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--game", metavar="NAME",
                        help="no screen: play this Atari game in-process at real time (ale-py) and watch it")
     p.add_argument("--fps", type=_positive, default=30.0, help="capture rate (default 30)")
-    p.add_argument("--audio", default="default", metavar="DEVICE|none",
-                   help="loopback device to record (default: the default output's monitor; none: no audio)")
+    p.add_argument("--audio", default="default", metavar="DEVICE|pyaudio:DEVICE|none",
+                   help="audio to record: default (the default output's monitor), a soundcard device id or name, "
+                   "pyaudio:INDEX|NAME (a PortAudio input such as a microphone; the pyaudio extra), or none; "
+                   "gamecopilot devices lists them")
     p.add_argument("--seed", type=seed_number, default=0, help="with --game: emulator and policy seed")
     p.add_argument("--truth-out", help="with --game: write the game's ground truth JSONL here as it happens")
     p.add_argument("--record", metavar="FILE.mp4", help="also record what is captured (H.264 + AAC) to replay later")

@@ -1,4 +1,4 @@
-"""Live capture: the screen (mss) and the sound the machine plays (soundcard loopback).
+"""Live capture: the screen (mss) and the sound the machine plays (soundcard loopback, or PyAudio).
 
 One source stage with the same output ports as ``replay`` (``video``, ``audio``), so a
 pipeline runs unchanged on a recording or beside a live game.  Media time is session time:
@@ -10,14 +10,15 @@ as BGRA views of the grab buffer (``pixel_format="bgra"``), never converted per 
 When a grab is late the next deadline is re-anchored instead of bursting to catch up
 (counted as ``late``): a live copilot wants the newest picture, not a backlog.
 
-Audio: soundcard records the default output's monitor (PulseAudio/PipeWire loopback, or
-WASAPI loopback on Windows) on its own thread in blocks of ``audio_block_ms``; blocks are
-handed to the event loop through a bounded queue, in order; if the pipeline stalls long
+Audio (stages/capture_audio.py): soundcard records the default output's monitor (PulseAudio/
+PipeWire loopback, or WASAPI loopback on Windows) or a named device, or PyAudio (PortAudio) records
+an input device (``audio: "pyaudio:DEVICE"``), on its own thread in blocks of ``audio_block_ms``;
+blocks are handed to the event loop through a bounded queue, in order; if the pipeline stalls long
 enough to fill it, the oldest blocks are dropped and counted (``audio_overflow``).  A block's
 media time comes from its sample count, anchored to when blocks arrive
-(:class:`AudioTimeline`): a loopback stream may deliver nothing for a second after it opens,
-and counting samples from the opening would stamp all audio that much early, so the trigger
-would wait for it (every event late) and see sounds before the pictures they go with.
+(:class:`AudioTimeline`): a loopback stream may deliver nothing for a second or two after it
+opens, and counting samples from the opening would stamp all audio that much early, so the
+trigger would wait for it (every event late) and see sounds before the pictures they go with.
 """
 
 from __future__ import annotations
@@ -26,22 +27,18 @@ import asyncio
 import logging
 import shutil
 import subprocess
-import threading
-from collections import deque
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from copilot.clock import Clock
-from copilot.errors import UsageError, first_line
+from copilot.errors import UsageError
 from copilot.messages import AudioChunk, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Source
+from stages.capture_audio import AudioReader, AudioTimeline, audio_backend
 
 log = logging.getLogger(__name__)
-
-AUDIO_QUEUE_BLOCKS = 64
 
 
 class CaptureParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,7 +46,9 @@ class CaptureParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     region: list[int] | None = None  # x, y, width, height in screen pixels
     window: str | None = None  # a window title (X11, through xdotool)
     fps: float = 30.0
-    audio: str | None = "default"  # "default" (loopback of the default output), a device name, or None
+    # "default" (loopback of the default output), a soundcard device (id or name), "pyaudio:DEVICE"
+    # (a PortAudio input by index or name) or None: see stages/capture_audio.py
+    audio: str | None = "default"
     audio_rate: int = 48000
     audio_channels: int = 1
     audio_block_ms: float = 50.0
@@ -97,100 +96,6 @@ def screen_grabber() -> Any:
     return factory()
 
 
-class AudioTimeline:
-    """Media times of audio blocks from their sample counts, anchored to their arrival.
-
-    The first block anchors the count (its last sample is taken to have been heard when the
-    block arrived).  Sample clocks drift against the monotonic clock and blocks arrive with
-    jitter, so the lag of arrival behind the stamp is watched over ``window`` blocks: when
-    even the smallest lag in that window is off by more than ``tolerance_s`` either way, the
-    anchor moves by it (counted in ``reanchored``).
-    """
-
-    def __init__(self, rate: int, *, window: int = 100, tolerance_s: float = 0.04) -> None:
-        self.rate = rate
-        self.tolerance_s = tolerance_s
-        self.offset_s: float | None = None
-        self.reanchored = 0
-        self._lags: deque[float] = deque(maxlen=window)
-
-    def stamp(self, start_frame: int, frames: int, arrival_s: float) -> float:
-        """Media time of the block of ``frames`` samples from ``start_frame``, which arrived at
-        ``arrival_s`` (media seconds on the capture's clock)."""
-        end_s = (start_frame + frames) / self.rate
-        if self.offset_s is None:
-            self.offset_s = arrival_s - end_s
-        self._lags.append(arrival_s - (self.offset_s + end_s))
-        if len(self._lags) == self._lags.maxlen:
-            least = min(self._lags)
-            if abs(least) > self.tolerance_s:
-                self.offset_s += least
-                self._lags.clear()
-                self.reanchored += 1
-        return self.offset_s + start_frame / self.rate
-
-
-class _AudioReader(threading.Thread):
-    """Records loopback audio on its own thread into a bounded, ordered queue."""
-
-    def __init__(self, params: CaptureParams, loop: asyncio.AbstractEventLoop, clock: Clock) -> None:
-        super().__init__(name="capture-audio", daemon=True)
-        self.params = params
-        self.loop = loop
-        self.clock = clock
-        self.queue: asyncio.Queue[tuple[int, np.ndarray, int]] = asyncio.Queue(AUDIO_QUEUE_BLOCKS)
-        self.stop = threading.Event()
-        self.overflow = 0
-        self.error: str | None = None
-        self.frames_read = 0
-
-    def _microphone(self) -> Any:
-        import soundcard as sc
-
-        name = self.params.audio
-        if name in (None, "", "default"):
-            return sc.get_microphone(id=str(sc.default_speaker().name), include_loopback=True)
-        return sc.get_microphone(id=name, include_loopback=True)
-
-    def _deliver(self, item: tuple[int, np.ndarray, int]) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.overflow += 1
-        self.queue.put_nowait(item)
-
-    def run(self) -> None:
-        p = self.params
-        block = max(1, int(p.audio_rate * p.audio_block_ms / 1000))
-        try:
-            mic = self._microphone()
-            with mic.recorder(samplerate=p.audio_rate, channels=p.audio_channels, blocksize=block) as rec:
-                while not self.stop.is_set():
-                    data = np.ascontiguousarray(rec.record(numframes=block), dtype=np.float32)
-                    arrival_ns = self.clock.now_ns()
-                    self.loop.call_soon_threadsafe(self._deliver, (self.frames_read, data, arrival_ns))
-                    self.frames_read += data.shape[0]
-        except Exception as exc:
-            self.error = first_line(exc)
-
-
-def _check_audio_device(name: str) -> None:
-    """A device the user named must exist: a typo would otherwise record nothing, with one warning.
-
-    (The default device is not checked: without a sound server the run goes on without audio.)
-    """
-    import soundcard as sc
-
-    try:
-        sc.get_microphone(id=name, include_loopback=True)
-    except Exception:
-        try:
-            names = [m.name for m in sc.all_microphones(include_loopback=True)]
-        except Exception:
-            names = []
-        found = "; ".join(names) if names else "none found"
-        raise UsageError(f"--audio: no audio device {name!r} (devices: {found}; or --audio none)") from None
-
-
 @register_stage("capture")
 class CaptureStage(Source[CaptureParams]):
     """Screen and loopback-audio capture as a source of VideoFrame and AudioChunk."""
@@ -211,14 +116,17 @@ class CaptureStage(Source[CaptureParams]):
                 capture_area(params, grabber.monitors)
         except mss.exception.ScreenShotError as exc:
             raise UsageError(f"cannot open the screen for capture ({exc})") from None
-        if params.audio not in (None, "", "default"):
-            _check_audio_device(params.audio)
+        if params.audio:
+            audio_backend(params.audio).check(params.audio_rate, params.audio_channels)
 
     async def produce(self) -> None:
         p = self.params
         loop = asyncio.get_running_loop()
         t0 = self.ctx.session_start_ns if self.ctx.session_start_ns is not None else self.clock.now_ns()
-        reader = _AudioReader(p, loop, self.clock) if p.audio else None
+        reader = None
+        if p.audio:
+            reader = AudioReader(audio_backend(p.audio), rate=p.audio_rate, channels=p.audio_channels,
+                                 block_ms=p.audio_block_ms, loop=loop, clock=self.clock)
         tasks: list[asyncio.Task[None]] = []
         if reader is not None:
             reader.start()
@@ -263,7 +171,7 @@ class CaptureStage(Source[CaptureParams]):
                 self.recorder.drop("late", int(missed))
                 due += missed * period
 
-    async def _audio_loop(self, reader: _AudioReader, t0: int) -> None:
+    async def _audio_loop(self, reader: AudioReader, t0: int) -> None:
         p = self.params
         index = 0
         timeline = AudioTimeline(p.audio_rate)
