@@ -19,20 +19,20 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.browser import SHOWN_ADVICE, overlay_page
+from bench.games.desktop import sound_server, stop, virtual_screen
 from bench.output import check_output_path, emit_result, run_tool
 from copilot.args import OneLineParser
 from copilot.errors import UsageError
@@ -55,57 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _need(program: str, package: str) -> None:
     if shutil.which(program) is None:
         raise UsageError(f"the soak needs {program} (Debian package {package})")
-
-
-def _stop(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def virtual_screen() -> Iterator[str]:
-    """A private Xvfb; yields its DISPLAY."""
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x720x24", "-br",
-                             "-nolisten", "tcp"], pass_fds=(write_fd,), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd, "rb") as fh:
-            number = fh.readline().strip().decode()
-        if not number.isdigit():
-            raise UsageError("Xvfb did not start")
-        yield f":{number}"
-    finally:
-        _stop(proc)
-
-
-@contextlib.contextmanager
-def sound_server(home: Path) -> Iterator[dict[str, str]]:
-    """A private user-mode PulseAudio with a null sink; yields the environment that reaches it."""
-    runtime = home / "pulse"
-    runtime.mkdir(mode=0o700)
-    sock = runtime / "native"
-    env = dict(os.environ, HOME=str(home), XDG_RUNTIME_DIR=str(runtime))
-    env.pop("PULSE_SERVER", None)
-    proc = subprocess.Popen(["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
-                             "--disallow-exit", "--load=module-null-sink sink_name=copilot_soak",
-                             f"--load=module-native-protocol-unix socket={sock} auth-anonymous=1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise UsageError("PulseAudio did not start")
-            time.sleep(0.05)
-        yield dict(env, PULSE_SERVER=f"unix:{sock}", PULSE_SINK="copilot_soak")
-    finally:
-        _stop(proc)
 
 
 def group_processes(root: int) -> dict[str, int]:
@@ -187,22 +136,24 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                              ("pacat", "pulseaudio-utils")):
         _need(program, package)
     seconds = args.minutes * 60
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp_dir, contextlib.ExitStack() as desktop:
         tmp = Path(tmp_dir)
-        with virtual_screen() as display, sound_server(tmp) as env:
-            env = dict(env, DISPLAY=display, PYTHONUNBUFFERED="1")
-            game = subprocess.Popen([sys.executable, "-m", "bench.games.window", "--game", "Breakout", "--seconds",
-                                     str(seconds + 120), "--seed", "1", "--position", "0,0", "--title", TITLE],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            live = None
-            try:
-                assert game.stdout is not None
-                if "window ready" not in game.stdout.readline():
-                    raise UsageError("the windowed game did not start")
-                return _session(args, env, tmp, seconds)
-            finally:
-                _stop(live)
-                _stop(game)
+        try:
+            display = desktop.enter_context(virtual_screen())
+            env = desktop.enter_context(sound_server(tmp, "copilot_soak"))
+        except RuntimeError as exc:  # (the programs are there: they failed to start)
+            raise UsageError(f"the soak's desktop did not come up: {exc}") from None
+        env = dict(env, DISPLAY=display, PYTHONUNBUFFERED="1")
+        game = subprocess.Popen([sys.executable, "-m", "bench.games.window", "--game", "Breakout", "--seconds",
+                                 str(seconds + 120), "--seed", "1", "--position", "0,0", "--title", TITLE],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert game.stdout is not None
+            if "window ready" not in game.stdout.readline():
+                raise UsageError("the windowed game did not start")
+            return _session(args, env, tmp, seconds)
+        finally:
+            stop(game)
 
 
 def _session(args: argparse.Namespace, env: dict[str, str], tmp: Path, seconds: float) -> dict[str, Any]:

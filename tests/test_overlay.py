@@ -277,3 +277,50 @@ def test_a_replay_with_the_overlay_pushes_events_advice_and_the_pipeline_s_figur
     report = json.loads(metrics.read_text())
     assert report["stages"]["overlay"]["push_ms"]["p95"] is not None
     assert report["restarts"]["overlay"] == 0
+
+
+@pytest.mark.slow
+def test_overlay_window_opens_the_native_window_and_times_what_it_draws(tmp_path: Any) -> None:
+    """``--overlay window``: the page is served and the stage starts the native window (offscreen here),
+    whose receipts time the advice it drew; the window is gone when the run ends."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("PySide6")
+    from copilot.testing import descendants
+    from tests.test_overlay_live import _free_port
+
+    port = _free_port()
+    metrics = tmp_path / "m.json"
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    proc = subprocess.Popen([sys.executable, "-m", "copilot", "demo", "--until", "12", "--overlay", "window",
+                             "--overlay-port", str(port), "--metrics-out", str(metrics), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    windows: set[int] = set()
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return fh.read()
+        except OSError:
+            return b""
+
+    try:
+        import time
+
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            windows.update(pid for pid in descendants(proc.pid) if b"stages.overlay_window" in cmdline(pid))
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "click-through window" in err
+    assert windows, "no native window process was started"
+    assert not any(b"overlay_window" in cmdline(pid) for pid in windows), "the window outlived the run"
+    report = json.loads(metrics.read_text())
+    assert report["stages"]["overlay"]["push_ms"]["p95"] is not None, "the window sent no receipt for what it drew"

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.games.desktop import sound_server, stop, virtual_screen
+
 pytest.importorskip("ale_py")
 mss = pytest.importorskip("mss")
 
@@ -31,76 +33,20 @@ needs_pulse = pytest.mark.skipif(
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(
-        [
-            "Xvfb",
-            "-displayfd",
-            str(write_fd),
-            "-screen",
-            "0",
-            "1280x720x24",
-            "-br",
-            "-nolisten",
-            "tcp",
-        ],
-        pass_fds=(write_fd,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd, "rb") as fh:
-            number = fh.readline().strip().decode()
-        assert number.isdigit(), "Xvfb did not report its display"
-        yield f":{number}"
-    finally:
-        _stop(proc)
+    with virtual_screen() as number:
+        yield number
 
 
 @pytest.fixture
 def pulse(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A private PulseAudio server with a null sink; yields the env to reach it."""
-    runtime = tmp_path / "pulse"
-    runtime.mkdir(mode=0o700)
-    socket = runtime / "native"
-    env = dict(os.environ, HOME=str(tmp_path), XDG_RUNTIME_DIR=str(runtime))
-    env.pop("PULSE_SERVER", None)
-    proc = subprocess.Popen(
-        [
-            "pulseaudio",
-            "-n",
-            "--daemonize=no",
-            "--exit-idle-time=-1",
-            "--use-pid-file=no",
-            "--disallow-exit",
-            "--load=module-null-sink sink_name=copilot_test",
-            f"--load=module-native-protocol-unix socket={socket} auth-anonymous=1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not socket.exists():
-            assert proc.poll() is None, "pulseaudio exited"
-            assert time.monotonic() < deadline, "pulseaudio did not start"
-            time.sleep(0.05)
-        yield dict(env, PULSE_SERVER=f"unix:{socket}", PULSE_SINK="copilot_test")
-    finally:
-        _stop(proc)
+    with sound_server(tmp_path, "copilot_test") as env:
+        yield env
 
 
 def _start_game(env: dict[str, str], seconds: float, *extra: str) -> subprocess.Popen[bytes]:
