@@ -109,6 +109,7 @@ class Supervisor:
         self._ctrl: Any = None  # the control ROUTER socket, bound by run()
         self._ctx = mp.get_context("spawn")
         self._run_dir = ""  # made by run(), removed when it ends
+        self._feed_ep: str | None = None  # the metrics feed, bound by run()
         self.clock = SYSTEM_CLOCK
 
     def _is_local(self, group: str) -> bool:
@@ -129,7 +130,7 @@ class Supervisor:
             run_dir=self.opts.run_dir or self._run_dir,
             control_endpoint=self._control_ep,
             metrics_endpoint=self._metrics_ep,
-            stage_options={**self.opts.stage_options, "metrics_feed": self._feed_ep},
+            stage_options={**self.opts.stage_options, **({"metrics_feed": self._feed_ep} if self._feed_ep else {})},
             incarnation=st.incarnation,
             supervisor_pid=os.getpid(),
         )
