@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -106,6 +107,8 @@ class OverlayStage(Stage[OverlayParams]):
         mode = options.get("overlay")
         if not mode:
             return None
+        if importlib.util.find_spec("aiohttp") is None:
+            raise UsageError(f"--overlay {mode} needs aiohttp: pip install 'gameplay-copilot[overlay]'")
         if mode == "window" or params.window:
             why = window_available()
             if why:

@@ -223,6 +223,17 @@ def test_overlay_params_that_cannot_work_are_one_line() -> None:
     assert hello["type"] == "hello"
 
 
+def test_an_overlay_without_aiohttp_installed_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from copilot.errors import UsageError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name, *a))
+    with pytest.raises(UsageError, match=r"--overlay web needs aiohttp: pip install 'gameplay-copilot\[overlay\]'"):
+        OverlayStage.announce(OverlayParams(), {"overlay": "web"})
+
+
 @pytest.mark.slow
 def test_a_replay_with_the_overlay_pushes_events_advice_and_the_pipeline_s_figures(tmp_path: Any) -> None:
     """The whole path as a user runs it: the supervisor's metrics feed, the events and advice links,
