@@ -7,6 +7,12 @@ fragment still plays: nothing already written is lost.  Encoding runs on the sta
 worker thread, off the event loop.  Timestamps are the messages' media times, so what is
 replayed lines up with the events of the live run.
 
+An MP4's header names every track, and it is written with the first packet: a track added later
+cannot be muxed.  Audio often comes before the first picture (a loopback stream opens faster than a
+screen grab), so packets are held until both tracks exist, or for at most ``HOLD_S`` of media (a
+source without audio, or without video, starts the file with what it has); a track that first shows
+up after that is left out, with one warning.
+
 If the group restarts, the file of the first run is kept and the recording goes on in a
 second file beside it (``F.restart1.mp4``, then ``restart2``...): an MP4 cannot be reopened
 for appending, and rewriting it would lose what was recorded.
@@ -15,6 +21,7 @@ for appending, and rewriting it would lose what was recorded.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from copilot.stage import Stage, StageContext
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = 90_000
+HOLD_S = 2.0  # media seconds packets wait for the other track before the file starts without it
 
 
 class RecorderParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -60,6 +68,38 @@ class _Writer:
         self.audio_samples = 0
         self.audio_t0: float | None = None
         self.resampler: Any = None  # to an AAC rate, when the source's rate is not one
+        self.held: list[Any] = []  # packets waiting for the header (see the module docstring)
+        self.t_first: float | None = None
+        self.started = False
+        self.left_out: set[str] = set()
+
+    def _mux(self, packets: list[Any], t_media: float) -> None:
+        if self.started:
+            for packet in packets:
+                self.container.mux(packet)
+            return
+        self.held.extend(packets)
+        if self.t_first is None:
+            self.t_first = t_media
+        if (self.video is not None and self.audio is not None) or t_media - self.t_first >= HOLD_S:
+            self._start()
+
+    def _start(self) -> None:
+        """Write the header (with the tracks there are now) and what was held."""
+        self.started = True
+        held, self.held = self.held, []
+        for packet in held:
+            self.container.mux(packet)
+
+    def _too_late(self, kind: str) -> bool:
+        """A track whose first data comes after the file started: left out (the header is written)."""
+        if not self.started:
+            return False
+        if kind not in self.left_out:
+            self.left_out.add(kind)
+            log.warning("recorder: the first %s came more than %g s after the recording started; %s leaves it out",
+                        kind, HOLD_S, self.path)
+        return True
 
     def _open_video(self, width: int, height: int) -> None:
         from fractions import Fraction
@@ -76,6 +116,8 @@ class _Writer:
         import av
 
         if self.video is None:
+            if self._too_late("video"):
+                return
             self._open_video(image.shape[1], image.shape[0])
         w, h = self.size  # type: ignore[misc]  # (set by _open_video just above; the attribute is Optional)
         fmt = {"rgb24": "rgb24", "bgra": "bgra", "gray": "gray"}[pixel_format]
@@ -88,8 +130,7 @@ class _Writer:
 
         frame.pts, frame.time_base = pts, Fraction(1, VIDEO_TIME_BASE)
         self.last_pts = pts
-        for packet in self.video.encode(frame):
-            self.container.mux(packet)
+        self._mux(list(self.video.encode(frame)), t_media)
 
     def write_audio(self, samples: np.ndarray, rate: int, t_media: float) -> None:
         import av
@@ -97,6 +138,8 @@ class _Writer:
         channels = samples.shape[1] if samples.ndim == 2 else 1
         layout = "mono" if channels == 1 else "stereo"
         if self.audio is None:
+            if self._too_late("audio"):
+                return
             # AAC has a fixed set of rates: the Atari console's 30720 Hz is resampled to 48 kHz
             out_rate = rate if rate in AAC_RATES else AAC_FALLBACK_RATE
             self.audio = self.container.add_stream("aac", rate=out_rate, layout=layout)
@@ -108,18 +151,19 @@ class _Writer:
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format="fltp",
                                            layout="mono" if data.shape[0] == 1 else "stereo")
         frame.sample_rate = rate
-        self._encode_audio(self.resampler.resample(frame) if self.resampler is not None else [frame])
+        self._encode_audio(self.resampler.resample(frame) if self.resampler is not None else [frame], t_media)
 
-    def _encode_audio(self, frames: list[Any]) -> None:
+    def _encode_audio(self, frames: list[Any], t_media: float) -> None:
         for frame in frames:
             frame.pts = self.audio_samples  # in samples of the stream's rate
             self.audio_samples += frame.samples
-            for packet in self.audio.encode(frame):
-                self.container.mux(packet)
+            self._mux(list(self.audio.encode(frame)), t_media)
 
     def close(self) -> None:
         if self.resampler is not None:
-            self._encode_audio(self.resampler.resample(None))  # what the resampler still holds
+            self._encode_audio(self.resampler.resample(None), math.inf)  # what the resampler still holds
+        if not self.started:
+            self._start()
         for stream in (self.video, self.audio):
             if stream is not None:
                 for packet in stream.encode(None):

@@ -105,7 +105,7 @@ def test_live_game_with_the_overlay_shows_advice_in_a_browser(display: str, puls
     m = json.loads(metrics.read_text())
     cap = m["stages"]["capture"]
     assert abs(cap["fps"] - FPS) <= 0.1 * FPS, f"capture ran at {cap['fps']} fps, not within 10% of {FPS}"
-    assert sum(m["restarts"].values()) == 0
+    assert sum(m["restarts"].values()) == 0, err
     written = [json.loads(line) for line in advice.read_text().splitlines()]
     assert [json.loads(line) for line in events.read_text().splitlines()], "no events"
     assert written, "no advice was written"
