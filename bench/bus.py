@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import tempfile
 import time
 from typing import Any
@@ -34,18 +33,13 @@ from copilot.curve import CurveKeys, secure_client, secure_server
 from copilot.errors import UsageError
 from copilot.links import LinkSpec, Publisher, Subscriber, contexts
 from copilot.messages import Envelope, VideoFrame
+from copilot.net import free_port
 
 FRAME_SHAPE = (720, 1280, 3)
 TRANSPORTS = ("inproc", "ipc", "tcp", "tcp+curve")
 WARMUP = 20
 ROUNDS = 10
 HOP_TIMEOUT_S = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _keys(transport: str) -> CurveKeys | None:
@@ -61,7 +55,7 @@ def _endpoint(transport: str, tmp: str, name: str) -> str:
         return f"inproc://bench-bus-{name}"
     if transport == "ipc":
         return f"ipc://{tmp}/{name}"
-    return f"tcp://127.0.0.1:{_free_port()}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class _Raw:

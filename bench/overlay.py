@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from bench.browser import SHOWN_ADVICE, overlay_page
 from bench.output import check_output_path, emit_result, run_tool
 from copilot.args import OneLineParser
 from copilot.errors import UsageError, check_writable
+from copilot.net import free_port
 
 SCALE = 2  # the page is shot at twice the clip's size, the frame upscaled to match
 
@@ -47,12 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-o", "--output", help="also write the JSON here")
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _frame_at(file: str, t: float) -> np.ndarray:
@@ -96,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(file).is_file():
         raise UsageError(f"{file}: no such file")
     width, height = _frame_size(file)
-    port = args.port or _free_port()
+    port = args.port or free_port()
     with tempfile.TemporaryDirectory(prefix="bench-overlay-") as tmp:
         metrics, advice = Path(tmp) / "m.json", Path(tmp) / "a.jsonl"
         cmd = [sys.executable, "-m", "copilot", "replay", file, "--until", str(args.until), "--reasoner", "rules",

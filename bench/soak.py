@@ -36,6 +36,7 @@ from bench.games.desktop import sound_server, stop, virtual_screen
 from bench.output import check_output_path, emit_result, run_tool
 from copilot.args import OneLineParser
 from copilot.errors import UsageError
+from copilot.net import free_port
 
 TITLE = "copilot-soak"
 WARMUP_S = 60.0  # RSS growth counts from here: imports, models and buffers have settled by then
@@ -157,9 +158,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _session(args: argparse.Namespace, env: dict[str, str], tmp: Path, seconds: float) -> dict[str, Any]:
-    from bench.overlay import _free_port
-
-    port = args.port or _free_port()
+    port = args.port or free_port()
     metrics, advice, record = tmp / "m.json", tmp / "a.jsonl", tmp / "r.mp4"
     cmd = [sys.executable, "-m", "copilot", "live", "--window", TITLE, "--fps", str(args.fps), "--until",
            str(seconds), "--reasoner", "rules", "--overlay", "web", "--overlay-port", str(port), "--record",

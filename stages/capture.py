@@ -65,12 +65,20 @@ def window_geometry(title: str) -> dict[str, int]:
     if not ids:
         raise UsageError(f"--window: no visible window titled {title!r}")
     geo = subprocess.run([exe, "getwindowgeometry", "--shell", ids[0]], capture_output=True, text=True)
-    values = dict(line.split("=", 1) for line in geo.stdout.splitlines() if "=" in line)
+    rect = shell_geometry(geo.stdout.splitlines())
+    if rect is None:
+        raise UsageError(f"--window: cannot read the geometry of window {title!r}")
+    return rect
+
+
+def shell_geometry(lines: list[str]) -> dict[str, int] | None:
+    """The rectangle in ``xdotool getwindowgeometry --shell``'s KEY=VALUE lines, or None if they lack it."""
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
     try:
         return {"left": int(values["X"]), "top": int(values["Y"]),
                 "width": int(values["WIDTH"]), "height": int(values["HEIGHT"])}
     except (KeyError, ValueError):
-        raise UsageError(f"--window: cannot read the geometry of window {title!r}") from None
+        return None
 
 
 def capture_area(params: CaptureParams, monitors: list[dict[str, int]]) -> dict[str, int]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from copilot.args import OneLineParser
 from copilot.errors import UsageError, first_line
+from stages.capture import shell_geometry
 
 PROG = "gamecopilot devices"
 XDOTOOL_TIMEOUT_S = 5.0
@@ -69,13 +70,8 @@ def _window(exe: str, wid: str) -> dict[str, Any] | None:
     if start is None:
         return None
     title = "\n".join(lines[:start]).strip()
-    values = dict(ln.split("=", 1) for ln in lines[start:] if "=" in ln)
-    try:
-        geo = {"left": int(values["X"]), "top": int(values["Y"]),
-               "width": int(values["WIDTH"]), "height": int(values["HEIGHT"])}
-    except (KeyError, ValueError):
-        return None
-    if not title:
+    geo = shell_geometry(lines[start:])
+    if geo is None or not title:
         return None
     return {"id": int(wid), "title": title, **geo}
 

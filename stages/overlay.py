@@ -135,7 +135,7 @@ class OverlayStage(Stage[OverlayParams]):
         self._min_rank = _RANK.get(params.min_priority, 2)
         self._id = 0
         self._emitted: OrderedDict[int, int] = OrderedDict()  # advice push id -> when the reasoner emitted it
-        self._advice: dict[int, AdvicePush] = {}  # the latest push of each wake still on screen (by wake)
+        self._advice: AdvicePush | None = None  # the latest advice push: the page shows one advice at a time
         self._ticker: deque[EventPush] = deque(maxlen=max(1, params.ticker))
         self._metrics: MetricsPush | None = None
         self._feed_task: asyncio.Task[None] | None = None
@@ -169,7 +169,7 @@ class OverlayStage(Stage[OverlayParams]):
             self._emitted[push.id] = emitted
             while len(self._emitted) > RECEIPTS_KEPT:
                 self._emitted.popitem(last=False)
-            self._advice = {push.wake: push}  # the page shows one advice at a time: the newest wake
+            self._advice = push
             self._push(push)
 
     async def close(self) -> None:
@@ -195,7 +195,8 @@ class OverlayStage(Stage[OverlayParams]):
         state: list[ServerMessage] = list(self._ticker)
         if self._metrics is not None:
             state.append(self._metrics)
-        state.extend(self._advice.values())
+        if self._advice is not None:
+            state.append(self._advice)
         return state
 
     def _rendered(self, push_id: int) -> None:

@@ -85,7 +85,6 @@ class OverlayServer:
         self.on_drop = on_drop
         self.clients: set[_Client] = set()
         self.state: Callable[[], list[ServerMessage]] = list  # what a new client is shown first
-        self.refused = 0
         self._runner: Any = None
         self._page = ""
 
@@ -147,7 +146,6 @@ class OverlayServer:
         from aiohttp import web
 
         if not self._allowed(request):
-            self.refused += 1
             return web.Response(status=403, text="forbidden: this overlay needs its token (?token=...)\n")
         return web.Response(text=self._page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-store"})
@@ -156,7 +154,6 @@ class OverlayServer:
         from aiohttp import WSMsgType, web
 
         if not self._allowed(request):
-            self.refused += 1
             return web.Response(status=403, text="forbidden: this overlay needs its token (?token=...)\n")
         if len(self.clients) >= self.max_clients:
             return web.Response(status=503, text="too many overlay clients\n")

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from copilot.advice import ADVICE_SCHEMA, SCHEMA_TEXT, AdviceRequest, BackendError, BackendOptions, parse_advice
+from copilot.net import free_port
 from engines.llm_openai import OpenAIBackend, normalise_url, short_reason
 
 pytestmark = pytest.mark.usefixtures("leak_check")
@@ -130,12 +130,6 @@ async def serve(fake: Fake, port: int = 0) -> AsyncIterator[str]:
     finally:
         fake.release.set()
         await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def collect(backend: OpenAIBackend, req: AdviceRequest | None = None) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.browser import BROWSER_ARGS, chromium_path
 from copilot.messages import Advice, Event, Metrics, StageMetrics
 from copilot.stage import StageContext
 from copilot.testing import make_envelope
@@ -27,11 +28,8 @@ from stages.overlay import OverlayParams, OverlayStage
 from stages.overlay_protocol import AdvicePush, EventPush, Hello, Rendered, decode_server, encode
 
 aiohttp = pytest.importorskip("aiohttp")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_browser = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Debian chromium is not installed (tests/run.sh installs it)")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 @asynccontextmanager
@@ -49,7 +47,7 @@ async def overlay(**params: Any) -> AsyncIterator[OverlayStage]:
 async def browser_page(url: str) -> AsyncIterator[Any]:
     playwright = pytest.importorskip("playwright.async_api")
     async with playwright.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        browser = await pw.chromium.launch(executable_path=chromium_path(), args=BROWSER_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 720})
             yield page
@@ -243,10 +241,10 @@ def test_a_replay_with_the_overlay_pushes_events_advice_and_the_pipeline_s_figur
     import time
 
     from copilot.commands import sample_clip
+    from copilot.net import free_port
     from stages.overlay_protocol import MetricsPush
-    from tests.test_overlay_live import _free_port
 
-    port = _free_port()
+    port = free_port()
     metrics = tmp_path / "m.json"
     proc = subprocess.Popen([sys.executable, "-m", "copilot", "replay", str(sample_clip()), "--until", "12",
                              "--overlay", "web", "--overlay-port", str(port), "--metrics-out", str(metrics), "-q"],
@@ -299,10 +297,10 @@ def test_overlay_window_opens_the_native_window_and_times_what_it_draws(tmp_path
     import sys
 
     pytest.importorskip("PySide6")
+    from copilot.net import free_port
     from copilot.testing import descendants
-    from tests.test_overlay_live import _free_port
 
-    port = _free_port()
+    port = free_port()
     metrics = tmp_path / "m.json"
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
     proc = subprocess.Popen([sys.executable, "-m", "copilot", "demo", "--until", "12", "--overlay", "window",

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_overlay import BROWSER_ARGS, CHROMIUM, needs_browser
+from bench.browser import SHOWN_ADVICE, overlay_page
+from copilot.net import free_port
+from tests.test_overlay import needs_browser
 from tests.test_window_game import (
     ROOT,
     _start_game,
@@ -33,42 +35,17 @@ __all__ = ["display", "pulse"]  # fixtures used below
 FPS = 30.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _watch_page(url: str, live: subprocess.Popen[str], seconds: float) -> list[str]:
     """Open the overlay page as soon as it serves and collect every advice text it shows."""
-    from playwright.sync_api import Error, sync_playwright
-
     seen: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 720})
-            deadline = time.monotonic() + 30
-            while True:  # the page serves once every group has started
-                try:
-                    page.goto(url, timeout=2000)
-                    break
-                except Error:
-                    assert live.poll() is None, "the copilot exited before serving the overlay"
-                    assert time.monotonic() < deadline, "the overlay page never came up"
-                    time.sleep(0.3)
-            page.wait_for_function("document.body.dataset.connected === '1'", timeout=10000)
-            end = time.monotonic() + seconds
-            while time.monotonic() < end and live.poll() is None:
-                text = page.evaluate("""() => document.getElementById('advice').classList.contains('shown') ?
-                                        document.getElementById('advice-text').textContent : ''""")
-                if text and text not in seen:
-                    seen.append(text)
-                page.wait_for_timeout(100)
-        finally:
-            browser.close()
+    with overlay_page(url, until_serving=live, wait_s=30) as page:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and live.poll() is None:
+            shown = page.evaluate(SHOWN_ADVICE)
+            text = shown.split("|", 1)[1] if shown else ""
+            if text and text not in seen:
+                seen.append(text)
+            page.wait_for_timeout(100)
     return seen
 
 
@@ -81,7 +58,7 @@ def test_live_game_with_the_overlay_shows_advice_in_a_browser(display: str, puls
                                                               tmp_path: Path) -> None:
     pytest.importorskip("playwright")
     env = dict(pulse, DISPLAY=display)
-    port = _free_port()
+    port = free_port()
     events, advice, record, metrics = (tmp_path / n for n in ("e.jsonl", "a.jsonl", "r.mp4", "m.json"))
     game = _start_game(env, 60)
     live = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before PySide6 creates 
 pytest.importorskip("PySide6")
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from copilot.net import free_port
 from stages import overlay_window as ow
 from stages.overlay_protocol import (
     AdvicePush,
@@ -223,12 +223,6 @@ def test_ticker_keeps_the_last_lines_and_the_panel_marks_slow_stages(view: ow.Ov
 
 
 # -- the program --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def window_cmd(*args: str) -> list[str]:

@@ -30,6 +30,7 @@ from copilot.errors import UsageError
 from copilot.group import GroupRunner, RunOptions
 from copilot.links import contexts
 from copilot.messages import Control, Done, Envelope, Error, Ready, Start
+from copilot.net import free_port
 from copilot.registry import register_stage
 from copilot.stage import Stage
 from copilot.supervisor import RunResult, Supervisor
@@ -196,14 +197,6 @@ def test_a_group_restarted_after_its_upstream_finished_ends_the_run(atari_clip: 
     assert sup.groups["work"].done  # ended by itself, not stopped
     for st in sup.groups.values():
         assert not st.process.is_alive()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def with_remote_work_group(data: dict[str, Any]) -> dict[str, Any]:
