@@ -8,8 +8,9 @@ terminates what is left.  No process it started outlives it.
 
 It also publishes the merged per-stage figures, at every report, on a PUB socket of its own (the
 metrics feed, ``ipc://`` in the run directory; its endpoint reaches every stage as the run option
-``metrics_feed``): the overlay's latency panel shows them.  A feed nobody reads costs nothing, and a
-reader that falls behind loses old reports (PUB drops at its high-water mark), never slows the run.
+``metrics_feed``): the overlay's latency panel shows them.  A feed nobody reads costs one small encode
+per report, and a reader that falls behind loses old reports (PUB drops at its high-water mark), never
+slows the run.
 """
 
 from __future__ import annotations
