@@ -5,6 +5,13 @@ Encoders run in different processes and at different speeds, so their outputs re
 stage out of order (at max speed, by hundreds of milliseconds).  Fusion must compare like with
 like, so inputs wait in :class:`MediaTimeOrder` until every active producer has reached their
 time (a watermark).
+
+When is a producer gone rather than slow?  At real-time speed a producer that has fallen
+``idle_s`` of media behind the newest has stalled, and waiting for it would make every event
+late.  In a lossless run (``--speed max``: annotate, the tuner's caches) media time runs as fast
+as the slowest encoder, so a producer seconds of media behind is merely slower, and releasing
+the others without it would decide differently from one run to the next.  There a producer is
+gone only when it has been silent for ``idle_s`` of wall-clock time (pass ``clock``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import heapq
 import math
 from typing import Generic, TypeVar
+
+from copilot.clock import Clock
 
 T = TypeVar("T")
 
@@ -29,12 +38,17 @@ class MediaTimeOrder(Generic[T]):
 
     Inputs of equal media time leave in ``(stream, rank)`` order, not in the order they happened
     to arrive from other processes, so a run is repeatable.
+
+    With ``clock`` (a lossless run) ``idle_s`` is wall-clock silence instead: a producer holds the
+    others back however far behind in media time it is, for as long as it is still heard from.
     """
 
-    def __init__(self, idle_s: float = 1.0) -> None:
+    def __init__(self, idle_s: float = 1.0, *, clock: Clock | None = None) -> None:
         self.idle_s = idle_s
+        self.clock = clock
         self._heap: list[tuple[float, str, int, int, T]] = []
         self._last: dict[str, float] = {}
+        self._heard_ns: dict[str, int] = {}  # (with a clock) when each producer was last heard from
         self._n = 0
         self.newest = -math.inf
 
@@ -50,10 +64,16 @@ class MediaTimeOrder(Generic[T]):
         """``source`` has nothing to send before ``t`` (it sent an input of that time, or a heartbeat)."""
         self._last[source] = max(self._last.get(source, -math.inf), t)
         self.newest = max(self.newest, t)
+        if self.clock is not None:
+            self._heard_ns[source] = self.clock.now_ns()
 
     @property
     def watermark(self) -> float:
-        active = [t for t in self._last.values() if t >= self.newest - self.idle_s]
+        if self.clock is None:
+            active = [t for t in self._last.values() if t >= self.newest - self.idle_s]
+        else:
+            since_ns = self.clock.now_ns() - int(self.idle_s * 1e9)
+            active = [t for src, t in self._last.items() if self._heard_ns[src] >= since_ns]
         return min(active) if active else self.newest
 
     def pop_ready(self, *, all_: bool = False) -> list[tuple[float, T]]:

@@ -478,6 +478,8 @@ class TriggerStageParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
     overrides: dict[str, Any] = {}
     idle_s: float = 1.0  # an input this far behind the newest one no longer holds the others back
+    # in a lossless run (--speed max) a producer holds the others back until silent this long (wall clock)
+    lossless_idle_s: float = 10.0
 
 
 # what the media-time merge holds: a graded-signal input, a cue or a game state
@@ -505,7 +507,10 @@ class TriggerStage(Stage[TriggerStageParams]):
     def __init__(self, ctx: StageContext, params: TriggerStageParams) -> None:
         super().__init__(ctx, params)
         self.detector: TriggerDetector | None = None
-        self.order: MediaTimeOrder[_Input] = MediaTimeOrder(params.idle_s)
+        # a lossless run waits for a slow encoder however far behind it is, so it decides the same every time
+        self.order: MediaTimeOrder[_Input] = (
+            MediaTimeOrder(params.lossless_idle_s, clock=ctx.clock) if ctx.speed is None
+            else MediaTimeOrder(params.idle_s))
         self._restarted = ctx.incarnation > 0  # its events are marked until its baselines have refilled
 
     @classmethod

@@ -68,3 +68,27 @@ def test_heartbeats_advance_a_producer_that_sent_nothing() -> None:
     assert o.pop_ready() == []
     o.advance("hud_ocr", 1.0)
     assert o.pop_ready() == [(1.0, "h")]
+
+
+def test_with_a_clock_a_producer_far_behind_holds_the_others_until_it_falls_silent() -> None:
+    """A lossless run (``--speed max``): media time runs as fast as the slowest encoder, so a
+    producer seconds of media behind is slower, not gone; only wall-clock silence says it stopped."""
+    from copilot.clock import VirtualClock
+
+    clock = VirtualClock()
+    o: MediaTimeOrder[str] = MediaTimeOrder(idle_s=10.0, clock=clock)
+    o.push(0.0, "hud", "h0")
+    for k in range(1, 60):  # audio races 6 s of media ahead in well under a second of wall time
+        o.push(k / 10, "audio", f"a{k}")
+        clock.advance(10_000_000)
+    assert [item for _, item in o.pop_ready()] == ["h0"]  # everything else waits for the hud
+    o.push(3.0, "hud", "h30")
+    assert [t for t, _ in o.pop_ready()][-1] == pytest.approx(3.0)
+    clock.advance(10_500_000_000)  # the hud says nothing for 10.5 s: it has stopped
+    o.push(6.0, "audio", "a60")
+    assert [t for t, _ in o.pop_ready()][-1] == pytest.approx(6.0)
+    media_only: MediaTimeOrder[str] = MediaTimeOrder(idle_s=1.0)  # real time: 1 s of media behind is gone
+    media_only.push(0.0, "hud", "h0")
+    for k in range(1, 60):
+        media_only.push(k / 10, "audio", f"a{k}")
+    assert [t for t, _ in media_only.pop_ready()][-1] == pytest.approx(5.9)

@@ -556,3 +556,32 @@ def test_a_moment_decided_once_is_not_decided_again_when_its_sound_comes_after()
         out += det.observe(t, "audio", {"onset": 50.0 if k == 309 else 0.0})  # ... its sound at 10.3 s
     out += det.finish()
     assert [e.event.t for e in out] == [10.0], [(e.event.t, e.event.event_kind, e.decided_at) for e in out]
+
+
+def _events_with_the_hud_lagging(lag_frames: int, speed: float | None) -> list[dict[str, Any]]:
+    """The HUD (with its revert at 9 s) and an audio encoder, both running from the start; then the
+    HUD falls ``lag_frames`` behind the audio, as a slow encoder does in a run at max speed."""
+    policy = HudCuePolicy()
+    hud = [hud_envelopes(policy, i) for i in range(12 * FPS)]
+    audio = [[make_envelope(Features(name="audio", values={"onset": 40.0 if i == 9 * FPS + 2 else 1.0}),
+                            t_media=i / FPS, source="audio_features")] for i in range(12 * FPS)]
+    envs: list[Any] = []
+    for i in range(12 * FPS):
+        envs += audio[i]
+        if i >= lag_frames:
+            envs += hud[i - lag_frames]
+    for i in range(12 * FPS - lag_frames, 12 * FPS):
+        envs += hud[i]
+    res = run_stage("trigger", envs, input_signals=BUILTIN, speed=speed)
+    return [e.record() for e in res["events"]]
+
+
+def test_a_lossless_run_waits_for_a_slow_encoder_however_far_behind_so_it_decides_the_same_every_time() -> None:
+    """At max speed an encoder seconds of media behind the others is slower, not gone: the tuner's
+    replay of what annotate sent the trigger differed from annotate's own events when the HUD
+    stage fell more than ``idle_s`` behind on a loaded CI machine (one reason more or less)."""
+    in_step = _events_with_the_hud_lagging(0, speed=None)
+    assert [e["priority"] for e in in_step] == ["critical"]
+    assert _events_with_the_hud_lagging(3 * FPS, speed=None) == in_step
+    # at real-time speed a producer a second of media behind has stalled: the others go on without it
+    assert _events_with_the_hud_lagging(3 * FPS, speed=1.0) != in_step
