@@ -169,6 +169,22 @@ class Advice(msgspec.Struct, tag="advice", kw_only=True):
         return rec
 
 
+class Context(msgspec.Struct, tag="context", kw_only=True):
+    """The session so far, compressed for the reasoner's context slot (HiCo's snapshot).
+
+    ``spans`` are ``(t_start, t_end, frames)`` per token, in time order, disjoint; ``tokens`` the
+    token vectors (n x dim float32, travelling as their own frame) for a backend that takes
+    embeddings (the transformers backend through a ProjectorBank); ``text`` the same spans as
+    words, for any backend.  ``source`` names the embedding stream compressed (``thumb``,
+    ``siglip`` ...)."""
+
+    t: float
+    text: str
+    spans: list[tuple[float, float, int]] = []
+    tokens: np.ndarray | None = None
+    source: str = ""
+
+
 class LatencySummary(msgspec.Struct, kw_only=True):
     p50: float
     p95: float
@@ -263,11 +279,11 @@ class InputsEnded(msgspec.Struct, tag="inputs_ended", kw_only=True):
 Control = Heartbeat | Ready | Start | EndOfStream | Stop | Done | Error | InputsEnded
 CONTROL_TYPES: tuple[type[msgspec.Struct], ...] = (Heartbeat, Ready, Start, EndOfStream, Stop, Done, Error, InputsEnded)
 
-Payload = (VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Question | Advice | Metrics
-           | Control)
+Payload = (VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Question | Advice | Context
+           | Metrics | Control)
 
 DATA_TYPES: tuple[type[msgspec.Struct], ...] = (VideoFrame, AudioChunk, Features, Cue, GameState, Event, Transcript,
-                                                 Question, Advice, Metrics)
+                                                 Question, Advice, Context, Metrics)
 PAYLOAD_TYPES: tuple[type[msgspec.Struct], ...] = DATA_TYPES + CONTROL_TYPES
 # the envelope's kind: a data payload's own tag, "control" for every control struct
 KIND_OF: dict[type, str] = {

@@ -22,6 +22,7 @@ from copilot.messages import (
     WIRE_VERSION,
     Advice,
     AudioChunk,
+    Context,
     Cue,
     Done,
     EndOfStream,
@@ -109,6 +110,9 @@ PAYLOADS: dict[type, Any] = {
                       structured=st.dictionaries(TEXT, JSON, max_size=4),
                       latency_ms=st.dictionaries(TEXT, FLOATS, max_size=3), final=st.booleans(), wake=UINT63,
                       question=st.text(max_size=80), saw_images=st.booleans()),
+    Context: st.builds(Context, t=FLOATS, text=st.text(max_size=200),
+                       spans=st.lists(st.tuples(FLOATS, FLOATS, st.integers(0, 2**31)), max_size=4),
+                       tokens=st.none() | arrays(np.float32, 2, 2, 8), source=TEXT),
     Metrics: st.builds(Metrics, group=TEXT, stages=st.lists(stage_metrics, max_size=3)),
     Heartbeat: st.builds(Heartbeat, pid=st.none() | UINT63),
     Ready: st.builds(Ready),
@@ -195,7 +199,7 @@ def good_video() -> list[Any]:
 # -- round trips --------------------------------------------------------------------------------
 def test_every_kind_has_a_strategy() -> None:
     assert set(PAYLOADS) == set(PAYLOAD_TYPES)
-    assert len(KINDS) == len(set(KINDS)) == 11
+    assert len(KINDS) == len(set(KINDS)) == 12
 
 
 @pytest.mark.parametrize("kind", PAYLOAD_TYPES, ids=lambda t: t.__name__)
