@@ -28,12 +28,14 @@ BENCHMARKS = {
     "reasoner": "event-to-advice latency per reasoner backend over a replay at real time, and wakes per minute",
     "overlay": "advice emitted -> drawn in a real browser (chromium) over a replay at real time; --screenshot",
     "soak": "a long live session beside the windowed game (Xvfb, PulseAudio): fps, drops, RSS per group, restarts",
+    "hico": "HiCo over 10 min of real gameplay: reconstruction cosine against uniform pooling, update cost, memory",
 }
 # ``gamecopilot NAME ARGS`` for the tools registered as ``gamecopilot.tools`` entry points (engines
 # implement them); these are the ones ``--help`` lists.
 TOOLS = {
     "llm-server": "start a small OpenAI-compatible LLM server on the CPU (llama.cpp, SmolLM2-135M) for --llm-url",
     "devices": "list monitors (with geometry), windows and audio devices (loopback sources marked), or --json",
+    "ask": "question a session's timeline (--session DIR of replay, live, demo): '@03:12 why did I die?'",
 }
 
 
@@ -110,7 +112,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
         p.add_argument("--speed", type=_speed, default=1.0, help=f"pacing: {SPEEDS} (default 1 = real time)")
     p.add_argument("--config", "-c", help="pipeline YAML (default: configs/default.yaml)")
     p.add_argument("--profile", help="game profile name or YAML path")
-    p.add_argument("--session", help="session directory for the timeline (not built yet)")
+    p.add_argument("--session", metavar="DIR", help="write the session's timeline (events, game state, speech, "
+                   "advice, keyframes; SQLite) into this new directory; question it with `gamecopilot ask DIR`")
     p.add_argument("--reasoner", choices=["auto", "rules", "openai", "transformers", "none"], default="auto",
                    help="what answers significant events: auto (a configured model, else rules; the default), rules "
                    "(no model), openai (--llm-url), transformers (--llm-model), none (perception only)")
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="replay the bundled sample clip at real time through the default pipeline")
     _add_run_options(p)
     p.add_argument("--until", type=_time, help="stop at this media time (seconds or MM:SS)")
+    p.add_argument("--no-session", action="store_true", help="write no timeline (by default the demo writes one "
+                   "under ~/.local/state/gameplay-copilot/sessions/ unless --session DIR says where)")
 
     p = sub.add_parser("replay", help="push a recording through the pipeline at real-time speed")
     p.add_argument("file", help="video/audio file")

@@ -42,19 +42,32 @@ def _check_asr_stage(args: argparse.Namespace, cfg: Any, where: str) -> None:
         raise UsageError(f"--asr-model: the pipeline {where} has no asr stage to use it")
 
 
-# options of DESIGN.md's command line whose stages are later issues: refused, not ignored
-NOT_BUILT = {
-    "session": ("--session", "the session timeline", "nothing would use it"),
-}
 REASONER_KIND = "reasoner"
+TIMELINE_KIND = "timeline"
+HICO_KIND = "hico"
+TIMELINE_FILE = "timeline.sqlite"  # (stages/timeline_db.py names it too: the core imports no stage)
 
 
-def _check_not_built(args: argparse.Namespace) -> None:
-    """An option whose stage does not exist yet would silently do nothing: say so instead (before
-    any output file is touched)."""
-    for name, (flag, what, why) in NOT_BUILT.items():
-        if getattr(args, name, None):
-            raise UsageError(f"{flag}: {what} is not built yet, so {why}")
+def _session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--session DIR``: the run option ``session`` (an absolute directory, made here).  A directory
+    that already holds a session is refused: two runs in one timeline would mix their media times,
+    and nothing already written is ever overwritten."""
+    where = getattr(args, "session", None)
+    if not where:
+        return {}
+    d = Path(where).expanduser()
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--session {where}: exists and is not a directory")
+    if (d / TIMELINE_FILE).exists():
+        raise UsageError(f"--session {where}: already holds a session ({TIMELINE_FILE}); question it with "
+                         f"`gamecopilot ask {where}`, or give a new directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--session {where}: cannot make the directory ({exc.strerror or exc})") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"--session {where}: not writable")
+    return {"session": str(d.resolve())}
 
 
 OVERLAY_KIND = "overlay"
@@ -91,6 +104,7 @@ def _announced_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, 
     each stage that cares has to say about them (what will answer, where the overlay is), to print once
     every check has passed; a combination that cannot work is a UsageError here."""
     options: dict[str, Any] = {"pipeline_name": cfg.name}
+    options.update(_session_options(args))
     for name in ("reasoner", "llm_url", "llm_model"):
         value = getattr(args, name, None)
         if value:
@@ -109,6 +123,8 @@ def _announced_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, 
         raise UsageError(f"--reasoner: the pipeline {where} has no reasoner stage")
     if options.get("overlay") and OVERLAY_KIND not in kinds:
         raise UsageError(f"--overlay: the pipeline {where} has no overlay stage")
+    if options.get("session") and TIMELINE_KIND not in kinds:
+        raise UsageError(f"--session: the pipeline {where} has no timeline stage to write it")
     return options, lines
 
 
@@ -310,13 +326,15 @@ def execute(
     from copilot.supervisor import Supervisor
 
     setup_logging(_log_level(args))
-    _check_not_built(args)
     reasoner = getattr(args, "reasoner", None) or "auto"
     if reasoner == "none" and getattr(args, "advice_out", None):
         raise UsageError("--advice-out: --reasoner none gives no advice to write")
-    without = [REASONER_KIND] if reasoner == "none" else []
+    # HiCo's context is for the reasoner: without one (--reasoner none, annotate) it goes too
+    without = [REASONER_KIND, HICO_KIND] if reasoner == "none" else []
     if (getattr(args, "overlay", None) or "none") == "none":
         without.append(OVERLAY_KIND)
+    if not getattr(args, "session", None):
+        without.append(TIMELINE_KIND)
     cfg, data, cfg_path, overrides, total_media_s = prepare_run(
         args.config, input_file=input_file, start=start, until=until, source=source, without_kinds=without,
     )
@@ -329,6 +347,8 @@ def execute(
                                defer_empty=to_empty)
     if profile:
         options["profile"] = profile
+    if input_file:
+        options["input"] = str(Path(input_file).resolve())  # (the session records what it watched)
     options.update(run_options)
     speed = getattr(args, "speed", 1.0)
     progress = getattr(args, "progress", False)  # annotate: a progress bar and a one-line summary
@@ -406,6 +426,12 @@ def execute(
         out = Console() if sys.stdout.isatty() else Console(width=120)
         out.print(metrics_table(result.stages, title=f"{cfg.name}: {result.media_s:.1f} s of media in "
                                 f"{result.wall_s:.1f} s ({report['realtime_factor']:.2f}x real time)"))
+    session = run_options.get("session")
+    if session and result.started:
+        import shlex
+
+        print(f"gamecopilot: the session's timeline is in {session}; question it with: gamecopilot ask "
+              f"{shlex.quote(session)} '@00:30 what happened?'", file=sys.stderr)
     if not result.interrupted:
         return 0
     return 128 + (result.stop_signal or signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
@@ -522,10 +548,29 @@ def cmd_live(args: argparse.Namespace) -> int:
     return execute(args, input_file=None, source=("capture", params, record))
 
 
+def default_session_dir(name: str) -> Path:
+    """A new session directory under the user's state directory (``$XDG_STATE_HOME``, else
+    ``~/.local/state``): ``gameplay-copilot/sessions/NAME-YYYYmmdd-HHMMSS``."""
+    import datetime
+
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")  # a name for people, not a clock the pipeline uses
+    d = base / "gameplay-copilot" / "sessions" / f"{name}-{stamp}"
+    n = 1
+    while d.exists():
+        n += 1
+        d = d.with_name(f"{name}-{stamp}-{n}")
+    return d
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     clip = sample_clip()
     if not clip.is_file():
         raise UsageError(f"the bundled sample clip is missing ({clip}); see bench/data/README.md")
+    if args.no_session and args.session:
+        raise UsageError("--no-session and --session contradict each other: give one")
+    if not args.session and not args.no_session:
+        args.session = str(default_session_dir("demo"))
     return execute(args, input_file=str(clip), until=args.until)
 
 
@@ -563,7 +608,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from copilot.logs import setup_logging
 
     setup_logging(_log_level(args))
-    _check_not_built(args)
     cfg, _, _, overrides, _ = prepare_run(args.config, input_file=args.input)
     if args.group not in cfg.groups():
         raise UsageError(f"{args.config}: no placement group {args.group!r} (groups: {', '.join(cfg.groups())})")
@@ -575,6 +619,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
                                defer_empty=to_empty)
     if profile:
         options["profile"] = profile
+    options.update(_session_options(args))
     sup = cfg.supervisor
     opts = RunOptions(
         run_dir=run_dir,

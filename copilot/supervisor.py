@@ -424,6 +424,7 @@ class Supervisor:
             if not self._started and not self._stopping:
                 if all(g.ready for g in self.groups.values()):
                     self._started = True
+                    log.info("every group is ready (%s): the run starts", ", ".join(self.groups))
                     if self.on_ready is not None:
                         self.on_ready()
                     self._t_start_ns = self.clock.now_ns()

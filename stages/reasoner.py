@@ -42,7 +42,7 @@ from copilot.advice import (
     streamed_field,
 )
 from copilot.errors import UsageError
-from copilot.messages import Advice, Envelope, Event, GameState, Priority, Question, VideoFrame
+from copilot.messages import Advice, Context, Envelope, Event, GameState, Priority, Question, VideoFrame
 from copilot.profile import Profile, profile_from_options
 from copilot.registry import available, register_stage, resolve
 from copilot.stage import Stage, StageContext
@@ -66,6 +66,8 @@ class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     frame_step_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.5
     max_tokens: Annotated[int, msgspec.Meta(ge=16, le=4096)] = 128
     drain_s: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0  # at the end of input, wait this long for advice
+    # HiCo sends its snapshot right after the event that wakes us: wait this long for one as new as the event
+    context_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=2000.0)] = 150.0
 
 
 def effective_backend(params: ReasonerParams, options: dict[str, Any]) -> tuple[str, BackendOptions, str]:
@@ -92,7 +94,7 @@ def backend_class(kind: str) -> type[AdviceBackend]:
 @register_stage("reasoner")
 class ReasonerStage(Stage[ReasonerParams]):
     Params = ReasonerParams
-    accepts = (Event, GameState, VideoFrame, Question)
+    accepts = (Event, GameState, VideoFrame, Question, Context)
     output_ports = ("advice",)
 
     _wake_ids: ClassVar[itertools.count[int]] = itertools.count(1)
@@ -133,6 +135,8 @@ class ReasonerStage(Stage[ReasonerParams]):
         self.ring = FrameRing(keep_s=max(2.0, (p.frames_before + 2) * p.frame_step_s), step_s=p.frame_step_s,
                               size=self.llm_options.image_size)
         self.state: GameState | None = None
+        self.context: Context | None = None  # HiCo's newest snapshot of the session (the prompt's context slot)
+        self._context_came = asyncio.Event()
         self.recent: deque[dict[str, Any]] = deque(maxlen=max(1, p.recent_events))
         self.media_t = 0.0
         self._kick = asyncio.Event()
@@ -171,6 +175,10 @@ class ReasonerStage(Stage[ReasonerParams]):
             return
         if isinstance(p, GameState):
             self.state = p
+            return
+        if isinstance(p, Context):
+            self.context = p
+            self._context_came.set()
             return
         if self.backend is None:
             return
@@ -227,14 +235,41 @@ class ReasonerStage(Stage[ReasonerParams]):
         assert self.backend is not None
         recent = [r for r in self.recent if r is not wake.event][-self.params.recent_events:]
         frames = self.ring.around(wake.t, self.params.frames_before) if self.backend.takes_images else []
-        return build_request(
+        ctx = self.context
+        request = build_request(
             event=wake.event, question=wake.question, merged=wake.merged, state=self.state, recent=recent,
-            game=self.profile.description or self.profile.name, notes=self.profile.notes, context="",
+            game=self.profile.description or self.profile.name, notes=self.profile.notes,
+            context="" if ctx is None else ctx.text,
             frames=frames, takes_images=self.backend.takes_images, max_tokens=self.params.max_tokens)
+        if ctx is not None and ctx.tokens is not None and self.llm_options.projectors:
+            # HiCo's tokens reach a model only through trained projector weights (an untrained bank is noise)
+            request.embeddings = {f"hico_{ctx.source or 'tokens'}": ctx.tokens}
+        return request
+
+    async def _fresh_context(self, wake: Wake) -> None:
+        """Wait (at most ``context_wait_ms``) for a context snapshot as new as the wake's moment, when
+        a context stream feeds this stage and the backend reads it (rules do not)."""
+        assert self.backend is not None
+        if self.context is None or self.backend.name == "rules" or self.params.context_wait_ms <= 0:
+            return
+        deadline_ns = self.clock.now_ns() + int(self.params.context_wait_ms * 1e6)
+        while self.context.t < wake.t:
+            if self.clock.now_ns() >= deadline_ns:
+                self.recorder.note("context_late")
+                return
+            self._context_came.clear()
+            came = asyncio.ensure_future(self._context_came.wait())
+            timer = asyncio.ensure_future(self.clock.sleep_until_ns(deadline_ns))
+            _, pending = await asyncio.wait({came, timer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _answer(self, wake: Wake) -> str:
         backend = self.backend
         assert backend is not None
+        await self._fresh_context(wake)
         request = self._request(wake)
         text, first_ms = await self._stream(wake, request)
         advice = parse_advice(text)

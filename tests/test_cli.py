@@ -170,10 +170,24 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(media: dict[str,
     assert {p: p.read_text() for p in kept} == kept
 
 
-@pytest.mark.parametrize(("option", "needle"), [(["--session", "s1"], "--session: the session timeline is not")])
-def test_an_option_whose_stage_is_not_built_is_refused_not_ignored(option: list[str], needle: str,
-                                                                   media: dict[str, Path]) -> None:
-    assert_one_line_error(gamecopilot("replay", str(media["clip"]), *option, "-q"), needle)
+def test_a_session_directory_that_cannot_take_a_new_timeline_is_one_line_and_keeps_what_it_holds(
+        media: dict[str, Path], tmp_path: Path) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept\n")
+    assert_one_line_error(gamecopilot("replay", str(media["clip"]), "--session", str(a_file), "-q"),
+                          f"--session {a_file}: exists and is not a directory")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "timeline.sqlite").write_bytes(b"an earlier session")
+    assert_one_line_error(gamecopilot("replay", str(media["clip"]), "--session", str(earlier), "-q"),
+                          f"--session {earlier}: already holds a session")
+    assert (earlier / "timeline.sqlite").read_bytes() == b"an earlier session" and a_file.read_text() == "kept\n"
+    no_timeline = tmp_path / "pipeline.yaml"
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    cfg["stages"] = [st for st in cfg["stages"] if st["kind"] != "timeline"]
+    no_timeline.write_text(yaml.safe_dump(cfg))
+    res = gamecopilot("replay", str(media["clip"]), "-c", str(no_timeline), "--session", str(tmp_path / "s"), "-q")
+    assert_one_line_error(res, "--session: the pipeline")
 
 
 def test_an_overlay_that_cannot_start_is_one_line_before_any_output_is_written(media: dict[str, Path],
@@ -310,8 +324,9 @@ IDLE_OK = {"advice"}
 
 
 def default_run_stages() -> list[str]:
-    """The default pipeline's stages a run has without ``--overlay`` (which adds the overlay)."""
-    return [s.name for s in load_pipeline(default_config_path()).stages if s.kind != "overlay"]
+    """The default pipeline's stages a run has without ``--overlay`` and ``--session`` (which add the overlay
+    and the timeline)."""
+    return [s.name for s in load_pipeline(default_config_path()).stages if s.kind not in ("overlay", "timeline")]
 
 
 def check_metrics_schema(report: dict[str, Any], stage_names: list[str]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from copilot.advice import AdviceRequest, BackendError, BackendOptions, parse_advice
 from copilot.clock import VirtualClock
 from copilot.errors import UsageError
-from copilot.messages import Advice, Event, GameState, Question, TraceStamp, VideoFrame
+from copilot.messages import Advice, Context, Event, GameState, Question, TraceStamp, VideoFrame
 from copilot.testing import make_envelope, run_stage
 
 ANSWER = ['{"game_state": "lives 3", ', '"analysis": "the ball fell", ', '"advice": "Move ', 'early."}']
@@ -228,3 +228,21 @@ def test_a_backend_asked_for_without_what_it_needs_is_one_line() -> None:
         run_stage("reasoner", [], options={"reasoner": "openai"})
     with pytest.raises(UsageError, match="--llm-model"):
         run_stage("reasoner", [], options={"reasoner": "transformers"})
+
+
+def test_hicos_context_fills_the_prompts_context_slot_and_a_late_one_is_waited_for_briefly() -> None:
+    """HiCo sends its snapshot right after the event that wakes the reasoner: the prompt shows the newest
+    context as of that event (the one before it only when none came within ``context_wait_ms``)."""
+    clock = VirtualClock()
+    older = make_envelope(Context(t=4.0, text="00:00-00:04: 120 frames, steady"), t_media=4.0, clock=clock)
+    newer = make_envelope(Context(t=10.0, text="00:04-00:10: 180 frames, cut, events: life_lost (critical) at 00:10",
+                                  spans=[(0.0, 10.0, 300)], tokens=np.ones((2, 4), np.float32), source="thumb"),
+                          t_media=10.0, clock=clock)
+    res = run([older, event_env(10.0, "critical", clock), newer], ScriptedBackend, clock)
+    assert finals(res)
+    prompt = ScriptedBackend.requests[0].prompt
+    assert "Context: 00:04-00:10: 180 frames, cut, events: life_lost (critical) at 00:10" in prompt
+    assert ScriptedBackend.requests[0].embeddings == {}  # tokens reach a model only through projector weights
+    res = run([older, event_env(10.0, "critical", clock)], ScriptedBackend, clock, context_wait_ms=20)
+    assert "Context: 00:00-00:04: 120 frames, steady" in ScriptedBackend.requests[0].prompt
+    assert res.metrics.notes["context_late"] == 1

@@ -61,8 +61,10 @@ def test_reasoner_options_that_cannot_work_are_one_line(tmp_path: Path) -> None:
 
 
 def test_leaving_the_reasoner_out_takes_what_only_it_fed() -> None:
+    """(``--reasoner none`` leaves out HiCo too, whose context only the reasoner reads, and the
+    timeline goes without ``--session``.)"""
     data = load_yaml(default_config_path())
-    cfg = parse_pipeline(without_stages(data, ["reasoner"]), "default")
+    cfg = parse_pipeline(without_stages(data, ["reasoner", "hico", "timeline"]), "default")
     names = {s.name for s in cfg.stages}
     assert "reasoner" not in names and "advice" not in names  # the advice sink had no other input
     console = next(s for s in cfg.stages if s.name == "console")

@@ -419,6 +419,24 @@ def gamecopilot_process(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
             proc.communicate()
 
 
+def read_stderr_until(proc: subprocess.Popen[bytes], needle: str, timeout_s: float) -> bytes:
+    """What ``proc`` wrote on stderr up to and including the line holding ``needle``."""
+    import selectors
+
+    assert proc.stderr is not None
+    got = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while needle.encode() not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise AssertionError(f"no {needle!r} on stderr: {got.decode(errors='replace')}")
+            if sel.select(timeout=min(left, 0.5)):
+                got += proc.stderr.readline()
+    return got
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -465,7 +483,7 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_no_process(config: str, sig: 
                                                               tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) or SIGTERM: a graceful stop, exit 128 + the signal as shells expect."""
     metrics = tmp_path / "m.json"
-    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q",
+    args = [sys.executable, "-m", "copilot", "replay", str(atari_clip), "--speed", "1", "-q", "-v",
             "--metrics-out", str(metrics)]
     groups = 1
     if config == "two-groups":
@@ -473,10 +491,14 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_no_process(config: str, sig: 
         groups = 2
     with gamecopilot_process(args) as proc:
         children = wait_for_children(proc, groups)
-        time.sleep(1.5)  # let media flow
+        # once every group is ready (on a loaded machine that took more than the 1.5 s this used to
+        # allow, and a run stopped before it started rightly writes no metrics), let media flow
+        seen = read_stderr_until(proc, "every group is ready", timeout_s=60)
+        time.sleep(1.5)
         children |= descendants(proc.pid)
         proc.send_signal(sig)
-        _out, err = proc.communicate(timeout=30)
+        _out, rest = proc.communicate(timeout=30)
+    err = seen + rest
     deadline = time.monotonic() + 10
     while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
