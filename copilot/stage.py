@@ -120,6 +120,16 @@ class Stage(Generic[P]):
         self._prev_out_ns: int | None = None
         self._seq = 0
         self._port_t: dict[str, float] = {}  # media time of the last message or heartbeat per port
+        self._warned: set[str] = set()
+
+    def warn_once(self, key: str, line: str) -> None:
+        """One warning line per kind of trouble (``key``) for the stage's life; repeats go to debug, so a
+        fault that recurs on every input does not flood the console (count it in the metrics instead)."""
+        if key in self._warned:
+            self.log.debug("%s", line)
+            return
+        self._warned.add(key)
+        self.log.warning("%s", line)
 
     @classmethod
     def check(cls, params: P) -> object:

@@ -130,7 +130,6 @@ class HicoStage(Stage[HicoParams]):
         self._min_rank = _RANK[params.min_priority]
         self._next_t: float | None = None  # the media time the next periodic context is due
         self._fresh = 0  # frames since the last context
-        self._warned: set[str] = set()
 
     async def process(self, msg: Envelope) -> None:
         p = msg.payload
@@ -168,9 +167,7 @@ class HicoStage(Stage[HicoParams]):
         except ValueError as exc:
             reason = "late" if "backwards" in str(exc) else "bad_vector"
             self.recorder.drop(reason)
-            if reason not in self._warned:
-                self._warned.add(reason)
-                self.log.warning("hico: %s (dropped; counted as %s)", exc, reason)
+            self.warn_once(reason, f"hico: {exc} (dropped; counted as {reason})")
             return False
         self.recorder.observe_extra("update_ms", (time.perf_counter_ns() - t0) / 1e6)
         self._fresh += 1

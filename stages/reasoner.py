@@ -143,7 +143,6 @@ class ReasonerStage(Stage[ReasonerParams]):
         self._dispatcher: asyncio.Task[None] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._preempted: set[int] = set()
-        self._warned: set[str] = set()
 
     async def start(self) -> None:
         self.profile = profile_from_options(self.ctx.options)
@@ -161,7 +160,7 @@ class ReasonerStage(Stage[ReasonerParams]):
             raise UsageError(f"--reasoner {self.backend_kind}: its libraries are not installed ({exc}); "
                              f"pip install 'gameplay-copilot[{self.backend_kind}]'") from None
         except BackendError as exc:  # a server that is down now may be up at the first wake
-            self._warn(exc.why, f"reasoner: {exc}; perception goes on, and each wake tries again")
+            self.warn_once(exc.why, f"reasoner: {exc}; perception goes on, and each wake tries again")
             self.recorder.note(f"failed_{exc.why}")
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"{self.name}-dispatch")
 
@@ -219,7 +218,7 @@ class ReasonerStage(Stage[ReasonerParams]):
             outcome = "preempted" if wake.id in self._preempted else "cancelled"
             raise
         except BackendError as exc:
-            self._warn(exc.why, f"reasoner: {exc}")
+            self.warn_once(exc.why, f"reasoner: {exc}")
             self.recorder.note(f"failed_{exc.why}")
         except Exception as exc:  # a backend bug must not end the stage: perception goes on
             self.log.exception("reasoner: the %s backend failed", self.backend_kind)
@@ -280,7 +279,7 @@ class ReasonerStage(Stage[ReasonerParams]):
             if advice is not None:
                 self.recorder.note("repaired")
         if advice is None:
-            self._warn("invalid", f"reasoner: the {backend.name} backend's answer was not valid advice JSON "
+            self.warn_once("invalid", f"reasoner: the {backend.name} backend's answer was not valid advice JSON "
                        f"({text[:80]!r}...)")
             return "invalid"
         now = self.clock.now_ns()
@@ -360,13 +359,6 @@ class ReasonerStage(Stage[ReasonerParams]):
         for k, v in self.schedule.counts.items():
             self.recorder.notes[k] = v
 
-    def _warn(self, key: str, line: str) -> None:
-        """One warning line per kind of failure; the rest are counted (and logged at debug)."""
-        if key in self._warned:
-            self.log.debug("%s", line)
-            return
-        self._warned.add(key)
-        self.log.warning("%s", line)
 
 
 def _known() -> list[str]:

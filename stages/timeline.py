@@ -261,7 +261,6 @@ class TimelineStage(Stage[TimelineParams]):
         self._names: set[str] = set()
         self._media = 0.0
         self._ticker: asyncio.Task[None] | None = None
-        self._warned: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -275,7 +274,7 @@ class TimelineStage(Stage[TimelineParams]):
             self.directory or Path("."), batch_rows=p.batch_rows, batch_s=p.batch_s, max_pending=p.max_pending))
         if self._keyframes and importlib.util.find_spec("PIL") is None:
             self._keyframes = False
-            self._warn("pillow", "timeline: keyframes need Pillow (pip install pillow); facts are written without "
+            self.warn_once("pillow", "timeline: keyframes need Pillow (pip install pillow); facts are written without "
                                  "them")
         opts = self.ctx.options
         info: dict[str, Any] = {k: opts[k] for k in ("input", "source", "profile", "pipeline_name", "reasoner",
@@ -486,15 +485,9 @@ class TimelineStage(Stage[TimelineParams]):
     def _failed(self, exc: BaseException, what: str = "write") -> None:
         self.recorder.note("write_errors")
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self._warn(what, f"timeline: cannot {'write a keyframe in' if what == 'keyframe' else 'write'} "
+        self.warn_once(what, f"timeline: cannot {'write a keyframe in' if what == 'keyframe' else 'write'} "
                          f"{self.directory} ({text}); the run goes on, and what could not be written is lost")
 
-    def _warn(self, key: str, line: str) -> None:
-        if key in self._warned:
-            self.log.debug("%s", line)
-            return
-        self._warned.add(key)
-        self.log.warning("%s", line)
 
     # -- end ------------------------------------------------------------------------------------
     async def flush(self) -> None:

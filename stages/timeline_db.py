@@ -364,6 +364,19 @@ class TimelineWriter:
 _FACT_COLS = "id, t, t_end, kind, priority, text, data, keyframe"
 
 
+def _overlapping(start: float | None, end: float | None) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their arguments) for facts overlapping ``[start, end]``, either end open when None."""
+    where: list[str] = []
+    args: list[Any] = []
+    if end is not None:
+        where.append("t <= ?")
+        args.append(end)
+    if start is not None:
+        where.append("t_end >= ?")
+        args.append(start)
+    return where, args
+
+
 class TimelineReader:
     """A session directory's timeline, read-only (a run may still be writing it).
 
@@ -430,14 +443,7 @@ class TimelineReader:
     def facts(self, start: float | None = None, end: float | None = None, *,
               kinds: Iterable[str] | None = None) -> list[Fact]:
         """Facts that overlap ``[start, end]`` (either end open when None), in order of time."""
-        where: list[str] = []
-        args: list[Any] = []
-        if end is not None:
-            where.append("t <= ?")
-            args.append(end)
-        if start is not None:
-            where.append("t_end >= ?")
-            args.append(start)
+        where, args = _overlapping(start, end)
         if kinds is not None:
             ks = list(kinds)
             where.append(f"kind IN ({','.join('?' * len(ks))})")
@@ -460,14 +466,7 @@ class TimelineReader:
 
     def texts(self, start: float | None = None, end: float | None = None) -> Iterator[tuple[int, str]]:
         """``(id, text)`` of the facts overlapping the window (all when both are None)."""
-        where: list[str] = []
-        args: list[Any] = []
-        if end is not None:
-            where.append("t <= ?")
-            args.append(end)
-        if start is not None:
-            where.append("t_end >= ?")
-            args.append(start)
+        where, args = _overlapping(start, end)
         sql = "SELECT id, text FROM facts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         yield from self._conn.execute(sql, args)
 
