@@ -246,3 +246,13 @@ def test_hicos_context_fills_the_prompts_context_slot_and_a_late_one_is_waited_f
     res = run([older, event_env(10.0, "critical", clock)], ScriptedBackend, clock, context_wait_ms=20)
     assert "Context: 00:00-00:04: 120 frames, steady" in ScriptedBackend.requests[0].prompt
     assert res.metrics.notes["context_late"] == 1
+
+
+def test_with_projector_weights_hicos_tokens_go_into_the_request_as_embeddings() -> None:
+    clock = VirtualClock()
+    tokens = np.arange(8, dtype=np.float32).reshape(2, 4)
+    ctx = make_envelope(Context(t=10.0, text="00:00-00:10: 300 frames, steady", tokens=tokens, source="thumb"),
+                        t_media=10.0, clock=clock)
+    run([ctx, event_env(10.0, "critical", clock)], ScriptedBackend, clock, llm={"projectors": "bank.safetensors"})
+    sent = ScriptedBackend.requests[0].embeddings
+    assert list(sent) == ["hico_thumb"] and np.array_equal(sent["hico_thumb"], tokens)
