@@ -430,8 +430,11 @@ def execute(
     if session and result.started:
         import shlex
 
+        from copilot.timefmt import format_time
+
+        moment = format_time(min(30.0, result.media_s / 2))[:5]  # a moment the session holds
         print(f"gamecopilot: the session's timeline is in {session}; question it with: gamecopilot ask "
-              f"{shlex.quote(session)} '@00:30 what happened?'", file=sys.stderr)
+              f"{shlex.quote(session)} '@{moment} what happened?'", file=sys.stderr)
     if not result.interrupted:
         return 0
     return 128 + (result.stop_signal or signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM

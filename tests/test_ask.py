@@ -87,9 +87,9 @@ def test_the_demo_writes_a_session_that_ask_opens(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     res = gamecopilot("demo", "--until", "8", "--speed", "max", "-q", env=env)
     assert res.returncode == 0, res.stderr
-    line = next(x for x in res.stderr.splitlines() if "question it with: gamecopilot ask" in x)
+    lines = [x for x in res.stderr.splitlines() if "question it with: gamecopilot ask" in x]
     made = list((tmp_path / "state" / "gameplay-copilot" / "sessions").glob("demo-*"))
-    assert len(made) == 1 and str(made[0]) in line
+    assert len(lines) == 1 and len(made) == 1 and str(made[0]) in lines[0], res.stderr
     with TimelineReader(made[0]) as reader:
         newest = max(f.t for f in reader.all_facts())
     out = ask(made[0], "what happened in the last 3 seconds?")  # (before the newest fact)
