@@ -364,17 +364,15 @@ class TimelineWriter:
 _FACT_COLS = "id, t, t_end, kind, priority, text, data, keyframe"
 
 
+def _where(*conditions: tuple[str, Any]) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (``"t <= ?"``, value) whose value is given, and their arguments."""
+    given = [(sql, value) for sql, value in conditions if value is not None]
+    return [sql for sql, _ in given], [value for _, value in given]
+
+
 def _overlapping(start: float | None, end: float | None) -> tuple[list[str], list[Any]]:
     """SQL conditions (and their arguments) for facts overlapping ``[start, end]``, either end open when None."""
-    where: list[str] = []
-    args: list[Any] = []
-    if end is not None:
-        where.append("t <= ?")
-        args.append(end)
-    if start is not None:
-        where.append("t_end >= ?")
-        args.append(start)
-    return where, args
+    return _where(("t <= ?", end), ("t_end >= ?", start))
 
 
 class TimelineReader:
@@ -478,17 +476,7 @@ class TimelineReader:
     newest_t = duration
 
     def states(self, key: str | None = None, start: float | None = None, end: float | None = None) -> list[StateRow]:
-        where: list[str] = []
-        args: list[Any] = []
-        if key is not None:
-            where.append("key = ?")
-            args.append(key)
-        if start is not None:
-            where.append("t >= ?")
-            args.append(start)
-        if end is not None:
-            where.append("t <= ?")
-            args.append(end)
+        where, args = _where(("key = ?", key), ("t >= ?", start), ("t <= ?", end))
         sql = "SELECT t, key, value, fact FROM state" + (" WHERE " + " AND ".join(where) if where else "")
         return [StateRow(*r) for r in self._conn.execute(sql + " ORDER BY t, rowid", args)]
 
