@@ -68,6 +68,8 @@ class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drain_s: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0  # at the end of input, wait this long for advice
     # HiCo sends its snapshot right after the event that wakes us: wait this long for one as new as the event
     context_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=2000.0)] = 150.0
+    # the newest lines of HiCo's summary that fit: a long prompt costs a small CPU model seconds per wake
+    context_chars: Annotated[int, msgspec.Meta(ge=0, le=20000)] = 400
 
 
 def effective_backend(params: ReasonerParams, options: dict[str, Any]) -> tuple[str, BackendOptions, str]:
@@ -238,7 +240,7 @@ class ReasonerStage(Stage[ReasonerParams]):
         request = build_request(
             event=wake.event, question=wake.question, merged=wake.merged, state=self.state, recent=recent,
             game=self.profile.description or self.profile.name, notes=self.profile.notes,
-            context="" if ctx is None else ctx.text,
+            context="" if ctx is None else newest_lines(ctx.text, self.params.context_chars),
             frames=frames, takes_images=self.backend.takes_images, max_tokens=self.params.max_tokens)
         if ctx is not None and ctx.tokens is not None and self.llm_options.projectors:
             # HiCo's tokens reach a model only through trained projector weights (an untrained bank is noise)
@@ -359,6 +361,18 @@ class ReasonerStage(Stage[ReasonerParams]):
         for k, v in self.schedule.counts.items():
             self.recorder.notes[k] = v
 
+
+
+def newest_lines(text: str, max_chars: int) -> str:
+    """The last whole lines of ``text`` that fit in ``max_chars`` (HiCo's summary is oldest first)."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed(text.splitlines()):
+        size += len(line) + 1
+        if size > max_chars:
+            break
+        kept.append(line)
+    return "\n".join(reversed(kept))
 
 
 def _known() -> list[str]:

@@ -256,3 +256,12 @@ def test_with_projector_weights_hicos_tokens_go_into_the_request_as_embeddings()
     run([ctx, event_env(10.0, "critical", clock)], ScriptedBackend, clock, llm={"projectors": "bank.safetensors"})
     sent = ScriptedBackend.requests[0].embeddings
     assert list(sent) == ["hico_thumb"] and np.array_equal(sent["hico_thumb"], tokens)
+
+
+def test_the_prompt_keeps_the_newest_lines_of_the_context_that_fit() -> None:
+    from stages.reasoner import newest_lines
+
+    text = "00:00-00:10: old\n00:10-00:20: middle\n00:20-00:30: newest"
+    assert newest_lines(text, 1000) == text
+    assert newest_lines(text, 45) == "00:10-00:20: middle\n00:20-00:30: newest"
+    assert newest_lines(text, 10) == ""
