@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 Priority = Literal["critical", "high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low")
+PRIORITY_RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3: lower is more urgent
 
 
 class TraceStamp(msgspec.Struct, array_like=True, frozen=True):

@@ -19,7 +19,7 @@ from typing import TextIO
 
 import msgspec
 
-from copilot.messages import Advice, Envelope, Event, Transcript
+from copilot.messages import PRIORITY_RANK, Advice, Envelope, Event, Transcript
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 from copilot.timefmt import format_time
@@ -37,7 +37,6 @@ class ConsoleParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_priority: str = "low"  # print events of this priority and above
 
 
-_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 
 def format_message(msg: Envelope) -> str | None:
@@ -65,7 +64,7 @@ class ConsoleStage(Stage[ConsoleParams]):
         super().__init__(ctx, params)
         self._out = out or sys.stdout
         self._enabled = bool(ctx.options.get("console", True))
-        self._max_rank = _RANK.get(params.min_priority, 3)
+        self._max_rank = PRIORITY_RANK.get(params.min_priority, 3)
         self._legend_shown = False
         self._partial_open = False  # a partial advice line is on screen, to be overwritten
         try:
@@ -77,7 +76,7 @@ class ConsoleStage(Stage[ConsoleParams]):
         if not self._enabled:
             return
         p = msg.payload
-        if isinstance(p, Event) and _RANK.get(p.priority, 3) > self._max_rank:
+        if isinstance(p, Event) and PRIORITY_RANK.get(p.priority, 3) > self._max_rank:
             return
         line = format_message(msg)
         if line is None:

@@ -42,12 +42,10 @@ import msgspec
 import numpy as np
 
 from copilot.errors import UsageError
-from copilot.messages import PRIORITIES, Context, Envelope, Event, Features, Priority
+from copilot.messages import PRIORITY_RANK, Context, Envelope, Event, Features, Priority
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 from stages.hico_tokens import DEFAULT_BUDGET, DEFAULT_RECENT, ContextSnapshot, HiCo
-
-_RANK = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 
 # 1 - cos between two consecutive frames above which a span holds a cut: a change of screen (River
 # Raid's crash flashes: 0.33 to 0.68 between thumbnails), where ongoing play stays under 0.03 (the
@@ -127,7 +125,7 @@ class HicoStage(Stage[HicoParams]):
         self.check(params)
         self.hico: HiCo | None = None  # made at the first vector, when its width is known
         self.events: deque[Event] = deque(maxlen=params.events_kept)
-        self._min_rank = _RANK[params.min_priority]
+        self._min_rank = PRIORITY_RANK[params.min_priority]
         self._next_t: float | None = None  # the media time the next periodic context is due
         self._fresh = 0  # frames since the last context
 
@@ -135,7 +133,7 @@ class HicoStage(Stage[HicoParams]):
         p = msg.payload
         if isinstance(p, Event):
             self.events.append(p)
-            if _RANK.get(p.priority, len(_RANK)) <= self._min_rank:
+            if PRIORITY_RANK.get(p.priority, len(PRIORITY_RANK)) <= self._min_rank:
                 await self._emit(msg, max(p.t, msg.t_media))
             return
         if not isinstance(p, Features) or p.name != self.params.source:

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 import msgspec
 
 from copilot.errors import UsageError
-from copilot.messages import Advice, Envelope, Event, Metrics, StageMetrics
+from copilot.messages import PRIORITY_RANK, Advice, Envelope, Event, Metrics, StageMetrics
 from copilot.net import is_loopback
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
@@ -41,7 +41,6 @@ from stages.overlay_server import OverlayServer, address
 
 log = logging.getLogger(__name__)
 
-_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 RECEIPTS_KEPT = 512  # advice pushes waiting for a page's receipt (older ones are forgotten)
 
 
@@ -97,8 +96,9 @@ class OverlayStage(Stage[OverlayParams]):
 
     @classmethod
     def check(cls, params: OverlayParams) -> None:
-        if params.min_priority not in _RANK:
-            raise UsageError(f"overlay: min_priority must be one of {', '.join(_RANK)}, got {params.min_priority!r}")
+        if params.min_priority not in PRIORITY_RANK:
+            raise UsageError(f"overlay: min_priority must be one of {', '.join(PRIORITY_RANK)}, "
+                             f"got {params.min_priority!r}")
         if not is_loopback(params.host) and not params.token:
             raise UsageError(f"overlay: host {params.host} is beyond loopback: set a token")
 
@@ -132,7 +132,7 @@ class OverlayStage(Stage[OverlayParams]):
             max_clients=params.max_clients, queue_size=params.client_queue,
             on_rendered=self._rendered, on_drop=self.recorder.drop)
         self.server.state = self._state
-        self._min_rank = _RANK.get(params.min_priority, 2)
+        self._min_rank = PRIORITY_RANK.get(params.min_priority, 2)
         self._id = 0
         self._emitted: OrderedDict[int, int] = OrderedDict()  # advice push id -> when the reasoner emitted it
         self._advice: AdvicePush | None = None  # the latest advice push: the page shows one advice at a time
@@ -158,7 +158,7 @@ class OverlayStage(Stage[OverlayParams]):
     async def process(self, msg: Envelope) -> None:
         p = msg.payload
         if isinstance(p, Event):
-            if _RANK.get(p.priority, 3) <= self._min_rank:
+            if PRIORITY_RANK.get(p.priority, 3) <= self._min_rank:
                 self._push(EventPush(id=self._next_id(), t=p.t, kind=p.event_kind, priority=p.priority,
                                      score=round(p.score, 2), why=_why(p)))
         elif isinstance(p, Advice):

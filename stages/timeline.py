@@ -55,10 +55,10 @@ import msgspec
 import numpy as np
 
 from copilot.errors import UsageError
-from copilot.messages import Advice, Envelope, Event, GameState, Priority, Transcript, VideoFrame
+from copilot.messages import PRIORITY_RANK, Advice, Envelope, Event, GameState, Priority, Transcript, VideoFrame
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
-from stages.timeline_db import KEYFRAMES_DIR, PRIORITY_RANK, TimelineWriter, keyframe_name
+from stages.timeline_db import KEYFRAMES_DIR, TimelineWriter, keyframe_name
 
 # What each priority means, in words a person and a text search find ("when did I lose a life?").
 PRIORITY_MEANING: dict[str, str] = {

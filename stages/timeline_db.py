@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from copilot.errors import UsageError
+from copilot.messages import PRIORITY_RANK
 
 DB_NAME = "timeline.sqlite"
 KEYFRAMES_DIR = "keyframes"
@@ -59,7 +60,6 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x47435446  # "GCTF": a gamecopilot timeline file
 FORMAT = "gamecopilot-timeline"
 FACT_KINDS: tuple[str, ...] = ("event", "state", "ocr", "transcript", "advice", "link")
-PRIORITY_RANK: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS session(key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -65,7 +65,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from copilot.messages import PRIORITIES, Cue, Envelope, Event, Features, GameState, Priority
+from copilot.messages import PRIORITY_RANK, Cue, Envelope, Event, Features, GameState, Priority
 from copilot.order import MediaTimeOrder
 from copilot.profile import Profile, profile_from_options
 from copilot.registry import register_stage
@@ -73,7 +73,6 @@ from copilot.signals import SignalTable, pipeline_signals
 from copilot.stage import Stage, StageContext
 from stages.trigger_settings import TriggerParams, trigger_settings
 
-PRIORITY_RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}  # critical 0 ... low 3
 WAKES = ("critical", "high")
 # kinds named after two families that agree (a HUD step with a sound is the typical reward or death);
 # otherwise an event is named after its strongest family (Family.event_kind)
