@@ -46,6 +46,7 @@ from copilot.messages import Advice, Context, Envelope, Event, GameState, Priori
 from copilot.profile import Profile, profile_from_options
 from copilot.registry import available, register_stage, resolve
 from copilot.stage import Stage, StageContext
+from stages.reasoner_budget import PromptBudget
 from stages.reasoner_prompt import FrameRing, build_request
 from stages.reasoner_queue import ScheduleSettings, Wake, WakeSchedule
 
@@ -70,6 +71,9 @@ class ReasonerParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     context_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=2000.0)] = 150.0
     # the newest lines of HiCo's summary that fit: a long prompt costs a small CPU model seconds per wake
     context_chars: Annotated[int, msgspec.Meta(ge=0, le=20000)] = 400
+    # an answer should take at most this long (default: half of stale_s, so a wake waiting behind one
+    # answer is still fresh after its own); a slower backend gets less context (stages/reasoner_budget.py)
+    answer_budget_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
 
 
 def effective_backend(params: ReasonerParams, options: dict[str, Any]) -> tuple[str, BackendOptions, str]:
@@ -145,6 +149,7 @@ class ReasonerStage(Stage[ReasonerParams]):
         self._dispatcher: asyncio.Task[None] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._preempted: set[int] = set()
+        self.budget = PromptBudget(budget_s=p.answer_budget_s or p.stale_s / 2, max_chars=p.context_chars)
 
     async def start(self) -> None:
         self.profile = profile_from_options(self.ctx.options)
@@ -237,11 +242,22 @@ class ReasonerStage(Stage[ReasonerParams]):
         recent = [r for r in self.recent if r is not wake.event][-self.params.recent_events:]
         frames = self.ring.around(wake.t, self.params.frames_before) if self.backend.takes_images else []
         ctx = self.context
-        request = build_request(
-            event=wake.event, question=wake.question, merged=wake.merged, state=self.state, recent=recent,
-            game=self.profile.description or self.profile.name, notes=self.profile.notes,
-            context="" if ctx is None else newest_lines(ctx.text, self.params.context_chars),
-            frames=frames, takes_images=self.backend.takes_images, max_tokens=self.params.max_tokens)
+
+        def build(context: str) -> AdviceRequest:
+            return build_request(
+                event=wake.event, question=wake.question, merged=wake.merged, state=self.state, recent=recent,
+                game=self.profile.description or self.profile.name, notes=self.profile.notes, context=context,
+                frames=frames, takes_images=self.backend is not None and self.backend.takes_images,
+                max_tokens=self.params.max_tokens)
+
+        request = build("")
+        if ctx is not None and ctx.text:
+            allowed = self.budget.context_chars(prompt_chars(request))
+            context = newest_lines(ctx.text, allowed)
+            if len(context) < len(newest_lines(ctx.text, self.params.context_chars)):
+                self.recorder.note("context_trimmed")  # the backend is too slow for the whole slot
+            if context:
+                request = build(context)
         if ctx is not None and ctx.tokens is not None and self.llm_options.projectors:
             # HiCo's tokens reach a model only through trained projector weights (an untrained bank is noise)
             request.embeddings = {f"hico_{ctx.source or 'tokens'}": ctx.tokens}
@@ -272,7 +288,11 @@ class ReasonerStage(Stage[ReasonerParams]):
         assert backend is not None
         await self._fresh_context(wake)
         request = self._request(wake)
+        asked_ns = self.clock.now_ns()
         text, first_ms = await self._stream(wake, request)
+        if backend.name != "rules" and first_ms is not None:  # what this backend's answers cost
+            first_s = (wake.emitted_ns + first_ms * 1e6 - asked_ns) / 1e9
+            self.budget.observe(prompt_chars(request), first_s, (self.clock.now_ns() - asked_ns) / 1e9)
         advice = parse_advice(text)
         if advice is None and backend.name != "rules":
             self.recorder.note("repairs")
@@ -361,6 +381,11 @@ class ReasonerStage(Stage[ReasonerParams]):
         for k, v in self.schedule.counts.items():
             self.recorder.notes[k] = v
 
+
+
+def prompt_chars(request: AdviceRequest) -> int:
+    """The characters a backend prefills for ``request`` (system and user text)."""
+    return len(request.system) + len(request.prompt)
 
 
 def newest_lines(text: str, max_chars: int) -> str:

@@ -265,3 +265,68 @@ def test_the_prompt_keeps_the_newest_lines_of_the_context_that_fit() -> None:
     assert newest_lines(text, 1000) == text
     assert newest_lines(text, 45) == "00:10-00:20: middle\n00:20-00:30: newest"
     assert newest_lines(text, 10) == ""
+
+
+class SlowPrefillBackend(ScriptedBackend):
+    """A model on a slow CPU, on the test's virtual clock: its first piece comes ``PREFILL_S_PER_CHAR``
+    seconds per prompt character after the request, the rest ``GENERATE_S`` later."""
+
+    clock: ClassVar[VirtualClock | None] = None
+    PREFILL_S_PER_CHAR: ClassVar[float] = 0.005
+    GENERATE_S: ClassVar[float] = 1.0
+
+    async def stream(self, request: AdviceRequest) -> AsyncIterator[str]:
+        from stages.reasoner import prompt_chars
+
+        clock = type(self).clock
+        assert clock is not None
+        type(self).requests.append(request)
+        await clock.sleep_until_ns(clock.now_ns() + int(prompt_chars(request) * self.PREFILL_S_PER_CHAR * 1e9))
+        yield ANSWER[0]
+        await clock.sleep_until_ns(clock.now_ns() + int(self.GENERATE_S * 1e9))
+        for piece in ANSWER[1:]:
+            yield piece
+
+
+def long_context(t: float, clock: VirtualClock) -> Any:
+    lines = [f"00:{s:02d}-00:{s + 1:02d}: 30 frames, steady, events: score_up (normal) at 00:{s:02d}"
+             for s in range(40)]
+    return make_envelope(Context(t=t, text="\n".join(lines)), t_media=t, clock=clock)
+
+
+def test_a_backend_too_slow_for_the_whole_context_gets_the_context_that_fits_its_answer_budget() -> None:
+    """The first wake carries the full context slot (nothing is known of the backend yet); once an
+    answer has been timed, a slow backend's next prompt carries only the context that keeps its
+    expected answer within ``answer_budget_s``, and the cut is counted.  A fast backend keeps it all."""
+    from stages.reasoner import prompt_chars
+
+    clock = VirtualClock()
+    SlowPrefillBackend.clock = clock
+    inputs = [long_context(10.0, clock), event_env(10.0, "critical", clock),
+              long_context(30.0, clock), event_env(30.0, "critical", clock, kind="game_over")]
+    budget = 6.0
+    res = run(inputs, SlowPrefillBackend, clock, stale_s=60.0, answer_budget_s=budget, context_chars=2000)
+    first, second = SlowPrefillBackend.requests
+    assert len(first.context) > 1500  # the whole slot: nothing measured yet
+    assert 0 < len(second.context) < len(first.context)
+    expected = prompt_chars(second) * SlowPrefillBackend.PREFILL_S_PER_CHAR + SlowPrefillBackend.GENERATE_S
+    assert expected <= budget + 0.05
+    assert res.metrics.notes["context_trimmed"] == 1
+    assert len(finals(res)) == 2
+    # a backend that answers at once keeps the whole slot on every wake
+    res = run(inputs, ScriptedBackend, clock, stale_s=60.0, answer_budget_s=budget, context_chars=2000)
+    assert [len(r.context) > 1500 for r in ScriptedBackend.requests] == [True, True]
+    assert "context_trimmed" not in res.metrics.notes
+
+
+def test_the_prompt_budget_learns_a_backends_costs_and_gives_back_context_when_answers_speed_up() -> None:
+    from stages.reasoner_budget import PromptBudget
+
+    budget = PromptBudget(budget_s=5.0, max_chars=400)
+    assert budget.context_chars(1000) == 400  # unknown backend: the whole slot
+    budget.observe(prompt_chars=1000, first_s=3.0, total_s=5.0)  # 3 ms a char, 2 s to generate
+    assert budget.context_chars(1000) == 0  # 3 + 2 s: nothing to spare
+    budget.observe(prompt_chars=1000, first_s=0.1, total_s=1.1)  # the server got faster
+    spare = budget.context_chars(1000)
+    assert spare == 400
+    assert PromptBudget(budget_s=5.0, max_chars=400).context_chars(0) == 400

@@ -56,9 +56,11 @@ def test_a_real_small_model_advises_most_wakes_while_perception_keeps_real_time(
         assert a["backend"] == "openai" and set(a["structured"]) == {"game_state", "analysis", "advice"}
         assert all(isinstance(v, str) and v.strip() for v in a["structured"].values())
         assert a["saw_images"] is False  # a text-only model: told so, not shown frames
-    # most wakes: how many the model can answer depends on how close together they come and on this CPU's
-    # load (on a loaded 2-core machine: 4 of 4, and 3 of 5 when two wakes came within one answer's time)
-    assert len(lines) > 0.5 * wakes
+    # at least 70% of the wakes.  Each answer takes this CPU model seconds, so a wake that comes while one is
+    # being answered waits for it; the reasoner keeps its prompts short enough (PromptBudget) that it is
+    # still fresh after.  Measured here: 4 of 4 (and 2 of 4 in CI before the budget, with HiCo's context
+    # on every prompt: first token p50 5.2 s instead of 2.5 s)
+    assert len(lines) >= 0.7 * wakes
     # the rest are accounted for: merged into another wake, dropped as stale or by the caps, or failed
     unadvised = wakes - len(lines)
     counted = sum(notes.get(k, 0) for k in ("merged", "stale", "stale_advice", "wake_capped", "queue_full", "failed",
