@@ -78,6 +78,7 @@ VIDEO_ENCODERS: list[Encoder] = [
 AUDIO_ENCODERS: list[Encoder] = [
     Encoder("audio_level", "audio_level"),
     Encoder("audio_features", "audio_features"),
+    Encoder("audio_mel", "audio_mel"),
     Encoder("vad", "vad"),
 ]
 
@@ -284,6 +285,10 @@ def run_bench(
         what = f"audio {AUDIO_RATE // 1000}k/{AUDIO_CHUNK}"
         for enc in AUDIO_ENCODERS:
             one(enc, what, inputs.audio_chunks, AUDIO_CHUNK / AUDIO_RATE)
+        if not only or "event_scorer" in only:
+            if progress:
+                progress("event_scorer on candidates")
+            results.append(scorer_cost())
     return {
         "bench": "encoders",
         "source": inputs.source,
@@ -293,6 +298,38 @@ def run_bench(
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "encoders": [r.row() for r in results],
     }
+
+
+def scorer_cost(n: int = 200, seed: int = 0) -> Result:
+    """The event scorer's cost per candidate (window statistics and the shipped model) over windows
+    as full as the default pipeline fills them (4.5 s of motion, thumb and HUD at 30 Hz, audio at 50 Hz,
+    mel at 10 Hz).  A candidate comes a few times a minute, so its period is not a frame's."""
+    from engines.event_scorer import LOOKAHEAD_S, SCALARS, WINDOW_S, window_features
+    from stages.event_scorer import load_model
+
+    r = Result(label="event_scorer", kind="event_scorer", input="candidate")
+    try:
+        model = load_model("default")
+    except Exception as exc:  # no shipped model in this install
+        r.skipped = f"{type(exc).__name__}: {first_line(exc, '')}"
+        return r
+    rng = np.random.default_rng(seed)
+    rates = {"motion": 30, "thumb": 30, "hud": 30, "audio": 50, "mel": 10}
+    lat = []
+    for _ in range(n):
+        t = 10.0
+        window: dict[str, list[tuple[float, dict[str, float]]]] = {}
+        for stream, rate in rates.items():
+            keys = SCALARS.get(stream, (*(f"b{i:02d}" for i in range(16)), "db"))
+            times = np.arange(t + LOOKAHEAD_S - WINDOW_S, t + LOOKAHEAD_S, 1.0 / rate)
+            window[stream] = [(float(x), {k: float(v) for k, v in zip(keys, rng.random(len(keys)), strict=True)})
+                              for x in times]
+        event = {"t": t, "kind": "moment", "priority": "high", "score": 1.2, "evidence": {"families": {"audio": 0.5}}}
+        t0 = time.perf_counter()
+        model.predict_proba(model.vector(window_features(event, window)))
+        lat.append((time.perf_counter() - t0) * 1e3)
+    r.count, r.latency_ms, r.emitted = len(lat), _summary(lat), len(lat)
+    return r
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -56,13 +56,17 @@ def selection(name: str | None, games: list[str], seeds: list[int]) -> list[tupl
     return pool(name) if name else [(g, s) for g in games for s in seeds]
 
 
-def ensure_recording(game: str, seed: int, data: Path, seconds: float = 90.0) -> tuple[Path, Path]:
-    """``(video, truth)`` of one recording in ``data``, made first if either file is missing."""
+def ensure_recording(game: str, seed: int, data: Path, seconds: float = 90.0,
+                     policy: str = "random") -> tuple[Path, Path]:
+    """``(video, truth)`` of one recording in ``data``, made first if either file is missing
+    (recordings of another ``policy`` than random go in ``data/POLICY``: the names hold no policy)."""
     from engines.atari_dataset import make_atari_recording
     from engines.atari_game import resolve_game
 
     rom = resolve_game(game)
+    if policy != "random":
+        data = data / policy
     video, truth = data / f"{rom}_s{seed}.mp4", data / f"{rom}_s{seed}.truth.jsonl"
     if not (video.exists() and truth.exists()):
-        make_atari_recording(game, seconds, data, seed=seed, progress=False)
+        make_atari_recording(game, seconds, data, seed=seed, policy=policy, progress=False)
     return video, truth

@@ -54,7 +54,7 @@ from stages.trigger import DetectorEvent, TriggerDetector
 from stages.trigger_settings import TriggerParams, trigger_settings
 
 # bump when an encoder or the default pipeline changes, so recorded features are made again
-CACHE_VERSION = 34
+CACHE_VERSION = 35
 
 
 def cache_paths(video: Path, profile: str | None) -> tuple[Path, Path]:
@@ -72,8 +72,9 @@ def record_features(video: Path, profile: str | None, features: Path, events: Pa
     """
     tmp_f = features.with_name(f".{features.name}.{os.getpid()}.partial")
     tmp_e = events.with_name(f".{events.name}.{os.getpid()}.partial")
+    # --scorer none: the trigger's own candidates, which the event scorer is trained on and rescored from
     cmd = [sys.executable, "-m", "copilot", "annotate", str(video), "-o", str(tmp_e), "--features-out", str(tmp_f),
-           "-q", *(["--profile", profile] if profile else [])]
+           "-q", "--scorer", "none", *(["--profile", profile] if profile else [])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -175,17 +176,17 @@ def with_trigger(profile: Profile, changes: dict[str, Any]) -> Profile:
 
 
 def prepare(game: str, seed: int, data: Path, seconds: float, refresh: bool,
-            profile: str | None = None) -> tuple[Path, Path]:
+            profile: str | None = None, policy: str = "random") -> tuple[Path, Path]:
     """Make one recording if missing and cache its signals: ``(video, truth)``.
 
     The slow part of a first run (15-45 s a recording on this project's 2-core machines);
     :func:`prepare_all` runs it in worker processes."""
-    video, truth = ensure_recording(game, seed, data, seconds)
+    video, truth = ensure_recording(game, seed, data, seconds, policy)
     cached_features(video, profile, refresh)
     return video, truth
 
 
-def _prepare_job(job: tuple[str, int, Path, float, bool, str | None]) -> tuple[str, int, Path, Path]:
+def _prepare_job(job: tuple[str, int, Path, float, bool, str | None, str]) -> tuple[str, int, Path, Path]:
     game, seed = job[0], job[1]
     return (game, seed, *prepare(*job))
 
@@ -196,16 +197,16 @@ def _ignore_sigint() -> None:
 
 
 def prepare_all(wanted: list[tuple[str, int]], data: Path, seconds: float, refresh: bool, jobs: int,
-                step: Callable[[str | None], None], profile: str | None = None
+                step: Callable[[str | None], None], profile: str | None = None, policy: str = "random"
                 ) -> dict[tuple[str, int], tuple[Path, Path]]:
     """:func:`prepare` every recording, ``jobs`` at a time; ``step`` reports progress."""
     # each recording once: two workers must never make the same files
-    todo = [(g, s, data, seconds, refresh, profile) for g, s in dict.fromkeys(wanted)]
+    todo = [(g, s, data, seconds, refresh, profile, policy) for g, s in dict.fromkeys(wanted)]
     done: dict[tuple[str, int], tuple[Path, Path]] = {}
     if jobs <= 1 or len(todo) <= 1:
         for game, seed, *_ in todo:
             step(f"{game} s{seed}")
-            done[(game, seed)] = prepare(game, seed, data, seconds, refresh, profile)
+            done[(game, seed)] = prepare(game, seed, data, seconds, refresh, profile, policy)
             step(None)
         return done
     import multiprocessing

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "overlay": "advice emitted -> drawn in a real browser (chromium) over a replay at real time; --screenshot",
     "soak": "a long live session beside the windowed game (Xvfb, PulseAudio): fps, drops, RSS per group, restarts",
     "hico": "HiCo over 10 min of real gameplay: reconstruction cosine against uniform pooling, update cost, memory",
+    "trigger": "cheap trigger against the cascade with the event scorer over a pool: recall, wake precision, curve",
 }
 # ``gamecopilot NAME ARGS`` for the tools registered as ``gamecopilot.tools`` entry points (engines
 # implement them); these are the ones ``--help`` lists.
@@ -36,6 +37,7 @@ TOOLS = {
     "llm-server": "start a small OpenAI-compatible LLM server on the CPU (llama.cpp, SmolLM2-135M) for --llm-url",
     "devices": "list monitors (with geometry), windows and audio devices (loopback sources marked), or --json",
     "ask": "question a session's timeline (--session DIR of replay, live, demo): '@03:12 why did I die?'",
+    "train": "train a model: `train scorer` (the event scorer, from Atari recordings it makes; the train extra)",
 }
 
 
@@ -133,10 +135,17 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
     p.add_argument("--advice-out", help="write advice JSONL here")
     p.add_argument("--features-out", help="write encoder features JSONL here")
     _add_asr_option(p)
+    _add_scorer_option(p)
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no live table")
     p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def _add_scorer_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorer", metavar="none|default|PATH",
+                   help="the learned tier that rescores the trigger's candidates: default (the model shipped with "
+                   "the package), a model file from `gamecopilot train scorer`, or none (the cheap trigger alone)")
 
 
 def _add_asr_option(p: argparse.ArgumentParser) -> None:
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", help="write the metrics JSON here at the end")
     p.add_argument("--features-out", help="write encoder features JSONL here")
     _add_asr_option(p)
+    _add_scorer_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0)
 

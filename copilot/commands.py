@@ -105,7 +105,7 @@ def _announced_options(args: argparse.Namespace, cfg: Any, overrides: dict[str, 
     every check has passed; a combination that cannot work is a UsageError here."""
     options: dict[str, Any] = {"pipeline_name": cfg.name}
     options.update(_session_options(args))
-    for name in ("reasoner", "llm_url", "llm_model"):
+    for name in ("reasoner", "llm_url", "llm_model", "scorer"):
         value = getattr(args, name, None)
         if value:
             options[name] = value
@@ -471,7 +471,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         config=args.config, profile=args.profile, speed=None, quiet=args.quiet, json=False,
         metrics_out=args.metrics_out, verbose=args.verbose, events_out=args.output, advice_out=None,
         features_out=args.features_out, asr_model=args.asr_model, progress=True, flags={"events_out": "-o"},
-        reasoner="none",
+        reasoner="none", scorer=args.scorer,
     )
     return execute(ns, input_file=args.file, start=args.start, until=args.until)
 

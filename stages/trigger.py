@@ -145,6 +145,7 @@ class _Episode:
     reasons: list[tuple[float, str]] = field(default_factory=list)
     forced: Priority | None = None  # a priority set by a cue
     strong_cues: int = 0  # cues that were not weak
+    cues: set[str] = field(default_factory=set)  # the kinds of the cues that joined it (for the event scorer)
 
 
 class DetectorEvent(msgspec.Struct, kw_only=True):
@@ -259,7 +260,7 @@ class TriggerDetector:
             # moment): an event of its own, decided at the next step with the evidence still kept
             # from around its time, never merged into the episode open now
             late = _Episode(onset=t, opened_at=t, forced=priority, kind=kind, reasons=[(t, reason)],
-                            strong_cues=0 if weak else 1)
+                            strong_cues=0 if weak else 1, cues={kind})
             fam, best = self._family_scores(t - self.p.window_s, until=t + self.p.coalesce_s)
             late.score, late.families = self.fused(fam), fam
             late.signals = _signal_evidence(best)
@@ -269,6 +270,7 @@ class TriggerDetector:
         if ep is None:
             ep = self._episode = _Episode(onset=t, opened_at=t)
         ep.reasons.append((t, reason))
+        ep.cues.add(kind)
         ep.strong_cues += 0 if weak else 1
         if ep.forced is None or PRIORITY_RANK[priority] < PRIORITY_RANK[ep.forced]:
             ep.forced = priority
@@ -415,6 +417,8 @@ class TriggerDetector:
         }
         if ep.reasons:
             evidence["reasons"] = [reason for _, reason in sorted(ep.reasons)]
+        if ep.cues:
+            evidence["cues"] = sorted(ep.cues)
         if notes:
             evidence["notes"] = notes
         state = self._state

@@ -31,7 +31,7 @@ def test_every_encoder_runs_on_both_sizes_and_audio(report: dict[str, Any]) -> N
         assert any(r["encoder"] == enc.label and r["input"].startswith("audio") for r in rows)
     # the existing kinds and this module's own must never be skipped
     for r in rows:
-        if r["kind"] in ("frame_diff", "audio_level", "hud_ocr", "vad"):
+        if r["kind"] in ("frame_diff", "audio_level", "hud_ocr", "vad", "audio_mel", "event_scorer"):
             assert "skipped" not in r, r
     for r in rows:
         if "skipped" in r:
@@ -39,6 +39,8 @@ def test_every_encoder_runs_on_both_sizes_and_audio(report: dict[str, Any]) -> N
         lat = r["latency_ms"]
         if r["input"].startswith("audio"):
             assert r["count"] >= 40  # 1 s of 1024-sample chunks at 48 kHz, less the warm-up
+        elif r["input"] == "candidate":
+            assert r["kind"] == "event_scorer" and r["count"] == 200  # windows scored by the shipped model
         else:
             assert r["count"] == 6
         assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
