@@ -12,8 +12,8 @@ lossless run).  Both are scored with :mod:`copilot.scoring`:
 * ``wake_precision_pooled``: matched wakes over all wakes of the pool;
 * ``wakes_per_min``, ``false_wakes_per_min``: means over recordings;
 * ``curve``: mean critical recall against wakes per minute as the wake threshold sweeps (the
-  cascade's death threshold; the cheap trigger's ``high_score``/``critical_score``, replayed by
-  the tuner's detector);
+  cascade's ``drop``, the p_none above which a cheap wake is noise; the cheap trigger's
+  ``high_score``/``critical_score``, replayed by the tuner's detector);
 * ``adaptation``: the cascade with and without the per-session signature
   (:class:`engines.event_scorer.SessionSignature`).
 
@@ -63,10 +63,10 @@ def cheap_curve(recs: list[Recording], data_videos: dict[str, Path]) -> list[dic
 
 def cascade_curve(recs: list[Recording], model: Any, th: Thresholds) -> list[dict[str, float]]:
     points = []
-    for death in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        t = Thresholds(death=death, reward=th.reward, keep=th.keep, gap_s=th.gap_s)
+    for drop in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
+        t = Thresholds(death=th.death, drop=drop, event=th.event, gap_s=th.gap_s)
         f = figures(recs, cascade_events(recs, model, t, adapt=False))
-        points.append({"threshold": death, "wakes_per_min": f["wakes_per_min"],
+        points.append({"threshold": drop, "wakes_per_min": f["wakes_per_min"],
                        "critical_recall": f["critical_recall"]})
     return points
 

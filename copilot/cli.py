@@ -145,7 +145,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, speed: bool = True) -> None:
 def _add_scorer_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", metavar="none|default|PATH",
                    help="the learned tier that rescores the trigger's candidates: default (the model shipped with "
-                   "the package), a model file from `gamecopilot train scorer`, or none (the cheap trigger alone)")
+                   "the package), a model file from `gamecopilot train scorer`, or none (the cheap trigger alone; "
+                   "what the default pipeline runs)")
 
 
 def _add_asr_option(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,8 @@ PRIORITY_CODE = {"critical": 3.0, "high": 2.0, "normal": 1.0, "low": 0.0}
 STREAMS = (*SCALARS, MEL)
 
 Sample = tuple[float, Mapping[str, float]]
+# per scalar: its near and before statistics, and how the moment stands out from before it
+STATS = ("near_max", "near_mean", "before_mean", "before_max", "rise_max", "rise_mean")
 
 
 def feature_names() -> list[str]:
@@ -60,7 +62,7 @@ def feature_names() -> list[str]:
     names: list[str] = []
     for stream, keys in SCALARS.items():
         for key in keys:
-            names += [f"{stream}.{key}.{s}" for s in ("near_max", "near_mean", "before_mean", "before_max")]
+            names += [f"{stream}.{key}.{s}" for s in STATS]
     bands = [f"b{i:02d}" for i in range(MEL_BANDS)]
     names += [f"mel.{b}.near" for b in bands]
     names += [f"mel.{b}.delta" for b in bands]
@@ -71,11 +73,12 @@ def feature_names() -> list[str]:
     return names
 
 
-def _stats(values: np.ndarray, near: np.ndarray) -> tuple[float, float, float, float]:
+def _stats(values: np.ndarray, near: np.ndarray) -> tuple[float, ...]:
     nan = math.nan
     a, b = values[near], values[~near]
-    return (float(a.max()) if a.size else nan, float(a.mean()) if a.size else nan,
-            float(b.mean()) if b.size else nan, float(b.max()) if b.size else nan)
+    near_max, near_mean = (float(a.max()), float(a.mean())) if a.size else (nan, nan)
+    before_mean, before_max = (float(b.mean()), float(b.max())) if b.size else (nan, nan)
+    return near_max, near_mean, before_mean, before_max, near_max - before_max, near_mean - before_mean
 
 
 def window_features(event: Mapping[str, Any], streams: Mapping[str, Sequence[Sample]]) -> dict[str, float]:
@@ -91,7 +94,7 @@ def window_features(event: Mapping[str, Any], streams: Mapping[str, Sequence[Sam
             vals = np.fromiter((float(s[1].get(key, math.nan)) for s in samples), np.float64, len(samples))
             ok = ~np.isnan(vals)
             stats = _stats(vals[ok], near[ok])
-            for name, v in zip(("near_max", "near_mean", "before_mean", "before_max"), stats, strict=True):
+            for name, v in zip(STATS, stats, strict=True):
                 out[f"{stream}.{key}.{name}"] = v
     mel = streams.get(MEL, ())
     bands = [f"b{i:02d}" for i in range(MEL_BANDS)]
@@ -140,31 +143,33 @@ def trusted_cue(event: Mapping[str, Any]) -> bool:
 class Thresholds:
     """When the scorer's probabilities make a wake (see :func:`decide`)."""
 
-    death: float = 0.5  # p_death at or above: critical
-    reward: float = 0.6  # p_reward at or above (and not a death): high
-    keep: float = 0.0  # p_death + p_reward below this: the candidate is noise, demoted to low
+    death: float = 0.5  # p_death at or above: critical, whatever the cheap tier said
+    drop: float = 0.8  # p_none at or above: a cheap wake is noise, kept as a normal annotation
+    event: float = 0.9  # p_death + p_reward at or above: a cheap annotation is promoted to a high wake
     gap_s: float = 0.0  # a wake this soon after the scorer's previous wake is a repeat: normal
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Thresholds:
-        return cls(**{k: float(v) for k, v in d.items() if k in ("death", "reward", "keep", "gap_s")})
+        return cls(**{k: float(v) for k, v in d.items() if k in ("death", "drop", "event", "gap_s")})
 
 
 def decide(event: Mapping[str, Any], probs: Sequence[float], th: Thresholds) -> str:
-    """The final priority of a candidate: the cheap tier's, when a trusted cue forced it; else
-    critical for a likely death, high for a likely reward, the cheap tier's below the wakes
-    otherwise (a wake the scorer does not back becomes ``normal``, still annotated)."""
+    """The final priority of a candidate.  The scorer rescores the cheap tier's candidates, it does
+    not replace the detector: a trusted cue keeps its priority; a likely death is critical; a cheap
+    wake stays a wake unless the scorer is sure it is noise (``p_none >= drop``: ``normal``, still
+    annotated); an annotation the scorer finds likely to be something becomes a ``high`` wake.  With
+    every threshold above 1 the cascade gives the cheap tier's priorities."""
     cheap = str(event.get("priority", "low"))
     if trusted_cue(event):
         return cheap
-    p_death, p_reward = float(probs[0]), float(probs[1])
+    p_death, p_reward, p_none = float(probs[0]), float(probs[1]), float(probs[2])
     if p_death >= th.death:
         return "critical"
-    if p_reward >= th.reward:
+    if cheap in ("critical", "high"):
+        return "normal" if p_none >= th.drop else cheap
+    if p_death + p_reward >= th.event:
         return "high"
-    if p_death + p_reward < th.keep:
-        return "low"
-    return cheap if cheap in ("normal", "low") else "normal"
+    return cheap
 
 
 class Cascade:

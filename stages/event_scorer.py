@@ -8,9 +8,9 @@ follows :func:`engines.event_scorer.decide` (a trusted cue, a profile rule, keep
 tier's priority).  With ``adapt`` the session's confirmed deaths raise similar later candidates
 (:class:`engines.event_scorer.SessionSignature`).  Events leave in the order they came.
 
-``--scorer none`` (the run option ``scorer``) passes the trigger's events through untouched: the
-cheap-only cascade.  ``--scorer default`` (the default) loads the model shipped in
-``engines/models/``; ``--scorer PATH`` another one (``gamecopilot train scorer`` writes them).
+``--scorer none`` (the run option ``scorer``; what ``configs/default.yaml`` sets) passes the
+trigger's events through untouched: the cheap tier alone.  ``--scorer default`` loads the model
+shipped in ``engines/models/``; ``--scorer PATH`` another one (``gamecopilot train scorer`` writes them).
 
 Waiting is bounded: at real time an event leaves once the slowest stream that fed the scorer has
 passed its window's end, or ``max_wait_s`` after the fastest did (a stalled encoder never holds

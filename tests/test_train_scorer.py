@@ -31,7 +31,7 @@ def test_train_scorer_writes_a_model_and_card_that_annotate_uses(tmp_path: Path)
     m = EventScorerModel.load(model, signal_version=SIGNAL_VERSION, available=set(feature_names()))
     card = m.card
     assert card["games"] == sorted(games) and len(card["recordings"]) == 5
-    assert set(m.thresholds) == {"death", "reward"} and 0 < m.thresholds["death"] < 1
+    assert set(m.thresholds) == {"death", "drop", "event", "gap_s"} and 0 < m.thresholds["death"] < 1
     cv = card["cross_validated"]
     assert set(cv) >= {"cheap", "cascade", "calibration", "auc_death"}
     assert sum(b["n"] for b in cv["calibration"]) == card["candidates"]
