@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         least = math.ceil(chunk_s * 1e4) / 1e4  # rounded up: the figure printed must be enough
         raise UsageError(f"--audio-seconds: at least {least:.4f} (one {AUDIO_CHUNK}-sample chunk)")
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
-    known = {name for enc in (*VIDEO_ENCODERS, *AUDIO_ENCODERS) for name in (enc.label, enc.kind)}
+    known = {name for enc in (*VIDEO_ENCODERS, *AUDIO_ENCODERS) for name in (enc.label, enc.kind)} | {"event_scorer"}
     unknown = sorted((only or set()) - known)
     if unknown:
         raise UsageError(f"--only: no encoder {', '.join(map(repr, unknown))} (encoders: {', '.join(sorted(known))})")

@@ -12,7 +12,7 @@ lossless run).  Both are scored with :mod:`copilot.scoring`:
 * ``wake_precision_pooled``: matched wakes over all wakes of the pool;
 * ``wakes_per_min``, ``false_wakes_per_min``: means over recordings;
 * ``curve``: mean critical recall against wakes per minute as the wake threshold sweeps (the
-  cascade's ``drop``, the p_none above which a cheap wake is noise; the cheap trigger's
+  cascade's ``death``, the p_death from which a candidate is a critical wake; the cheap trigger's
   ``high_score``/``critical_score``, replayed by the tuner's detector);
 * ``adaptation``: the cascade with and without the per-session signature
   (:class:`engines.event_scorer.SessionSignature`).
@@ -63,10 +63,10 @@ def cheap_curve(recs: list[Recording], data_videos: dict[str, Path]) -> list[dic
 
 def cascade_curve(recs: list[Recording], model: Any, th: Thresholds) -> list[dict[str, float]]:
     points = []
-    for drop in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
-        t = Thresholds(death=th.death, drop=drop, event=th.event, gap_s=th.gap_s)
+    for death in (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.01):
+        t = Thresholds(death=death, drop=th.drop, event=th.event, gap_s=th.gap_s)
         f = figures(recs, cascade_events(recs, model, t, adapt=False))
-        points.append({"threshold": drop, "wakes_per_min": f["wakes_per_min"],
+        points.append({"threshold": death, "wakes_per_min": f["wakes_per_min"],
                        "critical_recall": f["critical_recall"]})
     return points
 
@@ -91,7 +91,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         x = xmax * i / 5
         d.text((xy(x, 0)[0] - 8, h - m + 6), f"{x:.1f}", fill="black")
     d.text((w / 2 - 60, h - 22), "wakes per minute", fill="black")
-    d.text((8, 12), f"mean critical recall ({', '.join(result['pool_label'] for _ in [0])})", fill="black")
+    d.text((8, 12), f"mean critical recall, {result['pool_label']} pool", fill="black")
     colours = {"cheap": (200, 60, 40), "cascade": (30, 90, 200)}
     for n, (name, points) in enumerate(curves.items()):
         pts = sorted((p["wakes_per_min"], p["critical_recall"]) for p in points
