@@ -252,9 +252,10 @@ class ReasonerStage(Stage[ReasonerParams]):
 
         request = build("")
         if ctx is not None and ctx.text:
+            whole = newest_lines(ctx.text, self.params.context_chars)
             allowed = self.budget.context_chars(prompt_chars(request))
-            context = newest_lines(ctx.text, allowed)
-            if len(context) < len(newest_lines(ctx.text, self.params.context_chars)):
+            context = whole if allowed >= self.params.context_chars else newest_lines(ctx.text, allowed)
+            if len(context) < len(whole):
                 self.recorder.note("context_trimmed")  # the backend is too slow for the whole slot
             if context:
                 request = build(context)
