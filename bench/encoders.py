@@ -368,10 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated encoder labels or kinds to run")
     ap.add_argument("--warmup", type=int, default=5, help="untimed messages at the start of each run")
     ap.add_argument("-o", "--output", help="also write the JSON report to this file")
+    ap.add_argument("--tiny", action="store_true",
+                    help="bench the expensive engines (SigLIP2, VideoMAE, SAM3) on tiny random models built on the "
+                         "fly, by runtime and batch size, instead of the cheap encoders (bench/engines.py)")
+    ap.add_argument("--engine-model", action="append", default=[], metavar="NAME=PATH",
+                    help="bench engine NAME (siglip2, videomae, sam3) with this checkpoint (local or HF cache)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls per engine, runtime and batch (default 10)")
     args = ap.parse_args(argv)
     from bench.output import check_output_path
     from copilot.errors import UsageError, write_output
 
+    if args.tiny or args.engine_model:
+        return _engines_main(args)
     if args.frames < 1 or not 0 < args.audio_seconds < math.inf or args.warmup < 0:
         raise UsageError("--frames and --audio-seconds must be positive, --warmup >= 0")
     chunk_s = AUDIO_CHUNK / AUDIO_RATE
@@ -390,6 +398,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         write_output(args.output, json.dumps(report, indent=2) + "\n", "-o")
     print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def _engines_main(args: Any) -> int:
+    """``--tiny`` / ``--engine-model``: the engines' report (see :mod:`bench.engines`)."""
+    from bench.engines import ENGINES, format_engines, run_engines
+    from bench.output import check_output_path
+    from copilot.errors import UsageError, write_output
+
+    models: dict[str, str] = {}
+    for item in args.engine_model:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--engine-model: expected NAME=PATH, got {item!r}")
+        models[name.strip()] = path.strip()
+    only = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    unknown = sorted((only or set()) - set(ENGINES))
+    if unknown:
+        raise UsageError(f"--only: no engine {', '.join(map(repr, unknown))} (engines: {', '.join(ENGINES)})")
+    if args.repeats < 1 or args.warmup < 0:
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
+    check_output_path(args.output)
+    progress = None if args.json else (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+    report = run_engines(tiny=args.tiny, only=only, models=models, repeats=args.repeats,
+                         warmup=min(args.warmup, 2), progress=progress)
+    if args.output:
+        write_output(args.output, json.dumps(report, indent=2) + "\n", "-o")
+    print(json.dumps(report) if args.json else format_engines(report))
     return 0
 
 

@@ -38,6 +38,9 @@ TOOLS = {
     "devices": "list monitors (with geometry), windows and audio devices (loopback sources marked), or --json",
     "ask": "question a session's timeline (--session DIR of replay, live, demo): '@03:12 why did I die?'",
     "train": "train a model: `train scorer` (the event scorer, from Atari recordings it makes; the train extra)",
+    "models": "list the models a pipeline config uses and where they are found (local or the Hugging Face cache), "
+              "or --json",
+    "export": "export an engine's model (siglip, videomae, sam3) to ONNX or a TensorRT engine (--to onnx|tensorrt)",
 }
 
 

@@ -267,6 +267,10 @@ def without_stages(data: Any, kinds: Sequence[str]) -> Any:
     links = data.get("links")
     if isinstance(links, dict):
         out["links"] = {k: v for k, v in links.items() if k not in gone_links}
+    groups = data.get("groups")
+    if isinstance(groups, dict):  # a placement group whose every stage went goes too
+        used = {(s.get("placement") or {}).get("group", "main") for s in kept if isinstance(s, dict)}
+        out["groups"] = {k: v for k, v in groups.items() if k in used}
     return out
 
 
@@ -381,6 +385,9 @@ def execute(
     def on_ready() -> None:
         for line in announcements:  # every group started: say what answers (even with -q: it only hides the table)
             print(line, file=sys.stderr, flush=True)
+        if cfg.placements().any_gpu:  # a pipeline spread over GPUs: where each group really went
+            for line in sup.placement_report():
+                print(line, file=sys.stderr, flush=True)
         try:
             _empty_outputs(to_empty)
         except UsageError as exc:
@@ -636,6 +643,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     )
     # outputs are emptied once every stage of the group has started (as execute does for a run), or
     # in a group that only consumes, at its first input: a producer that never comes costs nothing
+    cfg.placements().pin_process(args.group)  # this host's group sees only its own GPUs, as a spawned one would
     runner = asyncio.run(run_group(cfg, args.group, opts, on_ready=lambda: _empty_outputs(to_empty)))
     snap = runner.metrics_snapshot()
     print(json.dumps(msgspec.to_builtins(snap)), file=sys.stderr if not args.json else sys.stdout)

@@ -1,7 +1,8 @@
 """Pipeline YAML: schema, validation and link resolution.
 
 A pipeline file lists links (name -> policy) and stages (kind, params, inputs, outputs,
-placement).  Validation is strict: an unknown key, a wrong type, an unknown stage kind, a
+placement), and optionally ``groups:`` (a placement group's device and host, see
+:mod:`copilot.placement`).  Validation is strict: an unknown key, a wrong type, an unknown stage kind, a
 link with no producer or two producers all end in a :class:`UsageError` naming the file and
 the key, which the CLI prints as one line (exit code 2).
 """
@@ -19,6 +20,7 @@ import yaml
 from copilot.curve import CurveKeys, is_tcp, load_keys
 from copilot.errors import UsageError, first_line
 from copilot.links import LinkSpec, check_bind_endpoint, check_ipc_endpoint
+from copilot.placement import GroupSettings, Placements, resolve
 from copilot.registry import resolve_stage
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -36,7 +38,9 @@ class LinkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Placement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     group: str = "main"
     host: str = "localhost"
-    device: str = "cpu"
+    # cpu | cuda | cuda:N | cuda:N,M; None: the group's (groups.NAME.device), else not placed.  Every
+    # stage of a group is in one process: the devices its stages name must agree (copilot.placement)
+    device: str | None = None
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -72,6 +76,8 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # the secret key file of ``gamecopilot keys`` (relative to the config file): with it, tcp://
     # sockets use CurveZMQ and may bind addresses other than loopback (copilot.curve)
     curve_keys: str | None = None
+    # ``groups:`` in the YAML: a placement group's device and host, said once for all its stages
+    group_settings: dict[str, GroupSettings] = msgspec.field(default_factory=dict, name="groups")
 
     # -- derived views ----------------------------------------------------------------------
     def groups(self) -> list[str]:
@@ -97,6 +103,10 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if link in s.outputs.values():
                 return s
         raise KeyError(link)
+
+    def placements(self) -> Placements:
+        """Each group's device and the environment its process gets (validated by parse_pipeline)."""
+        return resolve(self)
 
 
 _REWORDS = (
@@ -146,6 +156,13 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
                 msgspec.convert(link, LinkConfig)
             except msgspec.ValidationError as exc:
                 raise msgspec_error(source, exc, prefix=f"links.{name}") from exc
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if isinstance(groups, dict):
+        for name, entry in groups.items():
+            try:
+                msgspec.convert(entry, GroupSettings)
+            except msgspec.ValidationError as exc:
+                raise msgspec_error(source, exc, prefix=f"groups.{name}") from exc
     try:
         cfg = msgspec.convert(data, PipelineConfig)
     except msgspec.ValidationError as exc:
@@ -197,6 +214,8 @@ def parse_pipeline(data: Any, source: str = "<config>") -> PipelineConfig:
             except ValueError as exc:
                 raise UsageError(f"{source}: supervisor.{key}: {exc}") from exc
     _check_cycles(cfg, source)
+    _apply_group_hosts(cfg, data, source)
+    resolve(cfg, source)  # (devices: one per group, each a known one)
     _check_hosts(cfg, source)
     curve_keys(cfg, source)  # (a missing or broken key file: said now, not by each group)
     return cfg
@@ -254,6 +273,25 @@ def is_local_host(host: str) -> bool:
 def _host(stage: StageConfig) -> str:
     """The stage's host, every spelling of this one as ``localhost``."""
     return "localhost" if is_local_host(stage.placement.host) else stage.placement.host
+
+
+def _apply_group_hosts(cfg: PipelineConfig, data: Any, source: str) -> None:
+    """A ``groups:`` entry's ``host`` becomes the host of each of its stages; a stage that names
+    another one itself is refused (a group is one process, on one host)."""
+    raw = data.get("stages") if isinstance(data, dict) else None
+    for name, settings in cfg.group_settings.items():
+        if settings.host is None:
+            continue
+        for i, st in enumerate(cfg.stages):
+            if st.placement.group != name:
+                continue
+            entry = raw[i] if isinstance(raw, list) and i < len(raw) else None
+            said = entry.get("placement", {}).get("host") if isinstance(entry, dict) else None
+            if isinstance(said, str) and (is_local_host(said) != is_local_host(settings.host) or (
+                    not is_local_host(said) and said.strip().lower() != settings.host.strip().lower())):
+                raise UsageError(f"{source}: stages[{i}].placement.host: stage {st.name!r} names {said}, but its "
+                                 f"group {name!r} is on {settings.host} (groups.{name}.host)")
+            st.placement.host = settings.host
 
 
 def _check_hosts(cfg: PipelineConfig, source: str) -> None:

@@ -131,6 +131,7 @@ class GroupRunner:
             secure_client(self._metrics, keys, self.opts.metrics_endpoint)
             self._metrics.connect(self.opts.metrics_endpoint)
         specs = link_specs(self.cfg, run_dir=self.opts.run_dir, keys=keys)
+        placements = self.cfg.placements()
         sup = self.cfg.supervisor
         for sc in self.cfg.stages_in(self.group):
             for link in sc.outputs.values():
@@ -151,6 +152,7 @@ class GroupRunner:
                 session_start_ns=self.opts.session_start_ns,
                 resume_media_s=self.opts.resume_media_s.get(sc.name),
                 input_signals=tuple(pipeline_signals(self.cfg, sc.name)) if cls.reads_signals else (),
+                device=placements.local_device(sc.name),
             )
             subs = [
                 Subscriber(specs[link], lossless=self.opts.lossless, clock=self.clock,
@@ -245,7 +247,12 @@ class GroupRunner:
 
     def metrics_snapshot(self) -> Metrics:
         now = self.clock.now_ns()
-        return Metrics(group=self.group, stages=[r.stage.recorder.snapshot(now) for r in self.runners])
+        stages = []
+        for r in self.runners:
+            sm = r.stage.recorder.snapshot(now)
+            sm.device = r.stage.device_actual or ""  # (where it says it really runs: the supervisor checks it)
+            stages.append(sm)
+        return Metrics(group=self.group, stages=stages)
 
     def _push_metrics(self) -> None:
         if self._metrics is None:

@@ -19,7 +19,8 @@ import numpy as np
 
 # 2: control messages became one Struct per action (they were Control(action, detail))
 # 3: Question; Advice streams (final, wake) and names its event, priority and model
-WIRE_VERSION = 3
+# 4: Entities (concept segmentation's labelled regions on a keyframe)
+WIRE_VERSION = 4
 
 T = TypeVar("T")
 
@@ -170,6 +171,34 @@ class Advice(msgspec.Struct, tag="advice", kw_only=True):
         return rec
 
 
+class Entity(msgspec.Struct, kw_only=True):
+    """One thing a segmenter found on a frame: what (``label``, the prompt that found it), where
+    (``box`` x0, y0, x1, y1 as fractions of the frame's width and height), how sure (``score``)
+    and how big (``mask_area``, the mask's fraction of the frame)."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    score: float
+    mask_area: float = 0.0
+
+
+class Entities(msgspec.Struct, tag="entities", kw_only=True):
+    """What concept segmentation (SAM3) found on one keyframe, and why that frame was chosen.
+
+    ``t`` is the frame's media time; ``reason`` the cascade's choice (``event:death`` for a
+    keyframe of a high-priority event, ``periodic`` for the low-rate sampling); ``event_t`` the
+    moment of the event that asked for it (None for periodic frames).  Masks stay in the
+    segmenter's process: only their area travels, so the timeline and the reasoner get the
+    facts without megabytes of pixels."""
+
+    t: float
+    frame_index: int = 0
+    entities: list[Entity] = []
+    reason: str = ""
+    event_t: float | None = None
+    model: str = ""
+
+
 class Context(msgspec.Struct, tag="context", kw_only=True):
     """The session so far, compressed for the reasoner's context slot (HiCo's snapshot).
 
@@ -209,6 +238,7 @@ class StageMetrics(msgspec.Struct, kw_only=True):
     notes: dict[str, int] = {}  # stage-specific counts, e.g. events a restarted detector decided while warming up
     video_frames: int = 0  # video frames a source emitted: its fps counts these, not its audio chunks
     active_s: float = 0.0  # wall seconds from its first output to its last (a source's pace)
+    device: str = ""  # where the stage says it really runs (Stage.device_actual): cpu, cuda:0, tensorrt; "" unsaid
 
 
 class Metrics(msgspec.Struct, tag="metrics", kw_only=True):
@@ -280,11 +310,11 @@ class InputsEnded(msgspec.Struct, tag="inputs_ended", kw_only=True):
 Control = Heartbeat | Ready | Start | EndOfStream | Stop | Done | Error | InputsEnded
 CONTROL_TYPES: tuple[type[msgspec.Struct], ...] = (Heartbeat, Ready, Start, EndOfStream, Stop, Done, Error, InputsEnded)
 
-Payload = (VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Question | Advice | Context
-           | Metrics | Control)
+Payload = (VideoFrame | AudioChunk | Features | Cue | GameState | Event | Transcript | Question | Advice | Entities
+           | Context | Metrics | Control)
 
 DATA_TYPES: tuple[type[msgspec.Struct], ...] = (VideoFrame, AudioChunk, Features, Cue, GameState, Event, Transcript,
-                                                 Question, Advice, Context, Metrics)
+                                                 Question, Advice, Entities, Context, Metrics)
 PAYLOAD_TYPES: tuple[type[msgspec.Struct], ...] = DATA_TYPES + CONTROL_TYPES
 # the envelope's kind: a data payload's own tag, "control" for every control struct
 KIND_OF: dict[type, str] = {

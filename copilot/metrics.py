@@ -162,6 +162,8 @@ def metrics_json(
             entry["video_frames"] = m.video_frames
             if m.active_s > 0:  # media it released over the wall time it took, whatever ran after it
                 entry["realtime_factor"] = round(m.media_s / m.active_s, 3)
+        if m.device:  # where the stage really runs (set by a stage whose engine chose or fell back)
+            entry["device"] = m.device
         if m.queue_age_ms is not None:
             entry["queue_age_ms"] = msgspec.to_builtins(m.queue_age_ms)
         if m.busy_ms is not None:

@@ -110,10 +110,14 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auto_hud: bool = True  # find static HUD areas from pixels (besides the profile regions)
     # sections owned by a stage kind, validated by that stage (see check_sections): the core does not
     # know their keys.  ``trigger``: the TriggerDetector's settings; ``hud``: the HUD cue policy's;
-    # ``advice``: the rules backend's advice rules (validated by the reasoner stage).
+    # ``advice``: the rules backend's advice rules (validated by the reasoner stage); ``semantic``: the
+    # SigLIP2 zero-shot prompts that become cues (the semantic stage); ``segment``: the concept prompts
+    # SAM3 looks for on keyframes (the segment stage).
     trigger: dict[str, Any] = {}
     hud: dict[str, Any] = {}
     advice: list[dict[str, Any]] = []
+    semantic: dict[str, Any] = {}
+    segment: dict[str, Any] = {}
     notes: str = ""  # what a player should know about the game: goes into the reasoner's prompt
 
     def region(self, name: str) -> Region:

@@ -89,6 +89,10 @@ class StageContext:
     # ``(producer stage, Signal)`` for every graded signal the stages feeding this one declare (see
     # :mod:`copilot.signals`); filled by the group for a stage class that sets ``reads_signals``
     input_signals: tuple[tuple[str, Signal], ...] = ()
+    # where the stage runs as its own process names it (copilot.placement): cpu, cuda:0 (the group's
+    # first GPU: the launcher pins each group's GPUs), cuda (a group of several GPUs); None when the
+    # pipeline places nothing, and the stage's own params (device: auto) decide
+    device: str | None = None
 
 
 class Stage(Generic[P]):
@@ -107,6 +111,10 @@ class Stage(Generic[P]):
     min_inputs: ClassVar[int] = 1
     # > 0: after an input, a port quiet this long (media s) gets a progress heartbeat (see above)
     progress_s: ClassVar[float] = 0.0
+    # where the stage really runs (cpu, cuda:0, tensorrt), set once it knows (its model loaded, an ONNX
+    # session that fell back to the CPU): it travels in its metrics (StageMetrics.device), and the
+    # supervisor warns when it is not the kind of device the stage was placed on
+    device_actual: str | None = None
 
     def __init__(self, ctx: StageContext, params: P) -> None:
         self.ctx = ctx

@@ -6,6 +6,12 @@ then says ``start``.  It restarts a group that dies or stops sending heartbeats,
 and on SIGINT/SIGTERM asks every group to stop gracefully (sources stop, stages flush), then
 terminates what is left.  No process it started outlives it.
 
+Each group's process gets the environment its placement asks for (:mod:`copilot.placement`:
+``CUDA_VISIBLE_DEVICES`` pinned to its GPUs, or empty for a CPU group in a pipeline that places
+others on GPUs).  Once every group is ready it logs a line per group (pid, device, the variable,
+its stages), and it warns when a stage says it really runs on another kind of device than it was
+placed on (``Stage.device_actual``: a GPU stage whose engine fell back to the CPU).
+
 It also publishes the merged per-stage figures, at every report, on a PUB socket of its own (the
 metrics feed, ``ipc://`` in the run directory; its endpoint reaches every stage as the run option
 ``metrics_feed``): the overlay's latency panel shows them.  A feed nobody reads costs one small encode
@@ -37,7 +43,20 @@ from copilot.config import PipelineConfig, curve_keys, is_local_host, link_specs
 from copilot.errors import UsageError
 from copilot.group import RunOptions, group_process_main
 from copilot.links import bind, check_ipc_endpoint, contexts, prepare_ipc
-from copilot.messages import Control, Done, Envelope, Error, InputsEnded, Metrics, Ready, StageMetrics, Start, Stop
+from copilot.messages import (
+    Control,
+    Done,
+    Envelope,
+    Error,
+    Heartbeat,
+    InputsEnded,
+    Metrics,
+    Ready,
+    StageMetrics,
+    Start,
+    Stop,
+)
+from copilot.placement import device_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +79,7 @@ class GroupState:
     error: str | None = None  # the last error the group reported
     failed: bool = False  # given up on: a usage error, or too many restarts
     bad_exit_at: float | None = None  # when it was seen gone with the bad-input exit code
+    pid: int | None = None  # its process as its heartbeats say (a group started on another host too)
 
 
 @dataclass
@@ -112,18 +132,45 @@ class Supervisor:
         self._run_dir = ""  # made by run(), removed when it ends
         self._feed_ep: str | None = None  # the metrics feed, bound by run()
         self.clock = SYSTEM_CLOCK
+        # each local group's environment (its GPUs), worked out now: a GPU index beyond the
+        # CUDA_VISIBLE_DEVICES this run was started with is bad input before anything starts
+        self.placements = cfg.placements()
+        self._envs = {g: self.placements.env(g) for g, st in self.groups.items() if st.local}
+        self._device_said: dict[str, str] = {}  # stage -> where it last said it runs
 
     def _is_local(self, group: str) -> bool:
         return all(is_local_host(s.placement.host) for s in self.cfg.stages_in(group))
 
     # -- processes ----------------------------------------------------------------------------
     def _group_env(self, group: str) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for s in self.cfg.stages_in(group):
-            dev = s.placement.device
-            if dev.startswith("cuda"):
-                env["CUDA_VISIBLE_DEVICES"] = dev.split(":", 1)[1] if ":" in dev else "0"
-        return env
+        """What the group's process gets on top of this one's environment (copilot.placement)."""
+        return self._envs.get(group, {})
+
+    def placement_report(self) -> list[str]:
+        """A line per group: ``group NAME (pid P): device cuda:1 (CUDA_VISIBLE_DEVICES=1): stages a, b``."""
+        lines = []
+        for g in self.groups.values():
+            pid = g.process.pid if g.local and g.process is not None else g.pid
+            lines.append(self.placements.describe(g.name, env=self._envs.get(g.name) if g.local else None,
+                                                  pid=pid, local=g.local))
+        return lines
+
+    def _check_devices(self, metrics: Metrics) -> None:
+        """Say once where each stage says it really runs, and warn when that is another kind of
+        device than its placement (a GPU stage whose engine fell back to the CPU)."""
+        for sm in metrics.stages:
+            if not sm.device or self._device_said.get(sm.stage) == sm.device:
+                continue
+            self._device_said[sm.stage] = sm.device
+            try:
+                planned = self.placements.planned(sm.stage)
+            except KeyError:
+                continue
+            if device_mismatch(planned, sm.device):
+                log.warning("stage %s (group %s) was placed on %s but runs on %s", sm.stage, metrics.group,
+                            planned, sm.device)
+            else:
+                log.info("stage %s (group %s) runs on %s", sm.stage, metrics.group, sm.device)
 
     def _spawn(self, st: GroupState) -> None:
         opts = replace(
@@ -137,8 +184,9 @@ class Supervisor:
         )
         if st.incarnation > 0 and self._started:  # a restart: the run's media time goes on
             opts = replace(opts, session_start_ns=self._t_start_ns, resume_media_s=self._media_reached(st.name))
-        saved = {k: os.environ.get(k) for k in self._group_env(st.name)}
-        os.environ.update(self._group_env(st.name))
+        env = self._group_env(st.name)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         # The child inherits an ignored SIGINT (multiprocessing's spawn clears the signal mask but
         # keeps an ignored disposition): a Ctrl-C (sent to the whole process group) while it is
         # still importing would otherwise end it with a KeyboardInterrupt traceback.  The
@@ -213,7 +261,9 @@ class Supervisor:
             return
         st.last_seen = now
         p = env.payload
-        if isinstance(p, Ready):
+        if isinstance(p, Heartbeat):
+            st.pid = p.pid if p.pid is not None else st.pid
+        elif isinstance(p, Ready):
             st.ready = True
             if self._started:
                 self._pending_start.add(name)
@@ -233,6 +283,7 @@ class Supervisor:
             st.done = True
             if p.metrics is not None:
                 self._snapshots[(name, st.incarnation)] = p.metrics
+                self._check_devices(p.metrics)
             if p.lost_inputs and not self._stopping:
                 self._lost_inputs[name] = list(p.lost_inputs)
             sig = p.signal
@@ -274,6 +325,7 @@ class Supervisor:
             st = self.groups.get(m.group)
             if st is not None:
                 self._snapshots[(m.group, st.incarnation)] = m
+                self._check_devices(m)
 
     def stage_metrics(self) -> list[StageMetrics]:
         """Figures per stage, summed over a group's incarnations (restarts reset counters)."""
@@ -425,6 +477,8 @@ class Supervisor:
                 if all(g.ready for g in self.groups.values()):
                     self._started = True
                     log.info("every group is ready (%s): the run starts", ", ".join(self.groups))
+                    for line in self.placement_report():
+                        log.info("%s", line)
                     if self.on_ready is not None:
                         self.on_ready()
                     self._t_start_ns = self.clock.now_ns()

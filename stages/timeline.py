@@ -16,6 +16,9 @@ plain-English ``text``:
   (the first reading of the HUD is one ``HUD read: ...`` fact); text fields that are not numbers
   (``GAME OVER`` read on screen) are ``ocr`` facts;
 * a transcript: its words; advice: its text, the analysis behind it and the question it answered;
+* ``Entities`` (SAM3 on a keyframe): ``03:12 seen on the keyframe of critical event life_lost: player
+  (0.91, lower left, 2% of the screen), enemy x3 (best 0.80)``, the labels, boxes, scores and mask
+  areas in its data;
 * a **link**: a value of ``link_keys`` (lives, health ...) going down from ``link_before_s`` before to
   ``link_window_s`` after an event is linked to the highest-priority (then nearest) such event:
   ``03:13 lives 3 -> 2, 1.2 s after the critical event hud_revert at 03:12 (life lost)``.  Events are
@@ -55,7 +58,17 @@ import msgspec
 import numpy as np
 
 from copilot.errors import UsageError
-from copilot.messages import PRIORITY_RANK, Advice, Envelope, Event, GameState, Priority, Transcript, VideoFrame
+from copilot.messages import (
+    PRIORITY_RANK,
+    Advice,
+    Entities,
+    Envelope,
+    Event,
+    GameState,
+    Priority,
+    Transcript,
+    VideoFrame,
+)
 from copilot.registry import register_stage
 from copilot.stage import Stage, StageContext
 from stages.timeline_db import KEYFRAMES_DIR, TimelineWriter, keyframe_name
@@ -132,6 +145,35 @@ def describe_event(ev: Event) -> str:
     if meaning:
         parts.append(meaning)
     return head + (": " + "; ".join(parts) if parts else "")
+
+
+def _where_on_screen(box: tuple[float, float, float, float]) -> str:
+    """``upper left`` ... ``lower right`` (or ``centre``) for a box given as fractions of the frame."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    row = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else ""
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return " ".join(w for w in (row, col) if w) or "centre"
+
+
+def describe_entities(es: Entities) -> str:
+    """One sentence for a keyframe's entities, grouped by label, best score first."""
+    why = es.reason
+    if why.startswith("event:"):
+        why = f"the keyframe of event {why.split(':', 1)[1]}"
+    elif why == "periodic":
+        why = "a periodic keyframe"
+    groups: dict[str, list[Any]] = {}
+    for e in sorted(es.entities, key=lambda e: -e.score):
+        groups.setdefault(e.label, []).append(e)
+    parts = []
+    for label, items in groups.items():
+        best = items[0]
+        if len(items) == 1:
+            parts.append(f"{label} ({best.score:.2f}, {_where_on_screen(best.box)}, "
+                         f"{best.mask_area * 100:.0f}% of the screen)")
+        else:
+            parts.append(f"{label} x{len(items)} (best {best.score:.2f})")
+    return f"{clock_text(es.t)} seen on {why or 'a keyframe'}: " + ", ".join(parts)
 
 
 def _fmt(v: Any) -> str:
@@ -233,7 +275,7 @@ def save_jpeg(image: np.ndarray, path: Path, width: int, quality: int) -> None:
 @register_stage("timeline")
 class TimelineStage(Stage[TimelineParams]):
     Params = TimelineParams
-    accepts = (Event, GameState, Transcript, Advice, VideoFrame)
+    accepts = (Event, GameState, Transcript, Advice, Entities, VideoFrame)
 
     @classmethod
     def check(cls, params: TimelineParams) -> object:
@@ -304,6 +346,8 @@ class TimelineStage(Stage[TimelineParams]):
                 self._on_transcript(p)
             elif isinstance(p, Advice) and p.final:
                 self._on_advice(p)
+            elif isinstance(p, Entities):
+                self._on_entities(p)
             self._resolve_drops(final=False)
             if self._keyframes and self._waiting:
                 await self._keyframes_due(final=False)
@@ -394,6 +438,15 @@ class TimelineStage(Stage[TimelineParams]):
             data["question"] = a.question
         self.writer.add_fact(a.t_event, "advice", describe_advice(a), t_end=max(a.t_event, a.t_media),
                              priority=a.priority, data=data)
+
+    def _on_entities(self, es: Entities) -> None:
+        assert self.writer is not None
+        if not es.entities:
+            return
+        self.writer.add_fact(es.t, "entities", describe_entities(es), data={
+            "reason": es.reason, "event_t": es.event_t, "model": es.model, "frame_index": es.frame_index,
+            "entities": [{"label": e.label, "box": list(e.box), "score": e.score, "mask_area": e.mask_area}
+                         for e in es.entities]})
 
     # -- links --------------------------------------------------------------------------------
     def _resolve_drops(self, final: bool) -> None:

@@ -21,7 +21,8 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_i
 
 Fact kinds (:data:`FACT_KINDS`): ``event`` (the trigger's events), ``state`` (a game-state value read
 or changed), ``ocr`` (text read on screen), ``transcript`` (speech), ``advice`` (the reasoner's final
-advice), ``link`` (a cause and its effect, e.g. a critical event and the lives counter going down).
+advice), ``link`` (a cause and its effect, e.g. a critical event and the lives counter going down),
+``entities`` (what concept segmentation found on a keyframe: labels, boxes, scores, mask areas).
 ``t``/``t_end`` are media seconds; a fact covers ``[t, t_end]`` (``t_end == t`` for a moment).
 
 Durability: the database is in WAL mode with ``synchronous=NORMAL``.  :class:`TimelineWriter` keeps
@@ -59,7 +60,7 @@ KEYFRAMES_DIR = "keyframes"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x47435446  # "GCTF": a gamecopilot timeline file
 FORMAT = "gamecopilot-timeline"
-FACT_KINDS: tuple[str, ...] = ("event", "state", "ocr", "transcript", "advice", "link")
+FACT_KINDS: tuple[str, ...] = ("event", "state", "ocr", "transcript", "advice", "link", "entities")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS session(key TEXT PRIMARY KEY, value TEXT NOT NULL);

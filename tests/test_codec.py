@@ -26,6 +26,8 @@ from copilot.messages import (
     Cue,
     Done,
     EndOfStream,
+    Entities,
+    Entity,
     Envelope,
     Error,
     Event,
@@ -110,6 +112,10 @@ PAYLOADS: dict[type, Any] = {
                       structured=st.dictionaries(TEXT, JSON, max_size=4),
                       latency_ms=st.dictionaries(TEXT, FLOATS, max_size=3), final=st.booleans(), wake=UINT63,
                       question=st.text(max_size=80), saw_images=st.booleans()),
+    Entities: st.builds(Entities, t=FLOATS, frame_index=st.integers(0, 2**31), reason=TEXT,
+                        event_t=st.none() | FLOATS, model=TEXT,
+                        entities=st.lists(st.builds(Entity, label=TEXT, box=st.tuples(FLOATS, FLOATS, FLOATS, FLOATS),
+                                                    score=FLOATS, mask_area=FLOATS), max_size=4)),
     Context: st.builds(Context, t=FLOATS, text=st.text(max_size=200),
                        spans=st.lists(st.tuples(FLOATS, FLOATS, st.integers(0, 2**31)), max_size=4),
                        tokens=st.none() | arrays(np.float32, 2, 2, 8), source=TEXT),
@@ -199,7 +205,7 @@ def good_video() -> list[Any]:
 # -- round trips --------------------------------------------------------------------------------
 def test_every_kind_has_a_strategy() -> None:
     assert set(PAYLOADS) == set(PAYLOAD_TYPES)
-    assert len(KINDS) == len(set(KINDS)) == 12
+    assert len(KINDS) == len(set(KINDS)) == 13
 
 
 @pytest.mark.parametrize("kind", PAYLOAD_TYPES, ids=lambda t: t.__name__)

@@ -380,3 +380,29 @@ def test_the_keyframe_ring_is_small_bounded_and_reads_every_pixel_format(tmp_pat
     with Image.open(tmp_path / "k" / "x.jpg") as im:
         assert im.size == (320, 192)
     assert not any(p.name.endswith(".part") for p in (tmp_path / "k").iterdir())
+
+
+def test_entities_from_a_keyframe_become_one_searchable_fact(tmp_path: Path) -> None:
+    from copilot.messages import Entities, Entity
+
+    clock = VirtualClock()
+    session = tmp_path / "session"
+    session.mkdir()
+    es = Entities(t=5.1, frame_index=51, reason="event:life_lost", event_t=5.1, model="facebook/sam3", entities=[
+        Entity(label="player", box=(0.05, 0.8, 0.15, 0.95), score=0.91, mask_area=0.02),
+        Entity(label="enemy", box=(0.4, 0.1, 0.5, 0.2), score=0.8, mask_area=0.01),
+        Entity(label="enemy", box=(0.6, 0.1, 0.7, 0.2), score=0.6, mask_area=0.01)])
+    empty = Entities(t=9.0, reason="periodic", entities=[])
+    base = clock.now_ns()
+    envs = [make_envelope(p, t_media=t, t_capture_ns=base + round(t * 1e9), seq=i + 1)
+            for i, (t, p) in enumerate([(5.6, es), (9.0, empty)])]
+    run_stage(TimelineStage, envs, clock=clock, options={"session": str(session), "pipeline_name": "test"})
+    with TimelineReader(session) as r:
+        facts = [f for f in r.all_facts() if f.kind == "entities"]
+    assert len(facts) == 1  # a keyframe where nothing was found says nothing
+    f = facts[0]
+    assert f.t == 5.1
+    assert f.text == ("00:05 seen on the keyframe of event life_lost: player (0.91, lower left, 2% of the screen), "
+                      "enemy x2 (best 0.80)")
+    assert [e["label"] for e in f.data["entities"]] == ["player", "enemy", "enemy"]
+    assert f.data["entities"][0]["box"] == [0.05, 0.8, 0.15, 0.95] and f.data["reason"] == "event:life_lost"
