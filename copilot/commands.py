@@ -385,7 +385,7 @@ def execute(
     def on_ready() -> None:
         for line in announcements:  # every group started: say what answers (even with -q: it only hides the table)
             print(line, file=sys.stderr, flush=True)
-        if cfg.placements().any_gpu:  # a pipeline spread over GPUs: where each group really went
+        if sup.placements.any_gpu:  # a pipeline spread over GPUs: where each group really went
             for line in sup.placement_report():
                 print(line, file=sys.stderr, flush=True)
         try:

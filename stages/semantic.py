@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from copilot.config import msgspec_error
 from copilot.errors import UsageError
 from copilot.messages import Cue, Envelope, Features, Priority, VideoFrame
 from copilot.profile import Profile, profile_from_options
@@ -96,7 +97,7 @@ def profile_prompts(prof: Profile, source: str = "profile") -> list[SemanticProm
     try:
         return msgspec.convert(raw, list[SemanticPrompt])
     except msgspec.ValidationError as exc:
-        raise UsageError(f"{source}: semantic.prompts: {exc}") from exc
+        raise msgspec_error(source, exc, prefix="semantic.prompts") from exc
 
 
 @dataclass
