@@ -301,10 +301,11 @@ def run_bench(
 
 
 def scorer_cost(n: int = 200, seed: int = 0) -> Result:
-    """The event scorer's cost per candidate (window statistics and the shipped model) over windows
-    as full as the default pipeline fills them (4.5 s of motion, thumb and HUD at 30 Hz, audio at 50 Hz,
-    mel at 10 Hz).  A candidate comes a few times a minute, so its period is not a frame's."""
-    from engines.event_scorer import LOOKAHEAD_S, SCALARS, WINDOW_S, window_features
+    """The event scorer's cost per candidate (window statistics, the session's ranks and the shipped
+    model) over windows as full as the default pipeline fills them (4.5 s of motion, thumb and HUD at
+    30 Hz, audio at 50 Hz, mel at 10 Hz).  A candidate comes a few times a minute, so its period is not a frame's."""
+    from engines.event_scorer import LOOKAHEAD_S, SCALARS, WINDOW_S, candidate_features
+    from engines.event_session import SessionContext
     from stages.event_scorer import load_model
 
     r = Result(label="event_scorer", kind="event_scorer", input="candidate")
@@ -316,8 +317,9 @@ def scorer_cost(n: int = 200, seed: int = 0) -> Result:
     rng = np.random.default_rng(seed)
     rates = {"motion": 30, "thumb": 30, "hud": 30, "audio": 50, "mel": 10}
     lat = []
-    for _ in range(n):
-        t = 10.0
+    session = SessionContext()  # a session that has seen the candidates before this one (a full history)
+    for k in range(n):
+        t = 10.0 + 5.0 * k
         window: dict[str, list[tuple[float, dict[str, float]]]] = {}
         for stream, rate in rates.items():
             keys = SCALARS.get(stream, (*(f"b{i:02d}" for i in range(16)), "db"))
@@ -326,7 +328,7 @@ def scorer_cost(n: int = 200, seed: int = 0) -> Result:
                               for x in times]
         event = {"t": t, "kind": "moment", "priority": "high", "score": 1.2, "evidence": {"families": {"audio": 0.5}}}
         t0 = time.perf_counter()
-        model.predict_proba(model.vector(window_features(event, window)))
+        model.predict_proba(model.vector(candidate_features(event, window, session)))
         lat.append((time.perf_counter() - t0) * 1e3)
     r.count, r.latency_ms, r.emitted = len(lat), _summary(lat), len(lat)
     return r

@@ -43,10 +43,12 @@ from engines.event_scorer import (
     candidates_from_features,
     critical_moments,
     label,
+    model_inputs,
 )
 
 CLASS_NAMES = ("death", "reward", "none")
-HGB = {"max_iter": 150, "learning_rate": 0.05, "max_depth": 4, "min_samples_leaf": 20, "l2_regularization": 1.0}
+# shallow trees with big leaves: what carries across games, not what tells this game's candidates apart
+HGB = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 40, "l2_regularization": 1.0}
 
 
 @dataclass
@@ -68,10 +70,12 @@ class Recording:
 
 
 def load_recording(game: str, seed: int, policy: str, video: Path, truth: Path) -> Recording:
-    """The candidates of one prepared recording (its features and events cached by the tuner)."""
+    """The candidates of one prepared recording (its features and events cached by the tuner); ``X``
+    holds what a model reads (:func:`engines.event_scorer.model_inputs`)."""
     features, events_path = cache_paths(video, None)
     events = [e for e in load_events(events_path) if e.get("kind") != "meta"]
-    X, _ = candidates_from_features(events, features)
+    X, names = candidates_from_features(events, features)
+    X = X[:, [names.index(n) for n in model_inputs()]]
     meta, truth_events = read_truth(truth)
     moments = critical_moments(truth_events)
     rewards = sorted(float(e["t"]) for e in truth_events if e.get("kind") == "reward")
@@ -258,7 +262,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"# Event scorer `{card['name']}`", "",
         f"Trained {card['trained']} by `gamecopilot train scorer` "
         f"(seed {card['seed']}, {card['folds']} folds by game).",
-        f"Signal version {card['signal_version']}; {card['features']} window features; "
+        f"Signal version {card['signal_version']}; {card['features']} input features "
+        "(relative ones: engines.event_scorer.model_inputs); "
         f"{card['candidates']} candidates ({card['labels']}).", "",
         "Games: " + ", ".join(card["games"]) + ".",
         "Recordings: " + ", ".join(card["recordings"]) + ".", "",
@@ -318,20 +323,19 @@ def main(argv: list[str] | None = None) -> int:
         wanted += [(g, args.sticky_seed, "sticky") for g in games]
     recs = prepare_recordings(wanted, Path(args.data), args.seconds, args.jobs, args.quiet)
     clf, temperature, th, cv = train(recs, seed=args.seed, folds=args.folds)
-    from engines.event_scorer import feature_names
     from engines.event_scorer_model import EventScorerModel
 
     y = np.concatenate([r.y for r in recs])
     card = {
         "name": out.stem, "trained": time.strftime("%Y-%m-%d"), "seed": args.seed, "folds": args.folds,
-        "signal_version": SIGNAL_VERSION, "features": len(feature_names()), "candidates": len(y),
+        "signal_version": SIGNAL_VERSION, "features": len(model_inputs()), "candidates": len(y),
         "labels": ", ".join(f"{n} {int((y == i).sum())}" for i, n in enumerate(CLASS_NAMES)),
         "games": sorted({r.game for r in recs}), "recordings": [r.key for r in recs], "pool": args.pool,
         "temperature": temperature, "hgb": HGB,
         "thresholds": {"death": th.death, "drop": th.drop, "event": th.event, "gap_s": th.gap_s},
         "cross_validated": cv, "seconds": round(time.monotonic() - t0, 1),
     }
-    model = EventScorerModel.from_sklearn(clf, feature_names(), signal_version=SIGNAL_VERSION,
+    model = EventScorerModel.from_sklearn(clf, model_inputs(), signal_version=SIGNAL_VERSION,
                                           temperature=temperature, thresholds=card["thresholds"], card=card)
     model.save(out)
     out.with_suffix(".card.md").write_text(card_markdown(card), encoding="utf-8")

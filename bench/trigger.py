@@ -35,15 +35,22 @@ from bench.tune_trigger import cache_paths, observations, replay_detector, with_
 from copilot.args import OneLineParser, positive_int, seed_number
 from copilot.errors import UsageError
 from copilot.profile import load_profile, resolve_profile
-from engines.event_scorer import Cascade, Thresholds, session_probabilities
+from engines.event_scorer import Cascade, Thresholds, model_inputs, session_probabilities
 
 
 def cascade_events(recs: list[Recording], model: Any, th: Thresholds, adapt: bool) -> list[list[dict[str, Any]]]:
     out = []
+    names = model_inputs()  # the columns of Recording.X
+    missing = [n for n in model.feature_names if n not in names]
+    if missing:
+        raise UsageError(f"bench trigger: the model reads {len(missing)} feature(s) this build's training does not "
+                         f"compute ({', '.join(missing[:3])}...): train it again with `gamecopilot train scorer`")
+    cols = [names.index(n) for n in model.feature_names]  # in the model's order
     for r in recs:
-        probs = model.predict_proba(r.X) if len(r.X) else np.zeros((0, 3))
+        x = r.X[:, cols]
+        probs = model.predict_proba(x) if len(x) else np.zeros((0, 3))
         if adapt:
-            probs = session_probabilities(r.events, r.X, probs, th)
+            probs = session_probabilities(r.events, x, probs, th)
         cascade = Cascade(th, model.card.get("name", "model"))
         out.append([cascade.rescore(e, p) for e, p in zip(r.events, probs, strict=True)])
     return out

@@ -2,7 +2,8 @@
 
 Every candidate the trigger emits (every priority) waits here until the pipeline's signals have
 covered ``LOOKAHEAD_S`` after its moment; then the model (:mod:`engines.event_scorer_model`)
-reads the window (:func:`engines.event_scorer.window_features`) and its calibrated probabilities
+reads the window and how it compares with the session's earlier candidates
+(:func:`engines.event_scorer.candidate_features`) and its calibrated probabilities
 of death, reward and neither go into the event's evidence as ``"scorer"``; the final priority
 follows :func:`engines.event_scorer.decide` (a trusted cue, a profile rule, keeps the cheap
 tier's priority).  With ``adapt`` the session's confirmed deaths raise similar later candidates
@@ -44,8 +45,9 @@ from engines.event_scorer import (
     Sample,
     SessionSignature,
     Thresholds,
-    window_features,
+    candidate_features,
 )
+from engines.event_session import SessionContext
 
 DEFAULT_MODEL = "event_scorer.npz"
 WAKES = ("critical", "high")
@@ -113,6 +115,7 @@ class EventScorerStage(Stage[EventScorerParams]):
         self.pending: deque[tuple[Envelope, Event]] = deque()
         self.lossless = ctx.speed is None
         self.signature = SessionSignature() if params.adapt else None
+        self.session = SessionContext()
 
     async def start(self) -> None:
         self.model = await self.run_blocking(load_model, self.choice)
@@ -168,7 +171,7 @@ class EventScorerStage(Stage[EventScorerParams]):
         lo = ev.t + LOOKAHEAD_S - WINDOW_S
         hi = ev.t + LOOKAHEAD_S + 1e-9
         window = {name: [s for s in buf if lo < s[0] <= hi] for name, buf in self.buffers.items()}
-        x = self.model.vector(window_features(record, window))
+        x = self.model.vector(candidate_features(record, window, self.session))
         probs = self.model.predict_proba(x)[0]
         if self.signature is not None:
             probs = self.signature.adjust(record, x, probs)

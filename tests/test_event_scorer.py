@@ -168,6 +168,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     y = rng.choice(3, size=600)
     X[:, names.index("audio.onset.near_max")] += 3.0 * (y == 0)
     X[:, names.index("mel.db.delta")] += 3.0 * (y == 1)
+    X[:, names.index("session.pct.audio.onset.near_max")] += 3.0 * (y == 0)  # the session's features count too
     clf = ensemble.HistGradientBoostingClassifier(max_iter=20, max_depth=3, random_state=0).fit(X, y)
     path = tmp_path_factory.mktemp("scorer") / "tiny.npz"
     EventScorerModel.from_sklearn(clf, names, signal_version=SIGNAL_VERSION,
@@ -208,11 +209,14 @@ def _inputs(seconds: float, events: list[Event]) -> list[Any]:
 
 
 def test_the_stage_scores_every_candidate_as_the_offline_tools_do(tiny_model: Path, tmp_path: Path) -> None:
+    # enough earlier candidates that the last ones are ranked against the session
+    quiet = [Event(t=7.0 + k, event_kind="moment", priority="normal", score=0.5 + 0.1 * k, evidence={})
+             for k in range(7)]
     events = [Event(t=5.0, event_kind="hud_change+sound", priority="low", score=0.8, evidence={"cues": ["hud_change"]}),
-              Event(t=12.0, event_kind="moment", priority="high", score=1.3, evidence={})]
-    res = run_stage("event_scorer", _inputs(15.0, events), params={"model": str(tiny_model)}, speed=None)
+              *quiet, Event(t=14.5, event_kind="moment", priority="high", score=1.3, evidence={})]
+    res = run_stage("event_scorer", _inputs(17.0, events), params={"model": str(tiny_model)}, speed=None)
     out = res["events"]
-    assert [e.t for e in out] == [5.0, 12.0]  # every candidate, in order
+    assert [e.t for e in out] == [e.t for e in events]  # every candidate, in order
     for e in out:
         s = e.evidence["scorer"]
         assert set(s) >= {"p_death", "p_reward", "p_none", "model"} and s["model"] == "tiny"
@@ -223,13 +227,15 @@ def test_the_stage_scores_every_candidate_as_the_offline_tools_do(tiny_model: Pa
     # offline, from a features file holding the same stream: the same probabilities
     feats = tmp_path / "f.jsonl"
     with open(feats, "w") as fh:
-        for t, f in _stream(15.0):
+        for t, f in _stream(17.0):
             fh.write(json.dumps({"t": t, "kind": "features", "source": f.name, "name": f.name,
                                  "values": f.values}) + "\n")
     from engines.event_scorer_model import EventScorerModel
 
     records = [e.record() for e in events]
-    X, _ = candidates_from_features(records, feats)
+    X, names = candidates_from_features(records, feats)
+    ranked = X[:, names.index("session.pct.cheap.score")]
+    assert np.isnan(ranked[:5]).all() and ranked[-1] == 1.0  # ranked once 5 came before; the last is the top
     offline = session_probabilities(records, X, EventScorerModel.load(tiny_model).predict_proba(X), Thresholds())
     online = np.array([[e.evidence["scorer"][k] for k in ("p_death", "p_reward", "p_none")] for e in out])
     assert np.allclose(online, offline, atol=1e-4)
@@ -284,3 +290,48 @@ def test_a_wake_soon_after_the_scorers_last_one_is_kept_as_a_repeat() -> None:
     # a rule's wake is never held back, and does not start a gap of its own
     rule = cascade.rescore({**_event("critical", ["life_lost"]), "t": 12.5}, [0.0, 0.0, 1.0])
     assert rule["priority"] == "critical" and "repeat" not in rule["evidence"]["scorer"]
+
+
+# ---------------------------------------------------------------- the session's features
+
+
+def test_a_candidate_is_ranked_against_the_sessions_earlier_candidates_only() -> None:
+    from engines.event_session import HISTORY, MIN_HISTORY, SessionContext, session_feature_names
+
+    def cand(t: float, priority: str = "normal") -> dict[str, Any]:
+        return {"t": t, "kind": "moment", "priority": priority}
+
+    ctx = SessionContext()
+    firsts = [ctx.features(cand(float(k)), {"audio.onset.near_max": float(k)}) for k in range(MIN_HISTORY)]
+    assert all(np.isnan(f["session.pct.audio.onset.near_max"]) for f in firsts)  # too few to rank against
+    assert set(firsts[0]) == set(session_feature_names())
+    # louder than 3 of the 5 before it, as loud as one (half), quieter than one: 3.5 / 5
+    f = ctx.features(cand(10.0, "high"), {"audio.onset.near_max": 3.0})
+    assert f["session.pct.audio.onset.near_max"] == pytest.approx(3.5 / 5)
+    assert np.isnan(f["session.pct.motion.diff.near_max"])  # a statistic the window lacked
+    assert f["session.rate_60s"] == 5.0 and f["session.since_prev"] == pytest.approx(6.0)
+    assert f["session.wake_rate_60s"] == 0.0 and f["session.since_wake"] == 60.0  # no wake before it
+    # 70 s later: the minute before holds nothing; the wake at 10 s is the newest
+    later = ctx.features(cand(80.0), {"audio.onset.near_max": 100.0})
+    assert later["session.rate_60s"] == 0.0 and later["session.since_wake"] == 60.0  # capped
+    assert later["session.pct.audio.onset.near_max"] == 1.0
+    assert ctx.features(cand(81.0), {})["session.since_wake"] == 60.0 and len(ctx.history) == MIN_HISTORY + 3
+    for k in range(2 * HISTORY):  # bounded
+        ctx.features(cand(100.0 + k), {})
+    assert len(ctx.history) == HISTORY
+
+
+def test_the_session_features_of_a_candidate_do_not_depend_on_later_ones() -> None:
+    from engines.event_session import SessionContext
+
+    rng = np.random.default_rng(3)
+    cands = [({"t": float(t), "priority": rng.choice(["high", "normal", "low"])},
+              {"cheap.score": float(rng.random()), "mel.db.delta": float(rng.normal())})
+             for t in np.cumsum(rng.uniform(1, 20, 40))]
+    full = SessionContext()
+    all_rows = [full.features(e, w) for e, w in cands]
+    part = SessionContext()
+    first_rows = [part.features(e, w) for e, w in cands[:25]]
+    for a, b in zip(first_rows, all_rows[:25], strict=True):
+        assert a.keys() == b.keys()
+        assert all((np.isnan(a[k]) and np.isnan(b[k])) or a[k] == b[k] for k in a)
