@@ -323,6 +323,34 @@ def test_a_group_terminated_from_outside_stops_the_run_and_a_crashed_one_is_rest
         assert sup._stop_signal == signal.SIGTERM
 
 
+def test_a_group_that_ended_by_itself_is_not_restarted_while_its_done_is_on_the_way(tmp_path: Path) -> None:
+    """Exit code 0 seen before the group's Done arrived (a loaded machine): the supervisor waits
+    DONE_GRACE_S for it; a Done within that is the end of the group, none is a crash to restart."""
+    from copilot.supervisor import DONE_GRACE_S
+
+    data = two_groups(tmp_path / "sink.jsonl")
+    sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    sup._codec = Codec()
+    sup.groups["src"].done = True  # only the group under test is watched
+    work = sup.groups["work"]
+    work.process = _Ended(0)  # type: ignore[assignment]
+    sup._watch(now=10.0)
+    sup._watch(now=10.0 + DONE_GRACE_S / 2)
+    assert work.restarts == 0 and work.restart_at is None
+    done = Envelope.wrap(Done(), source="work", seq=0, t_media=0.0, t_capture_ns=0)
+    sup._handle_ctrl([b"work#0", *Codec().encode(done)], now=10.0 + DONE_GRACE_S / 2)
+    sup._watch(now=10.0 + 2 * DONE_GRACE_S)
+    assert work.done and work.restarts == 0 and work.restart_at is None
+    # no Done at all: restarted once the grace has passed
+    other = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
+    other.groups["src"].done = True
+    other.groups["work"].process = _Ended(0)  # type: ignore[assignment]
+    other._watch(now=10.0)
+    assert other.groups["work"].restarts == 0
+    other._watch(now=10.0 + DONE_GRACE_S + 0.1)
+    assert other.groups["work"].restarts == 1
+
+
 def test_a_group_on_another_host_that_never_comes_fails_the_run(atari_clip: Path, tmp_path: Path) -> None:
     data = with_remote_work_group(two_groups(tmp_path / "sink.jsonl"))
     data["supervisor"]["ready_timeout_s"] = 4.0
