@@ -61,11 +61,9 @@ from copilot.placement import device_mismatch
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-# a group that exited on bad input said why just before; its line can come this long after the exit
-BAD_INPUT_GRACE_S = 2.0
-# a group that ended by itself (exit code 0) said Done just before; on a loaded machine the exit can
-# be seen first, and the Done this long after it: a restart meanwhile would run the group again
-DONE_GRACE_S = 2.0
+# a group that exits by itself says why just before (Done, or its bad input's one line) through the
+# control socket; on a loaded machine the exit can be seen first, and the message this long after it
+EXIT_MESSAGE_GRACE_S = 2.0
 
 
 @dataclass
@@ -81,8 +79,7 @@ class GroupState:
     local: bool = True
     error: str | None = None  # the last error the group reported
     failed: bool = False  # given up on: a usage error, or too many restarts
-    bad_exit_at: float | None = None  # when it was seen gone with the bad-input exit code
-    clean_exit_at: float | None = None  # when it was seen gone with exit code 0 and no Done yet
+    gone_at: float | None = None  # when it was seen gone by itself (exit 0 or 2), its message not yet come
     pid: int | None = None  # its process as its heartbeats say (a group started on another host too)
 
 
@@ -559,13 +556,15 @@ class Supervisor:
                 self._read_control(now)  # what it said just before it exited comes first
                 if g.done or g.failed or self._stopping:
                     continue
-            if not alive and g.process is not None and g.process.exitcode == UsageError.exit_code:
-                # bad input: a restart would only fail again.  Its one line may still be on the way
-                # (it comes through the socket, the exit through the process): wait for it a little
-                if g.bad_exit_at is None:
-                    g.bad_exit_at = now
-                if now - g.bad_exit_at < BAD_INPUT_GRACE_S:
+            if not alive and g.process is not None and g.process.exitcode in (0, UsageError.exit_code):
+                # it said why (Done, or its bad input's line) through the socket, and the exit came
+                # through the process: the message may still be on the way, wait for it a little
+                if g.gone_at is None:
+                    g.gone_at = now
+                if now - g.gone_at < EXIT_MESSAGE_GRACE_S:
                     continue
+            if not alive and g.process is not None and g.process.exitcode == UsageError.exit_code:
+                # bad input: a restart would only fail again
                 log.debug("group %s exited on bad input and did not say why", g.name)
                 g.failed = True
                 if g.error is None:
@@ -574,12 +573,6 @@ class Supervisor:
                     self._usage_exit = f"group {g.name} stopped on bad input"
                 self.request_stop(interrupted=False)
                 continue
-            if not alive and g.process is not None and g.process.exitcode == 0:
-                # ended by itself: its Done is on the way through the control socket
-                if g.clean_exit_at is None:
-                    g.clean_exit_at = now
-                if now - g.clean_exit_at < DONE_GRACE_S:
-                    continue
             if not alive and g.process is not None and g.process.exitcode == -signal.SIGTERM:
                 # terminated from outside before it could stop gracefully (still starting): a stop
                 # request for the run, as a SIGTERM to a running group is, not a crash to restart
@@ -602,7 +595,7 @@ class Supervisor:
                 backoff = sup.restart_backoff_s[min(g.restarts, len(sup.restart_backoff_s) - 1)]
                 code = g.process.exitcode if g.process is not None else None
                 log.warning("group %s exited (code %s); restarting in %.1f s", g.name, code, backoff)
-                g.clean_exit_at = None
+                g.gone_at = None
                 g.restarts += 1
                 g.restart_at = now + backoff
 

@@ -86,7 +86,7 @@ def model_inputs() -> list[str]:
     tier's view, and each window statistic as a change (near the moment against before it), not
     its level.  Levels (how loud, how much motion) say which game this is more than what happened:
     cross-validated by game on the train pool, p_death from every feature ranked deaths at ROC AUC
-    0.55, from these at 0.64.  The other features stay computed, so a model may still read them."""
+    0.55, from these at 0.62.  The other features stay computed, so a model may still read them."""
     return [n for n in feature_names() if n.startswith(RELATIVE_PREFIXES) or n.endswith(RELATIVE_SUFFIXES)]
 
 

@@ -70,25 +70,18 @@ class SessionContext:
         statistics), then remember it; call once per candidate, in the order they are decided."""
         t = float(event["t"])
         x = np.array([float(window.get(n, math.nan)) for n in RANKED], np.float64)
-        out: dict[str, float] = {}
-        if len(self.history) >= MIN_HISTORY:
-            past = np.stack(self.history)  # (n, len(RANKED))
-            for i, name in enumerate(RANKED):
-                col = past[:, i]
-                col = col[~np.isnan(col)]
-                if math.isnan(x[i]) or col.size < MIN_HISTORY:
-                    out[f"session.pct.{name}"] = math.nan
-                else:
-                    out[f"session.pct.{name}"] = float(((col < x[i]).sum() + 0.5 * (col == x[i]).sum()) / col.size)
-        else:
-            out.update({f"session.pct.{name}": math.nan for name in RANKED})
+        past = np.stack(self.history) if self.history else np.empty((0, len(RANKED)))  # (n, len(RANKED))
+        seen = (~np.isnan(past)).sum(axis=0)  # NaN compares false: it counts neither below nor equal
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pct = ((past < x).sum(axis=0) + 0.5 * (past == x).sum(axis=0)) / seen
+        pct[(seen < MIN_HISTORY) | np.isnan(x)] = math.nan
+        out = {f"session.pct.{name}": float(v) for name, v in zip(RANKED, pct, strict=True)}
         out["session.rate_60s"] = sum(1 for s in self.times if t - s <= RATE_S) * 60.0 / RATE_S
         out["session.wake_rate_60s"] = sum(1 for s in self.wake_times if t - s <= RATE_S) * 60.0 / RATE_S
         out["session.since_prev"] = min(CAP_S, t - self.times[-1]) if self.times else CAP_S
         out["session.since_wake"] = min(CAP_S, t - self.wake_times[-1]) if self.wake_times else CAP_S
         self.history.append(x)
         self.times.append(t)
-
         if str(event.get("priority")) in WAKE_PRIORITIES:
             self.wake_times.append(t)
         return out

@@ -325,8 +325,8 @@ def test_a_group_terminated_from_outside_stops_the_run_and_a_crashed_one_is_rest
 
 def test_a_group_that_ended_by_itself_is_not_restarted_while_its_done_is_on_the_way(tmp_path: Path) -> None:
     """Exit code 0 seen before the group's Done arrived (a loaded machine): the supervisor waits
-    DONE_GRACE_S for it; a Done within that is the end of the group, none is a crash to restart."""
-    from copilot.supervisor import DONE_GRACE_S
+    EXIT_MESSAGE_GRACE_S for it; a Done within that is the end of the group, none is a crash to restart."""
+    from copilot.supervisor import EXIT_MESSAGE_GRACE_S
 
     data = two_groups(tmp_path / "sink.jsonl")
     sup = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
@@ -335,11 +335,11 @@ def test_a_group_that_ended_by_itself_is_not_restarted_while_its_done_is_on_the_
     work = sup.groups["work"]
     work.process = _Ended(0)  # type: ignore[assignment]
     sup._watch(now=10.0)
-    sup._watch(now=10.0 + DONE_GRACE_S / 2)
+    sup._watch(now=10.0 + EXIT_MESSAGE_GRACE_S / 2)
     assert work.restarts == 0 and work.restart_at is None
     done = Envelope.wrap(Done(), source="work", seq=0, t_media=0.0, t_capture_ns=0)
-    sup._handle_ctrl([b"work#0", *Codec().encode(done)], now=10.0 + DONE_GRACE_S / 2)
-    sup._watch(now=10.0 + 2 * DONE_GRACE_S)
+    sup._handle_ctrl([b"work#0", *Codec().encode(done)], now=10.0 + EXIT_MESSAGE_GRACE_S / 2)
+    sup._watch(now=10.0 + 2 * EXIT_MESSAGE_GRACE_S)
     assert work.done and work.restarts == 0 and work.restart_at is None
     # no Done at all: restarted once the grace has passed
     other = Supervisor(parse_pipeline(data, "t.yaml"), data, "t.yaml", RunOptions())
@@ -347,7 +347,7 @@ def test_a_group_that_ended_by_itself_is_not_restarted_while_its_done_is_on_the_
     other.groups["work"].process = _Ended(0)  # type: ignore[assignment]
     other._watch(now=10.0)
     assert other.groups["work"].restarts == 0
-    other._watch(now=10.0 + DONE_GRACE_S + 0.1)
+    other._watch(now=10.0 + EXIT_MESSAGE_GRACE_S + 0.1)
     assert other.groups["work"].restarts == 1
 
 
