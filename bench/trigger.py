@@ -15,7 +15,9 @@ lossless run).  Both are scored with :mod:`copilot.scoring`:
   cascade's ``death``, the p_death from which a candidate is a critical wake; the cheap trigger's
   ``high_score``/``critical_score``, replayed by the tuner's detector);
 * ``adaptation``: the cascade with and without the per-session signature
-  (:class:`engines.event_scorer.SessionSignature`).
+  (:class:`engines.event_scorer.SessionSignature`);
+* ``separation``: how well the model ranks the candidates themselves, whatever the thresholds
+  (:func:`separation`): what a new signal or model has to raise before the figures above can move.
 
 ``--json`` prints ``{"games", "variants": {"cheap", "cascade"}, ...}``; ``--plot FILE.png`` draws the
 curves.
@@ -30,7 +32,7 @@ import numpy as np
 
 from bench.output import check_output_path, emit_result, run_tool
 from bench.pools import POOLS, selection
-from bench.train_scorer import Recording, figures, prepare_recordings
+from bench.train_scorer import CLASS_NAMES, Recording, auc, figures, prepare_recordings
 from bench.tune_trigger import cache_paths, observations, replay_detector, with_trigger
 from copilot.args import OneLineParser, positive_int, seed_number
 from copilot.errors import UsageError
@@ -38,22 +40,49 @@ from copilot.profile import load_profile, resolve_profile
 from engines.event_scorer import Cascade, Thresholds, model_inputs, session_probabilities
 
 
-def cascade_events(recs: list[Recording], model: Any, th: Thresholds, adapt: bool) -> list[list[dict[str, Any]]]:
-    out = []
+def model_probabilities(recs: list[Recording], model: Any) -> list[np.ndarray]:
+    """Each recording's candidates' probabilities (death, reward, none) from ``model``."""
     names = model_inputs()  # the columns of Recording.X
     missing = [n for n in model.feature_names if n not in names]
     if missing:
         raise UsageError(f"bench trigger: the model reads {len(missing)} feature(s) this build's training does not "
                          f"compute ({', '.join(missing[:3])}...): train it again with `gamecopilot train scorer`")
     cols = [names.index(n) for n in model.feature_names]  # in the model's order
-    for r in recs:
-        x = r.X[:, cols]
-        probs = model.predict_proba(x) if len(x) else np.zeros((0, 3))
+    return [model.predict_proba(r.X[:, cols]) if len(r.X) else np.zeros((0, 3)) for r in recs]
+
+
+def cascade_events(recs: list[Recording], model: Any, th: Thresholds, adapt: bool,
+                   probs: list[np.ndarray] | None = None) -> list[list[dict[str, Any]]]:
+    out = []
+    names = model_inputs()
+    cols = [names.index(n) for n in model.feature_names]
+    for r, p in zip(recs, probs if probs is not None else model_probabilities(recs, model), strict=True):
         if adapt:
-            probs = session_probabilities(r.events, x, probs, th)
+            p = session_probabilities(r.events, r.X[:, cols], p, th)
         cascade = Cascade(th, model.card.get("name", "model"))
-        out.append([cascade.rescore(e, p) for e, p in zip(r.events, probs, strict=True)])
+        out.append([cascade.rescore(e, q) for e, q in zip(r.events, p, strict=True)])
     return out
+
+
+def separation(recs: list[Recording], probs: list[np.ndarray]) -> dict[str, Any]:
+    """How the model ranks the pool's candidates, labelled from the truth as training labels them:
+    ROC AUC of ``p_death`` for a death against the rest and against a reward, and of ``p_none`` for
+    noise among the cheap tier's wakes (1.0: every noise wake could be dropped and no true one;
+    0.5: chance).  The counts say how many of each there were."""
+    y = np.concatenate([r.y for r in recs]) if recs else np.zeros(0, np.int64)
+    p = np.concatenate(probs) if probs else np.zeros((0, 3))
+    wake = np.array([e.get("priority") in ("critical", "high") for r in recs for e in r.events], bool)
+
+    def count(mask: np.ndarray) -> dict[str, int]:
+        return {name: int(((y == i) & mask).sum()) for i, name in enumerate(CLASS_NAMES)}
+
+    return {
+        "auc_death": auc(p[:, 0], y == 0),
+        "auc_death_vs_reward": auc(p[y != 2, 0], y[y != 2] == 0),
+        "auc_noise_among_cheap_wakes": auc(p[wake, 2], y[wake] == 2),
+        "candidates": count(np.ones(len(y), bool)),
+        "cheap_wakes": count(wake),
+    }
 
 
 def cheap_curve(recs: list[Recording], data_videos: dict[str, Path]) -> list[dict[str, float]]:
@@ -68,11 +97,12 @@ def cheap_curve(recs: list[Recording], data_videos: dict[str, Path]) -> list[dic
     return points
 
 
-def cascade_curve(recs: list[Recording], model: Any, th: Thresholds) -> list[dict[str, float]]:
+def cascade_curve(recs: list[Recording], model: Any, th: Thresholds,
+                  probs: list[np.ndarray]) -> list[dict[str, float]]:
     points = []
     for death in (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.01):
         t = Thresholds(death=death, drop=th.drop, event=th.event, gap_s=th.gap_s)
-        f = figures(recs, cascade_events(recs, model, t, adapt=False))
+        f = figures(recs, cascade_events(recs, model, t, adapt=False, probs=probs))
         points.append({"threshold": death, "wakes_per_min": f["wakes_per_min"],
                        "critical_recall": f["critical_recall"]})
     return points
@@ -124,6 +154,12 @@ def table(result: dict[str, Any]) -> Any:
     for name, v in rows.items():
         t.add_row(name, f"{v['critical_recall']:.3f}", f"{v['wake_precision_pooled']:.3f}",
                   f"{v['wakes_per_min']:.2f}", f"{v['false_wakes_per_min']:.2f}")
+    sep = result.get("separation")
+    if sep:
+        t.caption = (f"the model's ranking of the candidates (ROC AUC): p_death, death against the rest "
+                     f"{sep['auc_death']:.3f}, against a reward {sep['auc_death_vs_reward']:.3f}; p_none, noise "
+                     f"among the cheap wakes {sep['auc_noise_among_cheap_wakes']:.3f} "
+                     f"({sep['cheap_wakes']['none']} of {sum(sep['cheap_wakes'].values())} cheap wakes are noise)")
     return t
 
 
@@ -153,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     th = Thresholds.from_dict(model.thresholds)
     videos = {r.key: r.truth.with_name(r.truth.name.removesuffix(".truth.jsonl") + ".mp4") for r in recs}
     cheap = figures(recs, [r.events for r in recs])
-    cascade = figures(recs, cascade_events(recs, model, th, adapt=False))
-    adapted = figures(recs, cascade_events(recs, model, th, adapt=True))
+    probs = model_probabilities(recs, model)
+    cascade = figures(recs, cascade_events(recs, model, th, adapt=False, probs=probs))
+    adapted = figures(recs, cascade_events(recs, model, th, adapt=True, probs=probs))
     cheap["curve"] = cheap_curve(recs, videos)
-    cascade["curve"] = cascade_curve(recs, model, th)
+    cascade["curve"] = cascade_curve(recs, model, th, probs)
     result = {"games": [r.key for r in recs], "pool_label": pool or "games",
               "model": model.card.get("name", args.scorer), "thresholds": model.thresholds,
               "variants": {"cheap": cheap, "cascade": cascade},
-              "cascade_adapted": {k: v for k, v in adapted.items() if k != "per_game"}}
+              "cascade_adapted": {k: v for k, v in adapted.items() if k != "per_game"},
+              "separation": separation(recs, probs)}
     if args.plot:
         plot(result, args.plot)
     emit_result(result, as_json=args.json, output=args.output, table=table)

@@ -44,3 +44,31 @@ def test_bench_trigger_reports_both_variants_per_game_with_curves(tmp_path: Path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the cascade with the session's signature, beside it
     assert set(result["cascade_adapted"]) >= {"critical_recall", "wake_precision_pooled", "false_wakes_per_min"}
+    # how the model ranks these candidates, with the counts it was judged on
+    sep = result["separation"]
+    from copilot.scoring import load_events
+
+    n_events = sum(1 for f in data.glob("*_s0.*.events.jsonl") for e in load_events(f) if e.get("kind") != "meta")
+    assert sum(sep["candidates"].values()) == n_events
+    assert sum(sep["cheap_wakes"].values()) <= sum(sep["candidates"].values())
+
+
+def test_separation_ranks_the_candidates_by_their_truth_labels() -> None:
+    """p_death that orders deaths first gives 1.0; p_none that puts the noise wakes last gives 0.0;
+    annotations (not wakes) do not count among the wakes."""
+    import numpy as np
+
+    from bench.train_scorer import Recording
+    from bench.trigger import separation
+
+    events = [{"t": float(i), "priority": p} for i, p in enumerate(["critical", "high", "high", "normal", "high"])]
+    y = np.array([0, 1, 2, 2, 0])
+    rec = Recording("Pong", 0, "random", Path("pong_s0.truth.jsonl"), events, np.zeros((5, 1)), y)
+    probs = np.array([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.2, 0.1, 0.7], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
+    probs[2, 2] = 0.01  # the one noise wake ranked least noisy of all wakes
+    sep = separation([rec], [probs])
+    assert sep["auc_death"] == 1.0
+    assert sep["auc_death_vs_reward"] == 1.0
+    assert sep["auc_noise_among_cheap_wakes"] == 0.0
+    assert sep["candidates"] == {"death": 2, "reward": 1, "none": 2}
+    assert sep["cheap_wakes"] == {"death": 2, "reward": 1, "none": 1}
