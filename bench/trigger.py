@@ -40,23 +40,28 @@ from copilot.profile import load_profile, resolve_profile
 from engines.event_scorer import Cascade, Thresholds, model_inputs, session_probabilities
 
 
-def model_probabilities(recs: list[Recording], model: Any) -> list[np.ndarray]:
-    """Each recording's candidates' probabilities (death, reward, none) from ``model``."""
-    names = model_inputs()  # the columns of Recording.X
+def model_columns(model: Any) -> list[int]:
+    """The columns of ``Recording.X`` (:func:`engines.event_scorer.model_inputs`) a model reads, in its order."""
+    names = model_inputs()
     missing = [n for n in model.feature_names if n not in names]
     if missing:
         raise UsageError(f"bench trigger: the model reads {len(missing)} feature(s) this build's training does not "
                          f"compute ({', '.join(missing[:3])}...): train it again with `gamecopilot train scorer`")
-    cols = [names.index(n) for n in model.feature_names]  # in the model's order
+    return [names.index(n) for n in model.feature_names]
+
+
+def model_probabilities(recs: list[Recording], model: Any) -> list[np.ndarray]:
+    """Each recording's candidates' probabilities (death, reward, none) from ``model``."""
+    cols = model_columns(model)
     return [model.predict_proba(r.X[:, cols]) if len(r.X) else np.zeros((0, 3)) for r in recs]
 
 
 def cascade_events(recs: list[Recording], model: Any, th: Thresholds, adapt: bool,
-                   probs: list[np.ndarray] | None = None) -> list[list[dict[str, Any]]]:
+                   probs: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+    """Each recording's candidates rescored from ``probs`` (:func:`model_probabilities`)."""
     out = []
-    names = model_inputs()
-    cols = [names.index(n) for n in model.feature_names]
-    for r, p in zip(recs, probs if probs is not None else model_probabilities(recs, model), strict=True):
+    cols = model_columns(model)
+    for r, p in zip(recs, probs, strict=True):
         if adapt:
             p = session_probabilities(r.events, r.X[:, cols], p, th)
         cascade = Cascade(th, model.card.get("name", "model"))
