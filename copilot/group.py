@@ -40,7 +40,7 @@ from copilot.codec import Codec, CodecError
 from copilot.config import PipelineConfig, curve_keys, link_specs, parse_pipeline
 from copilot.curve import is_tcp, secure_client
 from copilot.errors import UsageError, first_line
-from copilot.links import Publisher, Subscriber, contexts
+from copilot.links import Publisher, Subscriber, contexts, end_process_context
 from copilot.messages import Control, Done, Envelope, Error, Heartbeat, InputsEnded, Metrics, Ready, Start, Stop
 from copilot.reach import ConnectionWatch
 from copilot.registry import resolve_stage
@@ -529,4 +529,5 @@ def group_process_main(cfg_data: Any, source: str, group: str, opts: RunOptions)
         if not (runners and runners[0].error_reported):
             log.error("group %s failed: %s", group, describe_failure(exc))
         code = 1
+    end_process_context()  # what the control socket still holds (Done, an Error) reaches the supervisor
     exit_process(code)  # (without teardown if a stop left a stage's call running)

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
@@ -96,6 +97,20 @@ def contexts() -> tuple[zmq.Context, zmq.asyncio.Context]:
         _contexts.clear()
         _contexts[pid] = (sync, zmq.asyncio.Context.shadow(sync.underlying))
     return _contexts[pid]
+
+
+def end_process_context(timeout_s: float = 2.0) -> None:
+    """Terminate this process's ZeroMQ context before the process exits, so the messages its
+    closed sockets still hold are sent within each socket's linger (a group's ``Done`` on the
+    control socket).  pyzmq does not terminate contexts at interpreter exit, and the I/O thread
+    dies with the process: on a loaded machine a message just queued was lost.  Bounded: a socket
+    left open would block the termination, which then is given up after ``timeout_s``."""
+    ctx = _contexts.pop(os.getpid(), None)
+    if ctx is None:
+        return
+    ender = threading.Thread(target=ctx[0].term, name="zmq-term", daemon=True)
+    ender.start()
+    ender.join(timeout_s)
 
 
 def check_bind_endpoint(endpoint: str, *, curve: bool = False) -> None:

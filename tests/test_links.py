@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from copilot.clock import VirtualClock
 from copilot.links import LinkSpec, Policy, ProducerGone, Publisher, Subscriber, check_bind_endpoint
@@ -465,3 +469,43 @@ def test_missing_consumers_are_counted_at_once_and_warned_about_only_when_gone_a
             pub.close()
 
     asyncio.run(main())
+
+
+_SEND_AND_EXIT = """
+import sys
+import zmq
+from copilot.links import contexts, end_process_context
+sock = contexts()[0].socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+sock.send(b"done")  # queued: nobody has bound the endpoint yet
+sock.close(linger=5000)
+if sys.argv[2] == "end":
+    end_process_context(timeout_s=10.0)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("end", [True, False])
+def test_a_message_queued_just_before_the_process_exits_arrives_once_the_context_is_ended(
+        tmp_path: Path, end: bool) -> None:
+    """A group's last control message (Done) is queued, then the process exits: pyzmq does not end
+    contexts at exit, so without :func:`end_process_context` the message dies with the process;
+    with it, it is delivered within the socket's linger (here: to a peer that binds only later)."""
+    endpoint = f"ipc://{tmp_path / 'ctrl'}"
+    child = subprocess.Popen([sys.executable, "-c", _SEND_AND_EXIT, endpoint, "end" if end else "exit"])
+    if not end:
+        assert child.wait(timeout=30) == 0  # gone before anyone could take its message
+    else:
+        time.sleep(0.3)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    try:
+        router.bind(endpoint)
+        got = router.poll(5000 if end else 1000)
+        frames = router.recv_multipart() if got else []
+    finally:
+        router.close()
+        ctx.term()
+    assert child.wait(timeout=30) == 0
+    assert (frames[-1:] == [b"done"]) is end
